@@ -1,0 +1,15 @@
+"""fastbert: fused Triton and C++/CUDA kernels for BERT, with a drop-in encoder.
+
+    import fastbert
+    bert = fastbert.BERT(vocab_size)            # drop-in for bert_pytorch.model.BERT
+    lm = fastbert.BERTLM(bert, vocab_size)      # drop-in for bert_pytorch.model.BERTLM
+    enc = fastbert.from_hf(transformers_bert)   # same outputs as BertModel(...).last_hidden_state
+"""
+
+__version__ = "0.1.0"
+
+from . import ops, reference  # noqa: E402
+from .models import BERT, BERTLM, Encoder, from_hf, to_hf  # noqa: E402
+from .reference.model import BertConfig  # noqa: E402
+
+__all__ = ["BERT", "BERTLM", "BertConfig", "Encoder", "from_hf", "ops", "reference", "to_hf"]

@@ -1,0 +1,130 @@
+"""Conversion between transformers.BertModel and fastbert's encoder (preset "hf").
+
+fastbert keeps bert_pytorch's parameter names; HF_TO_FASTBERT maps each HF name pattern onto them.
+The pooler is not part of the encoder: from_hf drops it, to_hf builds a BertModel without one.
+"""
+
+import re
+
+from fastbert.reference.model import BertConfig
+
+from .bert import Encoder
+
+_LAYER = {
+    "attention.self.query": "attention.linear_layers.0",
+    "attention.self.key": "attention.linear_layers.1",
+    "attention.self.value": "attention.linear_layers.2",
+    "attention.output.dense": "attention.output_linear",
+    "attention.output.LayerNorm": "input_sublayer.norm",
+    "intermediate.dense": "feed_forward.w_1",
+    "output.dense": "feed_forward.w_2",
+    "output.LayerNorm": "output_sublayer.norm",
+}
+_EMBED = {
+    "embeddings.word_embeddings.weight": "embedding.token.weight",
+    "embeddings.position_embeddings.weight": "embedding.position.weight",
+    "embeddings.token_type_embeddings.weight": "embedding.segment.weight",
+    "embeddings.LayerNorm.weight": "embedding.norm.a_2",
+    "embeddings.LayerNorm.bias": "embedding.norm.b_2",
+}
+_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+_IGNORED = re.compile(r"^(pooler\.|embeddings\.position_ids|embeddings\.token_type_ids)")
+
+
+def _leaf(name):
+    return {"weight": "weight", "bias": "bias"}[name]
+
+
+def _norm_leaf(name):
+    return {"weight": "a_2", "bias": "b_2"}[name]
+
+
+def config_from_hf(hf_config) -> BertConfig:
+    """fastbert BertConfig (preset "hf") from a transformers BertConfig."""
+    act = hf_config.hidden_act
+    if act not in _GELU:
+        raise ValueError(f"hidden_act {act!r} is not supported; expected one of {sorted(_GELU)}")
+    kind = getattr(hf_config, "position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(f"position_embedding_type {kind!r} is not supported (absolute only)")
+    return BertConfig.hf(
+        vocab_size=hf_config.vocab_size, hidden=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers, heads=hf_config.num_attention_heads,
+        intermediate=hf_config.intermediate_size, max_position=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size, layer_norm_eps=hf_config.layer_norm_eps,
+        dropout=hf_config.hidden_dropout_prob, attn_dropout=hf_config.attention_probs_dropout_prob,
+        emb_dropout=hf_config.hidden_dropout_prob, gelu=_GELU[act],
+        pad_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+    )
+
+
+def hf_to_fastbert_state_dict(sd):
+    """Rename a BertModel state dict (optionally prefixed 'bert.') to fastbert's names."""
+    out = {}
+    for name, t in sd.items():
+        key = name[5:] if name.startswith("bert.") else name
+        if _IGNORED.match(key):
+            continue
+        if key in _EMBED:
+            out[_EMBED[key]] = t
+            continue
+        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m or m.group(2) not in _LAYER:
+            raise KeyError(f"unexpected HF BERT parameter {name!r}")
+        i, mod, leaf = m.groups()
+        target = _LAYER[mod]
+        leaf = _norm_leaf(leaf) if target.endswith("norm") else _leaf(leaf)
+        out[f"transformer_blocks.{i}.{target}.{leaf}"] = t
+    return out
+
+
+def fastbert_to_hf_state_dict(sd):
+    """Inverse of hf_to_fastbert_state_dict (names of a BertModel without pooler)."""
+    embed = {v: k for k, v in _EMBED.items()}
+    layer = {v: k for k, v in _LAYER.items()}
+    out = {}
+    for name, t in sd.items():
+        if name in embed:
+            out[embed[name]] = t
+            continue
+        m = re.match(r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias|a_2|b_2)$", name)
+        if not m or m.group(2) not in layer:
+            raise KeyError(f"parameter {name!r} has no HF BertModel counterpart")
+        i, mod, leaf = m.groups()
+        leaf = {"a_2": "weight", "b_2": "bias"}.get(leaf, leaf)
+        out[f"encoder.layer.{i}.{layer[mod]}.{leaf}"] = t
+    return out
+
+
+def from_hf(hf_model, unpad="auto") -> Encoder:
+    """A fastbert Encoder (preset "hf") with the weights of a transformers BertModel.
+
+    Its forward(input_ids, token_type_ids=None, attention_mask=None) matches
+    BertModel(...).last_hidden_state.
+    """
+    model = Encoder(config_from_hf(hf_model.config), unpad=unpad)
+    model.load_state_dict(hf_to_fastbert_state_dict(hf_model.state_dict()), strict=True)
+    return model.to(next(hf_model.parameters()).device)
+
+
+def to_hf(model: Encoder):
+    """A transformers.BertModel (no pooler) with the weights of a fastbert Encoder of preset "hf"."""
+    import transformers
+
+    cfg = model.config
+    if cfg.preset != "hf":
+        raise ValueError(f"to_hf needs an encoder of preset 'hf', this one is {cfg.preset!r}")
+    hf_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
+        max_position_embeddings=cfg.max_position, type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attn_dropout, pad_token_id=cfg.pad_id,
+        hidden_act="gelu" if cfg.gelu == "none" else "gelu_new",
+    )
+    hf = transformers.BertModel(hf_cfg, add_pooling_layer=False)
+    missing, unexpected = hf.load_state_dict(fastbert_to_hf_state_dict(model.state_dict()), strict=False)
+    missing = [k for k in missing if not _IGNORED.match(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"to_hf: missing {missing}, unexpected {unexpected}")
+    return hf

@@ -1,0 +1,20 @@
+"""fastbert's ops: the one place that picks the implementation per device.
+
+    layer_norm(x, weight, bias, eps, residual=None, variant="standard"|"bert_pytorch")
+    bias_gelu(x, bias, approximate="none"|"tanh")
+    attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
+    embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
+    mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
+
+Each is documented in its own module. FASTBERT_BACKEND (see _backend) forces a path; `python -m
+fastbert.info` shows which implementation each op uses on each device.
+"""
+
+from ._backend import backend, use_triton
+from .attention import attention
+from .bias_gelu import bias_gelu
+from .embed import embed
+from .layer_norm import layer_norm
+from .mlm_mask import mlm_mask
+
+__all__ = ["attention", "backend", "bias_gelu", "embed", "layer_norm", "mlm_mask", "use_triton"]

@@ -1,0 +1,65 @@
+"""Which implementation an op uses: the one place that looks at the device.
+
+FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
+  auto       Triton kernels for CUDA tensors when Triton imports, the reference otherwise.
+  triton     Triton kernels on any device: on CPU tensors this needs TRITON_INTERPRET=1 set before
+             fastbert is imported (the interpreter runs the kernels on the CPU).
+  reference  the pure-PyTorch reference everywhere.
+"""
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "auto")
+
+
+def backend() -> str:
+    name = os.environ.get("FASTBERT_BACKEND", "auto").strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"FASTBERT_BACKEND={name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the op should run its Triton kernel on tensor x."""
+    name = backend()
+    if name == "reference" or not triton_available():
+        return False
+    if x.is_cuda:
+        return True
+    if name == "triton":
+        if not interpreting():
+            raise RuntimeError(
+                "FASTBERT_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before import"
+            )
+        return x.device.type == "cpu"
+    return False
+
+
+def describe(device: str) -> str:
+    """'triton' or 'reference': what an op with a Triton kernel would use on this device."""
+    return "triton" if use_triton(torch.empty(0, device="meta" if device == "cuda" else device)
+                                   if device != "cuda" else _cuda_probe()) else "reference"
+
+
+def _cuda_probe() -> torch.Tensor:
+    class _Probe:
+        is_cuda = True
+        device = torch.device("cuda")
+
+    return _Probe()  # type: ignore[return-value]

@@ -1,0 +1,280 @@
+"""Reference BERT encoder in eager PyTorch, covering both families of BERT people use.
+
+One config, two presets:
+  "bert_pytorch"  the PyPI package bert-pytorch==0.0.1a4: sinusoidal fixed positions (buffer `pe`),
+                  3-entry segment table with padding_idx 0, key mask from pad id 0, pre-LN sublayers
+                  x + dropout(sublayer(norm(x))), LayerNorm a*(x-mean)/(std_unbiased+eps)+b with
+                  eps 1e-6, tanh GELU, dropout after the FFN activation and after each block.
+  "hf"            transformers.BertModel: learned positions, token types, embedding LayerNorm,
+                  post-LN sublayers norm(x + dropout(sublayer(x))), erf GELU, eps from config.
+Parameter names follow bert_pytorch (so its state dicts load with strict=True); fastbert.models.hf
+maps HF names onto them.
+
+Every op goes through `ops`, a namespace with layer_norm, bias_gelu, attention and embed. Here it is
+fastbert.reference.ops; the fast model (fastbert.models.bert) reuses these modules with fastbert.ops.
+Shapes: B batch, S sequence, N hidden, H heads, D = N / H.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops as reference_ops
+
+PRESETS = ("bert_pytorch", "hf")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden: int = 768
+    n_layers: int = 12
+    heads: int = 12
+    intermediate: int = 0  # FFN width; 0 means 4 * hidden
+    max_position: int = 512  # rows of the position table
+    type_vocab_size: int = 3  # bert_pytorch: 3 (0 is padding); HF: 2
+    dropout: float = 0.1  # hidden dropout (after attention, FFN and, for bert_pytorch, each block)
+    attn_dropout: float = 0.1  # on attention probabilities
+    emb_dropout: float = 0.1  # after the embedding sum
+    preset: str = "bert_pytorch"
+    layer_norm_eps: float = 1e-6
+    pad_id: int = 0
+    gelu: str = "tanh"  # "tanh" (bert_pytorch, Google BERT) or "none" (exact erf, HF "gelu")
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r}; expected one of {PRESETS}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.intermediate == 0:
+            object.__setattr__(self, "intermediate", 4 * self.hidden)
+
+    @classmethod
+    def bert_pytorch(cls, vocab_size, hidden=768, n_layers=12, attn_heads=12, dropout=0.1, **kw):
+        """The configuration bert_pytorch.BERT(vocab_size, hidden, n_layers, attn_heads, dropout) has."""
+        return cls(vocab_size, hidden, n_layers, attn_heads, dropout=dropout, **kw)
+
+    @classmethod
+    def hf(cls, vocab_size=30522, hidden=768, n_layers=12, heads=12, intermediate=3072, **kw):
+        base = dict(max_position=512, type_vocab_size=2, layer_norm_eps=1e-12, gelu="none",
+                    preset="hf")
+        base.update(kw)
+        return cls(vocab_size, hidden, n_layers, heads, intermediate, **base)
+
+    def with_(self, **kw):
+        return replace(self, **kw)
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+def sinusoid_table(max_len, d_model):
+    """bert_pytorch's fixed position table: sin on even, cos on odd features. [max_len, d_model]"""
+    pe = torch.zeros(max_len, d_model).float()
+    position = torch.arange(0, max_len).float().unsqueeze(1)
+    div_term = (torch.arange(0, d_model, 2).float() * -(math.log(10000.0) / d_model)).exp()
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+class SinusoidalPosition(nn.Module):
+    def __init__(self, d_model, max_len=512):
+        super().__init__()
+        self.register_buffer("pe", sinusoid_table(max_len, d_model).unsqueeze(0))  # [1, P, N]
+
+    @property
+    def table(self):
+        return self.pe[0]
+
+
+class LearnedPosition(nn.Embedding):
+    @property
+    def table(self):
+        return self.weight
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bert_pytorch's parameter names a_2 (scale) and b_2 (shift)."""
+
+    def __init__(self, features, eps, variant, ops):
+        super().__init__()
+        self.a_2 = nn.Parameter(torch.ones(features))
+        self.b_2 = nn.Parameter(torch.zeros(features))
+        self.eps = eps
+        self.variant = variant
+        self.ops = ops
+
+    def forward(self, x, residual=None):
+        return self.ops.layer_norm(x, self.a_2, self.b_2, self.eps, residual=residual,
+                                   variant=self.variant)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: BertConfig, ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        n = cfg.hidden
+        self.token = nn.Embedding(cfg.vocab_size, n, padding_idx=cfg.pad_id)
+        if cfg.preset == "bert_pytorch":
+            self.position = SinusoidalPosition(n, cfg.max_position)
+            self.segment = nn.Embedding(cfg.type_vocab_size, n, padding_idx=0)
+            self.norm = None
+        else:
+            self.position = LearnedPosition(cfg.max_position, n)
+            self.segment = nn.Embedding(cfg.type_vocab_size, n)
+            self.norm = LayerNorm(n, cfg.layer_norm_eps, "standard", ops)
+
+    def forward(self, input_ids, segment_ids, position_ids=None):
+        norm = self.norm
+        return self.ops.embed(
+            input_ids, self.token.weight, self.position.table, segment_ids, self.segment.weight,
+            position_ids=position_ids,
+            ln_weight=None if norm is None else norm.a_2,
+            ln_bias=None if norm is None else norm.b_2,
+            eps=self.cfg.layer_norm_eps,
+            dropout_p=self.cfg.emb_dropout if self.training else 0.0,
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; q/k/v stay in [B, S, H, D] (or packed [T, H, D]), no transposes."""
+
+    def __init__(self, cfg: BertConfig, ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        n = cfg.hidden
+        self.linear_layers = nn.ModuleList([nn.Linear(n, n) for _ in range(3)])  # q, k, v
+        self.output_linear = nn.Linear(n, n)
+
+    def forward(self, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        heads_shape = (*x.shape[:-1], self.cfg.heads, self.cfg.head_dim)
+        q, k, v = (lin(x).view(heads_shape) for lin in self.linear_layers)
+        o = self.ops.attention(q, k, v, key_padding_mask=key_padding_mask,
+                               dropout_p=self.cfg.attn_dropout if self.training else 0.0,
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.output_linear(o.reshape(x.shape))
+
+
+class FeedForward(nn.Module):
+    """w_2(gelu(x @ w_1.weight^T + w_1.bias)): the bias add is fused into the GELU op."""
+
+    def __init__(self, cfg: BertConfig, ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.w_1 = nn.Linear(cfg.hidden, cfg.intermediate)
+        self.w_2 = nn.Linear(cfg.intermediate, cfg.hidden)
+        # bert_pytorch drops out after the activation; HF does not
+        self.dropout = nn.Dropout(cfg.dropout if cfg.preset == "bert_pytorch" else 0.0)
+
+    def forward(self, x):
+        h = self.ops.bias_gelu(F.linear(x, self.w_1.weight), self.w_1.bias, self.cfg.gelu)
+        return self.w_2(self.dropout(h))
+
+
+class Sublayer(nn.Module):
+    """Holds the norm of one sublayer (bert_pytorch's SublayerConnection keeps it as .norm)."""
+
+    def __init__(self, cfg: BertConfig, ops):
+        super().__init__()
+        variant = "bert_pytorch" if cfg.preset == "bert_pytorch" else "standard"
+        self.norm = LayerNorm(cfg.hidden, cfg.layer_norm_eps, variant, ops)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BertConfig, ops):
+        super().__init__()
+        self.cfg = cfg
+        self.attention = Attention(cfg, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+        self.input_sublayer = Sublayer(cfg, ops)
+        self.output_sublayer = Sublayer(cfg, ops)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        norm1, norm2 = self.input_sublayer.norm, self.output_sublayer.norm
+        drop = self.dropout
+        if self.cfg.preset == "bert_pytorch":  # pre-LN
+            a = self.attention(norm1(x), key_padding_mask, cu_seqlens, max_seqlen)
+            y, h = norm2(drop(a), residual=x)  # h = x + drop(a), y = norm2(h)
+            h = h + drop(self.feed_forward(y))
+            return drop(h)
+        a = self.attention(x, key_padding_mask, cu_seqlens, max_seqlen)  # post-LN
+        h, _ = norm1(drop(a), residual=x)
+        y, _ = norm2(drop(self.feed_forward(h)), residual=h)
+        return y
+
+
+class Encoder(nn.Module):
+    """BERT encoder: embedding then n_layers blocks. forward -> [B, S, N]."""
+
+    ops = reference_ops
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embedding = Embedding(cfg, self.ops)
+        self.transformer_blocks = nn.ModuleList([Block(cfg, self.ops) for _ in range(cfg.n_layers)])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.config.preset == "hf":  # HF's init: N(0, 0.02), zero biases, unit norms
+            for m in self.modules():
+                if isinstance(m, nn.Linear | nn.Embedding):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if isinstance(m, nn.Linear):
+                        nn.init.zeros_(m.bias)
+                    elif m.padding_idx is not None:
+                        m.weight.data[m.padding_idx].zero_()
+
+    def key_padding_mask(self, input_ids, attention_mask=None):
+        """[B, S] bool, True at padding keys; None when nothing is padded."""
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                                 f"shape {tuple(input_ids.shape)}")
+            return attention_mask == 0
+        if self.config.preset == "bert_pytorch":
+            return input_ids == self.config.pad_id
+        return None
+
+    def check_inputs(self, input_ids, segment_ids):
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input ids must be an int64/int32 tensor, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"empty batch: input ids have shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > cfg.max_position:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
+                             f"({cfg.max_position})")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token id out of range: ids span [{lo}, {hi}], vocab_size is "
+                             f"{cfg.vocab_size}")
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment ids shape {tuple(segment_ids.shape)} != input ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            if segment_ids.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"segment ids must be int64/int32, got {segment_ids.dtype}")
+            lo, hi = int(segment_ids.min()), int(segment_ids.max())
+            if lo < 0 or hi >= cfg.type_vocab_size:
+                raise ValueError(f"segment id out of range: ids span [{lo}, {hi}], the segment "
+                                 f"table has {cfg.type_vocab_size} rows")
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+        self.check_inputs(input_ids, segment_ids)
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
+        pad = self.key_padding_mask(input_ids, attention_mask)
+        x = self.embedding(input_ids, segment_ids, position_ids)  # [B, S, N]
+        for block in self.transformer_blocks:
+            x = block(x, pad)
+        return x

@@ -1,0 +1,143 @@
+"""Eager PyTorch reference for every fastbert op: the ground truth of the tests and the CPU path.
+
+Readable rather than fast. Each function computes in the dtype it is given; pass fp32/fp64 inputs
+(or upcast) to get a high-precision reference. Shapes:
+  B batch, S sequence length, H heads, D head dim, N hidden size, T total (unpadded) tokens.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LN_VARIANTS = ("standard", "bert_pytorch")
+GELU_FORMS = ("none", "tanh")
+
+
+def layer_norm(x, weight, bias, eps, residual=None, variant="standard"):
+    """LayerNorm over the last dim, optionally of (x + residual).
+
+    variant "standard": w * (s - mean) / sqrt(var_biased + eps) + b   (torch.nn.LayerNorm, HF BERT)
+    variant "bert_pytorch": w * (s - mean) / (std_unbiased + eps) + b (bert_pytorch's LayerNorm)
+    Returns y, or (y, s) with s = x + residual when residual is given (the pre-LN residual stream).
+    """
+    if variant not in LN_VARIANTS:
+        raise ValueError(f"layer_norm variant {variant!r}; expected one of {LN_VARIANTS}")
+    s = x if residual is None else x + residual
+    mean = s.mean(-1, keepdim=True)
+    if variant == "standard":
+        var = (s - mean).pow(2).mean(-1, keepdim=True)
+        y = (s - mean) / torch.sqrt(var + eps) * weight + bias
+    else:
+        std = s.std(-1, keepdim=True)  # unbiased, as bert_pytorch's LayerNorm
+        y = weight * (s - mean) / (std + eps) + bias
+    return y if residual is None else (y, s)
+
+
+def gelu(x, approximate="none"):
+    """GELU: exact erf form, or the tanh approximation used by bert_pytorch and Google's BERT."""
+    if approximate == "none":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+    raise ValueError(f"gelu approximate={approximate!r}; expected one of {GELU_FORMS}")
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """gelu(x + bias), bias broadcast over the last dim. x [..., N], bias [N]."""
+    return gelu(x + bias, approximate)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
+              max_seqlen=None, dropout_mask=None):
+    """Bidirectional scaled dot-product attention.
+
+    Padded mode: q, k, v [B, S, H, D]; key_padding_mask [B, S] bool, True marks a padding key
+    (ignored), as torch.nn.MultiheadAttention. Returns [B, S, H, D].
+    Varlen mode: q, k, v [T, H, D] packed, cu_seqlens int [B+1] (0, len0, len0+len1, ..., T);
+    each sequence attends only within itself. Returns [T, H, D].
+    A query whose keys are all masked gets zeros. dropout_mask [B, H, S, S] (padded mode) gives
+    an explicit keep-mask (scaled by 1/(1-p)) instead of drawing one.
+    """
+    if cu_seqlens is not None:
+        out = torch.empty_like(q)
+        bounds = cu_seqlens.tolist()
+        for b in range(len(bounds) - 1):
+            lo, hi = bounds[b], bounds[b + 1]
+            if hi > lo:
+                out[lo:hi] = attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi],
+                                       dropout_p=dropout_p, scale=scale)[0]
+        return out
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, S, S]
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1)
+    p = torch.nan_to_num(p, nan=0.0).to(q.dtype)  # all-masked rows -> zeros
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None,
+          position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0):
+    """token[ids] + position[pos] + segment[seg], then optional LayerNorm and dropout.
+
+    input_ids [B, S] int; token_weight [V, N]; position_weight [P, N] (rows 0..S-1 used unless
+    position_ids [B, S] or [S] is given); segment_ids [B, S] int with segment_weight [G, N].
+    """
+    seq = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device)
+    x = token_weight[input_ids] + position_weight[position_ids]
+    if segment_ids is not None:
+        x = x + segment_weight[segment_ids]
+    if ln_weight is not None:
+        x = layer_norm(x, ln_weight, ln_bias, eps)
+    if dropout_p > 0.0:
+        x = F.dropout(x, dropout_p)
+    return x
+
+
+def mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), mask_prob=0.15,
+             replace_probs=(0.8, 0.1, 0.1), ignore_index=0, generator=None, word_starts=None,
+             max_predictions=None, return_positions=False):
+    """BERT's masked-LM corruption, vectorised (the statistics reference for the C++/CUDA op).
+
+    Each non-special token is chosen with probability mask_prob (whole words together when
+    word_starts [B, S] bool marks the first piece of each word); at most max_predictions per row
+    (lowest draws kept). A chosen token becomes mask_id with probability replace_probs[0], a random
+    non-special id with replace_probs[1], and stays with replace_probs[2]. labels hold the original
+    id at chosen positions and ignore_index elsewhere. Returns (masked_ids, labels[, positions])
+    where positions are flat indices into input_ids.view(-1) of the chosen tokens.
+    """
+    ids = input_ids
+    dev = ids.device
+    special = torch.zeros(vocab_size, dtype=torch.bool, device=dev)
+    special[[pad_id, *special_ids]] = True
+    candidate = ~special[ids]
+    u = torch.rand(ids.shape, generator=generator, device=dev)
+    if word_starts is not None:
+        # every piece of a word uses the draw of the word's first piece
+        word_index = torch.cumsum(word_starts.long(), dim=1).clamp(min=1) - 1
+        first = torch.where(word_starts, u, torch.full_like(u, 2.0))
+        per_word = torch.full_like(u, 2.0).scatter_reduce(1, word_index, first, "amin")
+        u = per_word.gather(1, word_index)
+    chosen = candidate & (u < mask_prob)
+    if max_predictions is not None:
+        key = torch.where(chosen, u, torch.full_like(u, 3.0))
+        rank = key.argsort(dim=1).argsort(dim=1)
+        chosen = chosen & (rank < max_predictions)
+    r = torch.rand(ids.shape, generator=generator, device=dev)
+    allowed = (~special).nonzero().squeeze(1)
+    pick = torch.randint(0, allowed.numel(), ids.shape, generator=generator, device=dev)
+    random_tok = allowed[pick].to(ids.dtype)
+    p_mask, p_rand = replace_probs[0], replace_probs[1]
+    out = torch.where(chosen & (r < p_mask), torch.full_like(ids, mask_id), ids)
+    out = torch.where(chosen & (r >= p_mask) & (r < p_mask + p_rand), random_tok, out)
+    labels = torch.where(chosen, ids, torch.full_like(ids, ignore_index))
+    if return_positions:
+        return out, labels, chosen.view(-1).nonzero().squeeze(1)
+    return out, labels

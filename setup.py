@@ -1,0 +1,85 @@
+"""Build fastbert and its compiled extension fastbert._C.
+
+CPU sources (csrc/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added only when torch
+is a CUDA build and nvcc is found; with no visible GPU, set TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+Install with `pip install --no-build-isolation .` so the extension is built against the torch you have.
+The Triton kernels in kernels/ are installed as the subpackage fastbert.kernels.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only builds
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not cpp:
+        return [], {}
+    cxx = ["-O3", "-std=c++17"]
+    if os.name != "nt":
+        cxx.append("-fopenmp")
+    include_dirs = [os.path.join(here, "csrc")]
+    with_cuda = (
+        torch.version.cuda is not None
+        and bool(cu)
+        and (shutil.which("nvcc") or os.environ.get("CUDA_HOME"))
+        and os.environ.get("FASTBERT_NO_CUDA", "0") != "1"
+    )
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "fastbert._C",
+            cpp + cu,
+            include_dirs=include_dirs,
+            define_macros=[("FASTBERT_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+        )
+    else:
+        ext = CppExtension(
+            "fastbert._C",
+            cpp,
+            include_dirs=include_dirs,
+            extra_compile_args=cxx,
+            extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fastbert",
+    version="0.1.0",
+    description="Fused Triton and C++/CUDA kernels for BERT pretraining and fine-tuning",
+    python_requires=">=3.10",
+    packages=[
+        "fastbert",
+        "fastbert.reference",
+        "fastbert.ops",
+        "fastbert.modules",
+        "fastbert.models",
+        "fastbert.train",
+        "fastbert.bench",
+        "fastbert.kernels",
+    ],
+    package_dir={"fastbert.kernels": "kernels"},
+    package_data={"fastbert": ["data/*"]},
+    install_requires=["torch>=2.4", "triton>=3.0", "tokenizers>=0.15", "tqdm", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "bert-pytorch==0.0.1a4", "ruff"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
