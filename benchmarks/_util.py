@@ -38,7 +38,7 @@ def _median_cuda_ms(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def roofline(device):
     """(copy GB/s counting read + write, bf16 matmul TFLOP/s), measured once on this device."""
     if device != "cuda":
@@ -51,7 +51,6 @@ def roofline(device):
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = _median_cuda_ms(lambda: a @ b, reps=10)
     tflops = 2 * 8192**3 / ms / 1e9
-    del src, dst, a, b
     torch.cuda.empty_cache()
     return gbps, tflops
 

@@ -22,7 +22,7 @@ def backend() -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -49,17 +49,3 @@ def use_triton(x: torch.Tensor) -> bool:
             )
         return x.device.type == "cpu"
     return False
-
-
-def describe(device: str) -> str:
-    """'triton' or 'reference': what an op with a Triton kernel would use on this device."""
-    return "triton" if use_triton(torch.empty(0, device="meta" if device == "cuda" else device)
-                                   if device != "cuda" else _cuda_probe()) else "reference"
-
-
-def _cuda_probe() -> torch.Tensor:
-    class _Probe:
-        is_cuda = True
-        device = torch.device("cuda")
-
-    return _Probe()  # type: ignore[return-value]

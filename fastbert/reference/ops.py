@@ -72,7 +72,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, S, S]
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores.float(), dim=-1)
+    p = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     p = torch.nan_to_num(p, nan=0.0).to(q.dtype)  # all-masked rows -> zeros
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
