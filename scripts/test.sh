@@ -8,4 +8,6 @@ set -euo pipefail
 python -m fastbert.info
 ruff check .
 python -m pytest tests/ -q "$@"
-python -m pytest benchmarks/ -q --benchmark-disable
+# the benchmark suite once, untimed, so it cannot rot (exit 5 = nothing collected)
+rc=0; python -m pytest benchmarks/ -q --benchmark-disable || rc=$?
+[ "$rc" = 0 ] || [ "$rc" = 5 ] || exit "$rc"
