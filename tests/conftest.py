@@ -43,7 +43,3 @@ def reference_backend(monkeypatch):
     yield
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(1234)
-    yield
