@@ -1,0 +1,240 @@
+"""Fused bias + GELU: out = gelu(x + bias), forward and backward Triton kernels and their launchers.
+
+Shapes: x is viewed as M rows of N features (x [..., N] -> [M, N], contiguous), bias [N].
+Both kernels work on [BLOCK_M, BLOCK_N] tiles; the bias tile is loaded once per tile and broadcast.
+
+GELU forms (z = x + bias, computed in fp32 whatever the storage dtype; low-precision loads are
+upcast first, which is also the only way bf16 arithmetic is right in the Triton interpreter):
+  "none" (exact):  gelu(z) = z * Phi(z),  Phi(z) = (1 + erf(z / sqrt(2))) / 2
+                   gelu'(z) = Phi(z) + z * phi(z),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+  "tanh":          gelu(z) = z * (1 + t) / 2,  t = tanh(u),  u = c (z + a z^3),
+                   c = sqrt(2 / pi), a = 0.044715
+                   gelu'(z) = (1 + t) / 2 + z (1 - t^2) c (1 + 3 a z^2) / 2
+erf and tanh are written out here from exp and polynomials (no libdevice), so the same code runs
+compiled and in the interpreter, which has no libdevice:
+  erf(x), |x| < 1:  x * P(x^2), P of degree 6
+  erf(x), |x| >= 1: 1 - exp(Q(min(|x|, 4) - 2.5)), Q of degree 8 fitting log(erfc) on [1, 4]
+                    (erfc(4) = 1.5e-8, below fp32 resolution of 1)
+  The coefficients are our own least-squares fits (numpy, Chebyshev-spaced points, against
+  math.erf in float64); evaluated in fp32 the max abs error is 1.5e-7 over the real line.
+  tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|), which never overflows.
+
+Backward: recomputes z from the saved pre-activation x and the bias (the activation is not
+stored), dx = dy * gelu'(z), dbias = sum over rows of dx. dbias is reduced without atomics: the
+grid is (G, column tiles); program (g, j) walks row tiles g, g + G, g + 2G, ..., accumulates in an
+fp32 [BLOCK_M, BLOCK_N] register tile, and writes one row of a [G, N] partial buffer that the host
+sums in a fixed order (deterministic).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GELU_FORMS = ("none", "tanh")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TILE = 4096
+BLOCK_N_CHOICES = (64, 128, 256)
+
+
+def gelu_settings(n, device=None):
+    """(BLOCK_M, BLOCK_N, num_warps). CUDA: tiles of TILE elements, at most 256 columns wide.
+    Elsewhere (the interpreter, whose cost is ~20 ms per program) big tiles of up to 64 x 1024;
+    the kernel code is the same, and tests also run the CUDA configs in the interpreter."""
+    if device is not None and torch.device(device).type != "cuda":
+        block_n = min(max(triton.next_power_of_2(n), 16), 1024)
+        return 64, block_n, 4
+    block_n = min(max(triton.next_power_of_2(n), BLOCK_N_CHOICES[0]), BLOCK_N_CHOICES[-1])
+    return TILE // block_n, block_n, 4
+
+
+def gelu_configs():
+    """Every (BLOCK_M, BLOCK_N, num_warps) the launchers can pick (the AOT test compiles each)."""
+    return [gelu_settings(b) for b in BLOCK_N_CHOICES]
+
+
+def bwd_programs(row_tiles, col_tiles, device):
+    """Row-programs G of the backward: about 4 programs per SM over all column tiles on CUDA."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(row_tiles, triton.cdiv(4 * sms, col_tiles)))
+    return max(1, min(row_tiles, 4))
+
+
+def _alloc(shape, dtype, device):
+    """Outputs are NaN-poisoned when FASTBERT_POISON=1 so that unwritten elements fail the tests."""
+    if os.environ.get("FASTBERT_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_inputs(x, bias, approximate="none"):
+    """Raise ValueError/TypeError naming the problem before anything reaches Triton."""
+    if approximate not in GELU_FORMS:
+        raise ValueError(f"bias_gelu: approximate={approximate!r}; expected one of {GELU_FORMS}")
+    for name, t in (("x", x), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bias_gelu: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"bias_gelu: {name} has dtype {t.dtype}; the Triton kernel supports "
+                             f"float32, float16 and bfloat16 (integer and float64 inputs are not supported)")
+    if x.dim() < 1:
+        raise ValueError("bias_gelu: x must have at least one dimension (the feature size)")
+    n = x.shape[-1]
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias_gelu: bias has shape {tuple(bias.shape)}; expected ({n},) to match the "
+                         f"last dimension of x {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"bias_gelu: x must be contiguous (shape {tuple(x.shape)}, strides {x.stride()}); "
+                         f"call .contiguous() first")
+    if not bias.is_contiguous():
+        raise ValueError(f"bias_gelu: bias must be contiguous (stride {bias.stride()})")
+    if bias.device != x.device:
+        raise ValueError(f"bias_gelu: bias is on {bias.device}, x on {x.device}")
+
+
+@triton.jit
+def _erf(x):
+    """erf in fp32 from a polynomial (|x| < 1) and exp of a polynomial (|x| >= 1); abs error 1.5e-7."""
+    a = tl.abs(x)
+    t = a * a
+    p = 7.958780497e-05
+    p = p * t - 0.0008041438518
+    p = p * t + 0.005191826903
+    p = p * t - 0.02685562939
+    p = p * t + 0.1128362844
+    p = p * t - 0.3761262975
+    p = p * t + 1.128379166
+    small = a * p
+    u = tl.minimum(a, 4.0) - 2.5
+    q = 1.618346293e-06
+    q = q * u - 1.330280833e-05
+    q = q * u + 7.737613864e-05
+    q = q * u - 0.0004201689786
+    q = q * u + 0.002165184389
+    q = q * u - 0.0108584916
+    q = q * u - 0.9438936502
+    q = q * u - 5.352680688
+    q = q * u - 7.806815276
+    large = 1.0 - tl.exp(q)
+    r = tl.where(a < 1.0, small, large)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def _tanh(u):
+    """tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|) in (0, 1]: no overflow."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _gelu(z, TANH: tl.constexpr):
+    if TANH:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * z * (1.0 + t)
+    else:
+        return 0.5 * z * (1.0 + _erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z, TANH: tl.constexpr):
+    if TANH:
+        # 1 - t^2 = 4 e / (1 + e)^2 with e = exp(-2|u|): no cancellation where |t| is close to 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0.0, -t, t)
+        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+        return 0.5 * (1.0 + t) + 0.5 * z * sech2 * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:
+        cdf = 0.5 * (1.0 + _erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X,  # [M, N] pre-activation without bias
+    B,  # [N] bias
+    OUT,  # [M, N] gelu(x + bias)
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TANH: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+    tl.store(OUT + offs, _gelu(z, TANH).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    DY,  # [M, N] gradient of the output
+    X,  # [M, N] saved pre-activation without bias
+    B,  # [N] bias
+    DX,  # [M, N] out: dy * gelu'(x + bias)
+    DB_PART,  # [G, N] fp32 out: per-row-program partial sums of dx
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TANH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g_programs = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), g_programs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        acc += dx
+    tl.store(DB_PART + pid * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+def bias_gelu_fwd(x, bias, approximate="none", config=None):
+    """Launch the forward. x [..., N] contiguous, bias [N]. Returns gelu(x + bias) [..., N] in x's dtype.
+    config (BLOCK_M, BLOCK_N, num_warps) overrides gelu_settings (tests)."""
+    check_inputs(x, bias, approximate)
+    n = x.shape[-1]
+    m = x.numel() // max(n, 1)
+    out = _alloc(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return out
+    block_m, block_n, warps = config or gelu_settings(n, x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _bias_gelu_fwd_kernel[grid](x, bias, out, m, n, BLOCK_M=block_m, BLOCK_N=block_n,
+                                TANH=approximate == "tanh", num_warps=warps)
+    return out
+
+
+def bias_gelu_bwd(dy, x, bias, approximate="none", config=None):
+    """Launch the backward. dy, x [..., N]; bias [N]. Returns (dx [..., N] in x's dtype, dbias [N] in
+    bias's dtype)."""
+    n = x.shape[-1]
+    m = x.numel() // max(n, 1)
+    dy = dy.contiguous()
+    dx = _alloc(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return dx, torch.zeros(n, dtype=bias.dtype, device=bias.device)
+    block_m, block_n, warps = config or gelu_settings(n, x.device)
+    col_tiles = triton.cdiv(n, block_n)
+    g = bwd_programs(triton.cdiv(m, block_m), col_tiles, x.device)
+    db_part = _alloc((g, n), torch.float32, x.device)
+    _bias_gelu_bwd_kernel[(g, col_tiles)](dy, x, bias, dx, db_part, m, n, BLOCK_M=block_m,
+                                          BLOCK_N=block_n, TANH=approximate == "tanh", num_warps=warps)
+    return dx, db_part.sum(0).to(bias.dtype)

@@ -1,0 +1,310 @@
+"""Fused LayerNorm over the last dimension: forward and backward Triton kernels and their launchers.
+
+Shapes: the input is viewed as M rows of N features (x [..., N] -> [M, N], contiguous), N <= 8192.
+
+Forward, one program per tile of BLOCK_M whole rows (BLOCK_N = next power of two >= N):
+    d = dropout(x)                       optional, keep-mask drawn from (seed, row * N + col)
+    s = d + residual                     optional; written out when asked (pre-LN residual stream)
+    mean = sum(s) / N,   xc = s - mean
+    "standard":     rstd = 1 / sqrt(sum(xc^2) / N + eps)          (torch.nn.LayerNorm, HF BERT)
+    "bert_pytorch": rstd = 1 / (sqrt(sum(xc^2) / (N - 1)) + eps)  (bert_pytorch: (s - mean) / (std + eps))
+    y = w * xc * rstd + b
+Loads of every dtype (fp32/fp16/bf16) are upcast to fp32 before any arithmetic: statistics of
+low-precision rows lose accuracy fast in 16 bits, and the interpreter's bf16 arithmetic is only right
+after the cast. mean and rstd are stored in fp32 for the backward.
+
+Backward: see the derivation above _ln_bwd_kernel. dW and dB are reduced without atomics: each of
+G programs owns a contiguous slice of rows, sums dy * xhat and dy over its slice in fp32 registers
+and writes one row of a [G, N] partial buffer; the host sums the G rows (a fixed order, so the
+result is the same run to run).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN = 8192
+MIN_BLOCK = 128
+TILE = 4096
+LN_VARIANTS = ("standard", "bert_pytorch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def ln_settings(n, device=None):
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features: whole rows in one block
+    (BLOCK_N = next power of two >= n). CUDA: BLOCK_M rows per tile so a tile holds >= 4096
+    elements, about 8-16 fp32 values per thread and per tensor. Elsewhere (the interpreter, whose
+    cost is ~20 ms per program) tiles of 32 rows; same kernel code, and the tests also run the
+    CUDA configs in the interpreter."""
+    block_n = max(triton.next_power_of_2(n), MIN_BLOCK)
+    if device is not None and torch.device(device).type != "cuda":
+        return 32, block_n, 4
+    block_m = max(1, TILE // block_n)
+    return block_m, block_n, min(16, max(1, block_m * block_n // 512))
+
+
+def ln_configs():
+    """Every (BLOCK_M, BLOCK_N, num_warps) the launchers can pick (the AOT test compiles each)."""
+    out, b = [], MIN_BLOCK
+    while b <= MAX_HIDDEN:
+        out.append(ln_settings(b))
+        b *= 2
+    return out
+
+
+def bwd_programs(tiles, device):
+    """Number of programs of the backward for `tiles` row tiles: a few per SM on CUDA (each keeps
+    its dW/dB partial sums in registers), a handful in the interpreter."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms))
+    return max(1, min(tiles, 4))
+
+
+def _alloc(shape, dtype, device):
+    """Outputs are NaN-poisoned when FASTBERT_POISON=1 so that unwritten elements fail the tests."""
+    if os.environ.get("FASTBERT_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"layer_norm: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"layer_norm: {name} has dtype {t.dtype}; the Triton kernel supports "
+                         f"float32, float16 and bfloat16 (integer and float64 inputs are not supported)")
+
+
+def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0.0):
+    """Raise ValueError/TypeError naming the problem before anything reaches Triton."""
+    if variant not in LN_VARIANTS:
+        raise ValueError(f"layer_norm: variant {variant!r}; expected one of {LN_VARIANTS}")
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("layer_norm: x must have at least one dimension (the hidden size)")
+    n = x.shape[-1]
+    if n > MAX_HIDDEN:
+        raise ValueError(f"layer_norm: hidden size {n} is above the supported maximum {MAX_HIDDEN}")
+    if n < 1 or (variant == "bert_pytorch" and n < 2):
+        raise ValueError(f"layer_norm: hidden size {n} too small for variant {variant!r}")
+    if not x.is_contiguous():
+        raise ValueError(f"layer_norm: x must be contiguous (shape {tuple(x.shape)}, strides "
+                         f"{x.stride()}); call .contiguous() first")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_float(name, t)
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}; expected ({n},) to match "
+                             f"the hidden size of x {tuple(x.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"layer_norm: {name} must be contiguous (stride {t.stride()})")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device}, x on {x.device}")
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}; expected "
+                             f"{tuple(x.shape)} (the shape of x)")
+        if not residual.is_contiguous():
+            raise ValueError(f"layer_norm: residual must be contiguous (strides {residual.stride()})")
+        if residual.device != x.device:
+            raise ValueError(f"layer_norm: residual is on {residual.device}, x on {x.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"layer_norm: dropout_p={dropout_p} must be in [0, 1)")
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X,  # [M, N] input, any float dtype
+    R,  # [M, N] residual (read when HAS_RESIDUAL)
+    W,  # [N] scale
+    B,  # [N] shift
+    Y,  # [M, N] output
+    S,  # [M, N] s = dropout(x) + residual, written when STORE_SUM
+    MEAN,  # [M] fp32
+    RSTD,  # [M] fp32: 1/sqrt(var + eps) or 1/(std + eps)
+    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
+    M,  # rows
+    N,  # features per row
+    eps,
+    dropout_p,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # >= N, a whole row
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_SUM: tl.constexpr,
+    UNBIASED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]  # [BLOCK_M, BLOCK_N]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        # the same (seed, element index) pairs regenerate the mask in the backward
+        keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= dropout_p
+        s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
+    if HAS_RESIDUAL:
+        s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    if STORE_SUM:
+        tl.store(S + offs, s.to(S.dtype.element_ty), mask=mask)
+    mean = tl.sum(s, axis=1) / N  # [BLOCK_M]
+    xc = tl.where(mask, s - mean[:, None], 0.0)
+    sq = tl.sum(xc * xc, axis=1)
+    if UNBIASED:
+        rstd = 1.0 / (tl.sqrt(sq / (N - 1)) + eps)
+    else:
+        rstd = 1.0 / tl.sqrt(sq / N + eps)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+# Backward math. Per row, with g = dy * w, xc = s - mean, r = rstd, xhat = xc * r, y = w * xhat + b:
+#   dL/ds_i = sum_j g_j d(xc_j r)/ds_i = r (g_i - mean(g)) + (sum_j g_j xc_j) dr/ds_i
+# (d xc_j / ds_i = delta_ij - 1/N gives the mean(g) term). For the spread, sum_j xc_j = 0 makes
+#   d(sum_j xc_j^2)/ds_i = 2 xc_i.
+# "standard":     r = (q/N + eps)^(-1/2), q = sum xc^2  ->  dr/ds_i = -r^3 xc_i / N
+# "bert_pytorch": r = 1/(std + eps), std = sqrt(q/(N-1))  ->  dr/ds_i = -r^2 xc_i / ((N-1) std)
+# so in both cases  ds_i = r (g_i - mean(g)) - k xc_i  with
+#   k = r^3 sum(g xc) / N                  (standard)
+#   k = r^2 sum(g xc) / ((N-1) std)        (bert_pytorch; 0 for a constant row, std = 0)
+# The sum output s also feeds the residual stream, so its own gradient dS is added: dsum = ds + dS,
+# which is the gradient of the residual. Through dropout, dx = dsum * keep / (1 - p) (same mask,
+# regenerated from the seed). dW = sum_rows dy * xhat, dB = sum_rows dy.
+# Program pid owns rows [pid * rows_per_program, (pid + 1) * rows_per_program), BLOCK_M at a time.
+@triton.jit
+def _ln_bwd_kernel(
+    DY,  # [M, N] gradient of y
+    DS,  # [M, N] gradient of the sum output (read when HAS_DSUM)
+    S,  # [M, N] the normalised input s saved by the forward
+    W,  # [N]
+    MEAN,  # [M] fp32
+    RSTD,  # [M] fp32
+    DSUM,  # [M, N] out: gradient of s (= gradient of the residual)
+    DX,  # [M, N] out: gradient of x through dropout (written when HAS_DROPOUT)
+    DW_PART,  # [G, N] fp32 out: per-program partial sums of dy * xhat
+    DB_PART,  # [G, N] fp32 out: per-program partial sums of dy
+    SEED,  # [1] int64 (read when HAS_DROPOUT)
+    M,
+    N,
+    rows_per_program,  # a multiple of BLOCK_M
+    dropout_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UNBIASED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    for first in range(row_start, row_end, BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        r = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xc = tl.where(mask, s - mean[:, None], 0.0)
+        g = dy * w[None, :]
+        gxc = tl.sum(g * xc, axis=1)
+        if UNBIASED:
+            std = tl.sqrt(tl.sum(xc * xc, axis=1) / (N - 1))
+            k = tl.where(std > 0.0, r * r * gxc / ((N - 1) * tl.where(std > 0.0, std, 1.0)), 0.0)
+        else:
+            k = r * r * r * gxc / N
+        ds = r[:, None] * (g - (tl.sum(g, axis=1) / N)[:, None]) - k[:, None] * xc
+        if HAS_DSUM:
+            ds += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DSUM + offs, ds.to(DSUM.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= dropout_p
+            dx = tl.where(keep, ds / (1.0 - dropout_p), 0.0)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xc * r[:, None]
+        db_acc += dy
+    tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
+                   config=None):
+    """Launch the forward. x, residual [..., N] contiguous; weight, bias [N]; seed int64 [1] when
+    dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x (+ residual), s the
+    pre-norm sum [..., N] (shape [0] when neither residual nor dropout), mean and rstd fp32 [...].
+    config (BLOCK_M, BLOCK_N, num_warps) overrides ln_settings (tests).
+    """
+    check_inputs(x, weight, bias, residual, "bert_pytorch" if unbiased else "standard", dropout_p)
+    has_dropout = dropout_p > 0.0
+    if has_dropout and (seed is None or seed.numel() != 1):
+        raise ValueError("layer_norm: dropout_p > 0 needs a one-element int64 seed tensor")
+    n = x.shape[-1]
+    m = x.numel() // n
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    store_sum = residual is not None or has_dropout
+    y = _alloc(x.shape, out_dtype, x.device)
+    s = _alloc(x.shape if store_sum else (0,), out_dtype, x.device)
+    mean = _alloc(x.shape[:-1], torch.float32, x.device)
+    rstd = _alloc(x.shape[:-1], torch.float32, x.device)
+    if m == 0:
+        return y, s, mean, rstd
+    block_m, block_n, warps = config or ln_settings(n, x.device)
+    _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x, x if residual is None else residual, weight, bias, y, s if store_sum else y, mean, rstd,
+        seed if has_dropout else mean, m, n, float(eps), float(dropout_p),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
+        HAS_DROPOUT=has_dropout, STORE_SUM=store_sum, UNBIASED=bool(unbiased), num_warps=warps,
+    )
+    return y, s, mean, rstd
+
+
+def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_p=0.0, seed=None,
+                   config=None):
+    """Launch the backward. dy [..., N]; dsum_out [..., N] or None (gradient of the sum output);
+    s [..., N] the saved normalised input; weight [N]; mean, rstd fp32 [...].
+    Returns (dsum, dx, dweight, dbias): dsum [..., N] in s's dtype, dx [..., N] (shape [0] unless
+    dropout_p > 0), dweight and dbias [N] in weight's dtype.
+    """
+    n = s.shape[-1]
+    m = s.numel() // n
+    dy = dy.contiguous()
+    if dsum_out is not None:
+        dsum_out = dsum_out.contiguous()
+    has_dropout = dropout_p > 0.0
+    dsum = _alloc(s.shape, s.dtype, s.device)
+    dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
+    if m == 0:
+        z = torch.zeros(n, dtype=weight.dtype, device=weight.device)
+        return dsum, dx, z, z.clone()
+    block_m, block_n, warps = config or ln_settings(n, s.device)
+    g = bwd_programs(triton.cdiv(m, block_m), s.device)
+    rows_per_program = triton.cdiv(triton.cdiv(m, g), block_m) * block_m
+    g = triton.cdiv(m, rows_per_program)
+    dw_part = _alloc((g, n), torch.float32, s.device)
+    db_part = _alloc((g, n), torch.float32, s.device)
+    _ln_bwd_kernel[(g,)](
+        dy, dy if dsum_out is None else dsum_out, s, weight, mean, rstd, dsum,
+        dx if has_dropout else dsum, dw_part, db_part, seed if has_dropout else mean,
+        m, n, rows_per_program, float(dropout_p),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=dsum_out is not None,
+        HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), num_warps=warps,
+    )
+    # second, deterministic reduction over the G partial rows
+    return dsum, dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
