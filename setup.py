@@ -14,6 +14,9 @@ from setuptools import setup
 
 
 def _extensions():
+    """fastbert._C: csrc/*.cpp always; with a CUDA torch and nvcc also the torch-free kernels
+    csrc/cuda/*.cu and their torch glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA). FASTBERT_NO_CUDA=1
+    builds the CPU ops only."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -22,6 +25,7 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    glue = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpp:
         return [], {}
     cxx = ["-O3", "-std=c++17"]
@@ -38,10 +42,11 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "fastbert._C",
-            cpp + cu,
+            cpp + glue + cu,
             include_dirs=include_dirs,
             define_macros=[("FASTBERT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            # no --use_fast_math: LayerNorm's sqrt/division stay IEEE-rounded like the CPU op
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"] if os.name != "nt" else [],
         )
     else:

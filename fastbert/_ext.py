@@ -1,9 +1,18 @@
-"""Loads the compiled extension fastbert._C once; keeps the reason when it cannot."""
+"""Loads the compiled extension fastbert._C once; keeps the reason when it cannot.
+
+available()      the extension loaded
+has_op(name)     torch.ops.fastbert.<name> is registered
+has_cuda()       the extension was built with its CUDA kernels
+load_error       why it did not load (None when it did)
+warn_once(key, msg)      one RuntimeWarning per key per process
+philox_seed_offset(gen)  the (seed, offset) pair keying the Philox streams of the C++/CUDA ops
+"""
 
 import warnings
 
 _C = None
 load_error: str | None = None
+_warned: set = set()
 
 try:
     import torch  # noqa: F401  (the extension links against torch)
@@ -36,3 +45,23 @@ def has_op(name: str) -> bool:
 def has_cuda() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return _C is not None and bool(getattr(_C, "with_cuda", lambda: False)())
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def philox_seed_offset(generator=None) -> tuple[int, int]:
+    """Draw a 64-bit seed and a 64-bit offset from a torch.Generator (the default CPU generator when
+    None). The ops' random words are a function of (seed, offset, position) only, so one generator
+    state gives the same result on CPU and CUDA, and each call advances the generator."""
+    import torch
+
+    g = torch.default_generator if generator is None else generator
+    if not isinstance(g, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    pair = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=g, device=g.device)
+    seed, offset = pair.tolist()
+    return seed, offset

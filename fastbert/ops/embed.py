@@ -1,14 +1,144 @@
-"""embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None,
-position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0) -> [B, S, N]
+"""embed: the BERT input embedding in one op (torch.ops.fastbert.embedding_gather).
 
-token[ids] + position[pos] + segment[seg], then optional LayerNorm and dropout.
+    out = dropout(LN(token_weight[input_ids] + position_weight[pos] + segment_weight[segment_ids]))
+
+Shapes: input_ids [B, S] int64/int32; token_weight [V, N]; position_weight [P, N] (rows 0..S-1 unless
+position_ids [S] or [B, S] is given); segment_ids [B, S] int with segment_weight [G, N]; ln_weight,
+ln_bias [N] (LayerNorm with biased variance and eps, as torch.nn.LayerNorm; omitted in the
+bert_pytorch preset); all tables of one dtype (fp32, fp16, bf16, fp64). Returns [B, S, N] in the
+table dtype; sums and LayerNorm are computed in fp32 (fp64 for fp64 tables).
+
+Keyword-only options:
+  padding_idx, segment_padding_idx  rows that get no gradient, as nn.Embedding(padding_idx=...);
+                                    None (default) gives every row its gradient, as plain indexing.
+  deterministic (default True)      the token-table gradient is a sort by id then a segmented sum
+                                    (bitwise reproducible); False uses atomics on CUDA. CPU is always
+                                    deterministic, and position/segment gradients always are.
+  generator                         source of the dropout seed (see fastbert._ext.philox_seed_offset):
+                                    the keep-mask is Philox(seed, offset, element), identical on CPU
+                                    and CUDA and regenerated in the backward.
+
+The C++ op runs on CPU (parallel over tokens) and on CUDA (when fastbert._C has its CUDA kernels).
+FASTBERT_BACKEND=reference, or a fastbert._C that did not load, selects the eager reference.
+Ids outside their table raise ValueError on every device.
 """
 
+import torch
+import torch.nn.functional as F
+
+from fastbert import _ext
+from fastbert.ops._backend import backend
 from fastbert.reference import ops as ref
+
+_OP = "embedding_gather"
+
+
+def _reference(input_ids, token_weight, position_weight, segment_ids, segment_weight, position_ids,
+               ln_weight, ln_bias, eps, dropout_p, padding_idx, segment_padding_idx):
+    if padding_idx is None and segment_padding_idx is None:
+        return ref.embed(input_ids, token_weight, position_weight, segment_ids, segment_weight,
+                         position_ids=position_ids, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
+                         dropout_p=dropout_p)
+    seq = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device)
+    x = F.embedding(input_ids, token_weight, padding_idx) + position_weight[position_ids]
+    if segment_ids is not None:
+        x = x + F.embedding(segment_ids, segment_weight, segment_padding_idx)
+    if ln_weight is not None:
+        x = ref.layer_norm(x, ln_weight, ln_bias, eps)
+    return F.dropout(x, dropout_p) if dropout_p > 0 else x
+
+
+def _use_op(input_ids) -> bool:
+    if backend() == "reference" or not _ext.has_op(_OP):
+        return False
+    if input_ids.device.type == "cpu":
+        return True
+    if input_ids.is_cuda and _ext.has_cuda():
+        return True
+    _ext.warn_once(f"embed-{input_ids.device.type}",
+                   f"fastbert._C has no {input_ids.device.type} kernels; embed uses the reference")
+    return False
+
+
+def _norm_padding(idx, rows, name):
+    if idx is None:
+        return -1
+    if not isinstance(idx, int):
+        raise TypeError(f"{name} must be an int or None, got {type(idx).__name__}")
+    if not -rows <= idx < rows:
+        raise ValueError(f"{name}={idx} is outside the table of {rows} rows")
+    return idx % rows
 
 
 def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None,
-          position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0):
-    return ref.embed(input_ids, token_weight, position_weight, segment_ids, segment_weight,
-                     position_ids=position_ids, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
-                     dropout_p=dropout_p)
+          position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0, *,
+          padding_idx=None, segment_padding_idx=None, deterministic=True, generator=None):
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if segment_ids is not None and segment_weight is None:
+        raise ValueError("segment_ids given without segment_weight")
+    if not _use_op(input_ids):
+        return _reference(input_ids, token_weight, position_weight, segment_ids, segment_weight,
+                          position_ids, ln_weight, ln_bias, eps, dropout_p, padding_idx,
+                          segment_padding_idx)
+    pad = _norm_padding(padding_idx, token_weight.shape[0], "padding_idx")
+    seg_pad = -1 if segment_weight is None else _norm_padding(
+        segment_padding_idx, segment_weight.shape[0], "segment_padding_idx")
+    seed = offset = 0
+    if dropout_p > 0.0:
+        seed, offset = _ext.philox_seed_offset(generator)
+    out, _, _ = torch.ops.fastbert.embedding_gather(
+        input_ids, token_weight, position_weight, segment_ids,
+        segment_weight if segment_ids is not None else None, position_ids, ln_weight, ln_bias,
+        float(eps), float(dropout_p), seed, offset, pad, seg_pad, bool(deterministic))
+    return out
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(ids, tok, pos, sids, seg, pids, lnw, lnb, eps, p, seed, offset, pad, seg_pad, det):
+    batch, seq = ids.shape
+    stats = batch * seq if lnw is not None else 0
+    return (tok.new_empty(batch, seq, tok.shape[1]), tok.new_empty(stats, dtype=_acc(tok.dtype)),
+            tok.new_empty(stats, dtype=_acc(tok.dtype)))
+
+
+def _fake_backward(grad, ids, tok, pos, sids, seg, pids, lnw, lnb, mean, rstd, p, seed, offset, pad,
+                   seg_pad, need_tok, need_pos, need_seg, det):
+    n = tok.shape[1]
+    empty = tok.new_empty(0)
+    return (tok.new_empty(tok.shape) if need_tok else empty,
+            pos.new_empty(pos.shape) if need_pos else empty,
+            seg.new_empty(seg.shape) if need_seg and seg is not None and sids is not None else empty,
+            tok.new_empty(n) if lnw is not None else empty,
+            tok.new_empty(n) if lnw is not None else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    ids, tok, pos, sids, seg, pids, lnw, lnb, eps, p, seed, offset, pad, seg_pad, det = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(ids, tok, pos, sids, seg, pids, lnw, lnb, mean, rstd)
+    ctx.args = (p, seed, offset, pad, seg_pad, det)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    ids, tok, pos, sids, seg, pids, lnw, lnb, mean, rstd = ctx.saved_tensors
+    p, seed, offset, pad, seg_pad, det = ctx.args
+    need = ctx.needs_input_grad
+    gt, gp, gs, gw, gb = torch.ops.fastbert.embedding_gather_backward(
+        grad.contiguous(), ids, tok, pos, sids, seg, pids, lnw, lnb, mean, rstd, p, seed, offset, pad,
+        seg_pad, need[1], need[2], need[4] and sids is not None, det)
+    return (None, gt if need[1] else None, gp if need[2] else None, None,
+            gs if need[4] and sids is not None else None, None,
+            gw if need[6] else None, gb if need[7] else None,
+            None, None, None, None, None, None, None)
+
+
+if _ext.has_op(_OP):
+    torch.library.register_fake(f"fastbert::{_OP}")(_fake_forward)
+    torch.library.register_fake(f"fastbert::{_OP}_backward")(_fake_backward)
+    torch.library.register_autograd(f"fastbert::{_OP}", _backward, setup_context=_setup_context)

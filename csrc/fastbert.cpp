@@ -1,0 +1,57 @@
+// fastbert._C: operator schemas (TORCH_LIBRARY) and the Python module.
+//
+// CPU kernels: embed.cpp, mlm_mask.cpp. CUDA kernels: cuda/*.cu (torch-free), registered for the CUDA
+// dispatch key by cuda/glue.cpp, which is compiled only in CUDA builds (FASTBERT_WITH_CUDA).
+// Autograd, fake (meta) implementations and the user-facing wrappers live in fastbert/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastbert, m) {
+  // out [B, S, N] = dropout(LN(tok[ids] + pos[pid] + seg[sids])); mean, rstd [T] fp32 (fp64 for fp64
+  // tables) when ln_weight is given, else empty. Dropout keeps element e when Philox(seed, offset)
+  // says so (see philox.h), so the backward regenerates the mask. padding_idx, segment_padding_idx
+  // and deterministic are unused by the forward: they are here for the backward (autograd's
+  // setup_context sees only the forward's inputs).
+  m.def(
+      "embedding_gather(Tensor input_ids, Tensor token_weight, Tensor position_weight, "
+      "Tensor? segment_ids, Tensor? segment_weight, Tensor? position_ids, Tensor? ln_weight, "
+      "Tensor? ln_bias, float eps, float dropout_p, int seed, int offset, int padding_idx, "
+      "int segment_padding_idx, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_token [V, N], grad_position [P, N], grad_segment [G, N], grad_ln_weight [N],
+  //     grad_ln_bias [N]); a gradient that is not needed (or has no input) is an empty tensor.
+  // padding_idx / segment_padding_idx: row that gets no gradient, -1 for none.
+  m.def(
+      "embedding_gather_backward(Tensor grad, Tensor input_ids, Tensor token_weight, "
+      "Tensor position_weight, Tensor? segment_ids, Tensor? segment_weight, Tensor? position_ids, "
+      "Tensor? ln_weight, Tensor? ln_bias, Tensor mean, Tensor rstd, float dropout_p, int seed, "
+      "int offset, int padding_idx, int segment_padding_idx, bool need_token, bool need_position, "
+      "bool need_segment, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (masked_ids, labels, chosen [B, S] bool). special_ids: sorted unique int64 (pad included);
+  // thresholds are probabilities times 2^32; max_predictions -1 for no cap. See kernels.h MlmParams.
+  m.def(
+      "mlm_mask(Tensor input_ids, Tensor special_ids, Tensor? word_starts, int vocab_size, int mask_id, "
+      "int ignore_index, int seed, int offset, int choose_threshold, int mask_threshold, "
+      "int random_threshold, int max_predictions) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* with_cuda(PyObject*, PyObject*) {
+#ifdef FASTBERT_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastbert C++/CUDA ops (torch.ops.fastbert.*)", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

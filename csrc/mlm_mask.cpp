@@ -1,0 +1,129 @@
+// CPU implementation of fastbert::mlm_mask (schema in fastbert.cpp, rules in kernels.h MlmParams).
+// Parallel over rows; every random word comes from Philox keyed by (seed, offset, flat position), so
+// the result does not depend on the thread count and equals the CUDA kernel's bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "mlm_common.h"
+#include "philox.h"
+
+namespace fastbert {
+namespace {
+
+template <typename index_t>
+void mlm_rows(const MlmParams& p) {
+  const int64_t S = p.seq;
+  const auto* ids = static_cast<const index_t*>(p.ids);
+  auto* out = static_cast<index_t*>(p.out);
+  auto* labels = static_cast<index_t*>(p.labels);
+  at::parallel_for(0, p.rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> draw(S);
+    std::vector<int64_t> start(S), count(S), words;
+    std::vector<uint8_t> chosen(S), kept(S);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * S;
+      int64_t word = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        draw[s] = philox_at(p.seed, p.offset, base + s).v[0];
+        if (p.word_starts == nullptr || p.word_starts[base + s]) word = s;
+        start[s] = word;
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const bool candidate = !is_special(ids[base + s], p.special, p.n_special);
+        chosen[s] = candidate && draw[start[s]] < p.choose_threshold;
+      }
+      if (p.max_predictions >= 0) {
+        std::fill(count.begin(), count.end(), 0);
+        std::fill(kept.begin(), kept.end(), 0);
+        words.clear();
+        for (int64_t s = 0; s < S; ++s) {
+          if (chosen[s] && count[start[s]]++ == 0) words.push_back(start[s]);
+        }
+        std::sort(words.begin(), words.end(),
+                  [&](int64_t a, int64_t c) { return word_before(draw[a], a, draw[c], c); });
+        int64_t running = 0;
+        for (int64_t w : words) {
+          if (running + count[w] > p.max_predictions) break;
+          running += count[w];
+          kept[w] = 1;
+        }
+        for (int64_t s = 0; s < S; ++s) chosen[s] = chosen[s] && kept[start[s]];
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t t = base + s;
+        const int64_t id = ids[t];
+        p.chosen[t] = chosen[s];
+        if (!chosen[s]) {
+          out[t] = static_cast<index_t>(id);
+          labels[t] = static_cast<index_t>(p.ignore_index);
+          continue;
+        }
+        const Philox4 d = philox_at(p.seed, p.offset, t);
+        out[t] = static_cast<index_t>(mlm_replacement(id, d.v[1], d.v[2], p.mask_threshold,
+                                                      p.random_threshold, p.mask_id, p.vocab, p.special,
+                                                      p.n_special));
+        labels[t] = static_cast<index_t>(id);
+      }
+    }
+  });
+}
+
+template <typename index_t>
+void check_ids(const at::Tensor& ids, int64_t vocab) {
+  const auto* x = ids.data_ptr<index_t>();
+  for (int64_t t = 0; t < ids.numel(); ++t) {
+    TORCH_CHECK_VALUE(x[t] >= 0 && x[t] < vocab, "input_ids out of range: id ", static_cast<int64_t>(x[t]),
+                      " at flat position ", t, " is outside [0, ", vocab, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_mask_cpu(
+    const at::Tensor& input_ids, const at::Tensor& special_ids, const c10::optional<at::Tensor>& word_starts,
+    int64_t vocab_size, int64_t mask_id, int64_t ignore_index, int64_t seed, int64_t offset,
+    int64_t choose_threshold, int64_t mask_threshold, int64_t random_threshold, int64_t max_predictions) {
+  MlmParams p = mlm_args(input_ids, special_ids, word_starts, vocab_size, mask_id, ignore_index, seed, offset,
+                         choose_threshold, mask_threshold, random_threshold, max_predictions);
+  const auto ids = input_ids.contiguous();
+  const auto special = special_ids.contiguous();
+  const int64_t* sp = special.data_ptr<int64_t>();
+  for (int64_t i = 0; i < p.n_special; ++i) {
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < vocab_size, "special id ", sp[i], " is outside [0, ", vocab_size,
+                      ")");
+    TORCH_CHECK_VALUE(i == 0 || sp[i] > sp[i - 1], "special ids must be sorted and unique");
+  }
+  if (p.ids_int32) {
+    check_ids<int32_t>(ids, vocab_size);
+  } else {
+    check_ids<int64_t>(ids, vocab_size);
+  }
+  at::Tensor ws;
+  if (word_starts.has_value() && word_starts->defined()) {
+    ws = word_starts->contiguous();
+    p.word_starts = reinterpret_cast<const uint8_t*>(ws.data_ptr<bool>());
+  }
+  auto out = at::empty_like(ids);
+  auto labels = at::empty_like(ids);
+  auto chosen = at::empty(ids.sizes(), ids.options().dtype(at::kBool));
+  p.ids = ids.data_ptr();
+  p.special = sp;
+  p.out = out.data_ptr();
+  p.labels = labels.data_ptr();
+  p.chosen = reinterpret_cast<uint8_t*>(chosen.data_ptr<bool>());
+  if (p.ids_int32) {
+    mlm_rows<int32_t>(p);
+  } else {
+    mlm_rows<int64_t>(p);
+  }
+  return {out, labels, chosen};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbert, CPU, m) { m.impl("mlm_mask", &mlm_mask_cpu); }
+
+}  // namespace fastbert
