@@ -1,0 +1,309 @@
+"""Pretraining data: corpus parsing, memory-mapped token shards and length-grouped NSP batches.
+
+Corpus formats
+  "tab"    bert_pytorch's: `sentence A \\t sentence B` per line; each line is a two-sentence document.
+  "plain"  one sentence per line, a blank line between documents.
+  "auto"   "tab" when the first non-empty line holds a tab, else "plain".
+Files ending in .gz are read through gzip.
+
+Shard (a directory, written once, then memory-mapped; a corpus larger than RAM streams from disk)
+  tokens.bin        all sentences' token ids back to back, uint16 (int32 when the vocab needs it)
+  sent_offsets.npy  int64 [n_sentences + 1]: sentence s is tokens[sent_offsets[s]:sent_offsets[s+1]]
+  doc_offsets.npy   int64 [n_documents + 1]: document d holds sentences doc_offsets[d]:doc_offsets[d+1]
+  meta.json         counts, dtype, format, vocab fingerprint, source file size and mtime
+Tokenizing runs in chunks through the Rust tokenizer (encode_batch), with a tqdm bar over the bytes.
+
+Examples (PretrainData)
+  Every sentence that has a successor in its document is an anchor A. Each epoch (seeded by
+  (seed, epoch)) shuffles the anchors and draws is_next with probability 1/2: B is A's successor
+  when is_next, else a random sentence of another document. Pairs are truncated longest-first to
+  seq_len - 3 and laid out as [CLS] A [SEP] B [SEP] with segments (seg_a, seg_b), padding 0.
+  Batches group examples of similar length (sort inside windows of `group_window` global batches,
+  then shuffle the batches), and each batch is padded only to its longest row (rounded up to 8).
+  A global batch (one optimizer step) is `micro_batches` micro-batches of `batch_size` rows; with
+  torchrun each rank takes its own consecutive micro-batches, so the examples of a step do not
+  depend on the number of processes. Collation is vectorised numpy; masking happens later on the
+  batch's device (fastbert.ops.mlm_mask).
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def _open_text(path):
+    if not os.path.isfile(path):
+        raise CorpusError(f"corpus file {path!r} does not exist")
+    raw = open(path, "rb")  # noqa: SIM115
+    f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+    return raw, io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=None)
+
+
+def iter_lines(path):
+    """Lines of a text file (gzip when it ends in .gz) without their newline."""
+    raw, f = _open_text(path)
+    with raw, f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")
+
+
+def detect_format(path):
+    for line in iter_lines(path):
+        if line.strip():
+            return "tab" if "\t" in line else "plain"
+    raise CorpusError(f"corpus file {path!r} is empty")
+
+
+def iter_documents(path, fmt="auto", _progress=None):
+    """Documents of a corpus as lists of sentences (see the module docstring for the formats)."""
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt not in ("tab", "plain"):
+        raise CorpusError(f"corpus format {fmt!r}; expected 'tab', 'plain' or 'auto'")
+    raw, f = _open_text(path)
+    with raw, f:
+        doc = []
+        for lineno, line in enumerate(f, 1):
+            if _progress is not None and lineno % 4096 == 0:
+                _progress(raw.tell())
+            line = line.rstrip("\n").rstrip("\r")
+            if fmt == "tab":
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise CorpusError(f"{path}:{lineno}: no tab in this line; the 'tab' format needs "
+                                      f"`sentence A<TAB>sentence B` on every line: {line[:80]!r}")
+                a, b = line.split("\t", 2)[:2]
+                yield [a, b]
+            elif line.strip():
+                doc.append(line)
+            elif doc:
+                yield doc
+                doc = []
+        if doc:
+            yield doc
+        if _progress is not None:
+            _progress(raw.tell())
+
+
+def _source_key(path, fmt, vocab):
+    st = os.stat(path)
+    h = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{fmt}|"
+                       f"{vocab.fingerprint()}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_shard(corpus, vocab, out_dir, fmt="auto", chunk_sentences=8192, progress=True):
+    """Tokenize `corpus` once into a shard directory `out_dir` (written to a temp dir, then renamed)."""
+    from tqdm import tqdm
+
+    if fmt == "auto":
+        fmt = detect_format(corpus)
+    dtype = np.uint16 if len(vocab) <= 65535 else np.int32
+    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    size = os.path.getsize(corpus)
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    done = [0]
+
+    def advance(pos):
+        bar.update(pos - done[0])
+        done[0] = pos
+
+    sent_lens, doc_sizes, pending = [], [], []
+    n_tokens = 0
+    with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
+        def flush():
+            nonlocal n_tokens
+            if not pending:
+                return
+            ids = vocab.encode_batch(pending)
+            sent_lens.extend(len(x) for x in ids)
+            flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=sum(map(len, ids)))
+            out.write(flat.tobytes())
+            n_tokens += flat.size
+            pending.clear()
+
+        for doc in iter_documents(corpus, fmt, _progress=advance):
+            pending.extend(doc)
+            doc_sizes.append(len(doc))
+            if len(pending) >= chunk_sentences:
+                flush()
+        flush()
+    bar.close()
+    if not doc_sizes or n_tokens == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CorpusError(f"corpus file {corpus!r} has no text")
+    for name, sizes in (("sent_offsets.npy", sent_lens), ("doc_offsets.npy", doc_sizes)):
+        np.save(os.path.join(tmp, name), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    meta = {"format": fmt, "dtype": np.dtype(dtype).name, "n_tokens": int(n_tokens),
+            "n_sentences": len(sent_lens), "n_documents": len(doc_sizes), "vocab": vocab.fingerprint(),
+            "vocab_size": len(vocab), "source": os.path.abspath(corpus)}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return Shard(out_dir)
+
+
+def cached_shard(corpus, vocab, cache_dir, fmt="auto", progress=True):
+    """The shard of (corpus, format, vocab) under cache_dir, tokenizing only when it is not there."""
+    if fmt == "auto":
+        fmt = detect_format(corpus)
+    path = os.path.join(cache_dir, "shard-" + _source_key(corpus, fmt, vocab))
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return Shard(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    return build_shard(corpus, vocab, path, fmt, progress=progress)
+
+
+class Shard:
+    """A tokenized corpus on disk, memory-mapped."""
+
+    def __init__(self, path):
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.path = path
+        n = self.meta["n_tokens"]
+        self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=self.meta["dtype"], mode="r",
+                                shape=(n,))
+        self.sent_offsets = np.load(os.path.join(path, "sent_offsets.npy"), mmap_mode="r")
+        self.doc_offsets = np.load(os.path.join(path, "doc_offsets.npy"), mmap_mode="r")
+
+    @property
+    def n_sentences(self):
+        return len(self.sent_offsets) - 1
+
+    @property
+    def n_documents(self):
+        return len(self.doc_offsets) - 1
+
+    def sentence(self, i):
+        return np.asarray(self.tokens[self.sent_offsets[i]:self.sent_offsets[i + 1]])
+
+    def document(self, d):
+        return [self.sentence(s) for s in range(self.doc_offsets[d], self.doc_offsets[d + 1])]
+
+
+def truncate_pair(la, lb, total):
+    """Longest-first truncation of two lengths to at most `total` together (vectorised)."""
+    la2 = np.minimum(la, np.maximum(total // 2, total - lb))
+    lb2 = np.minimum(lb, total - la2)
+    return la2, lb2
+
+
+class PretrainData:
+    """NSP example pairs from a Shard, grouped by length into global batches (see module docstring)."""
+
+    def __init__(self, shard, seq_len, batch_size, micro_batches=1, seed=0, cls_id=2, sep_id=3,
+                 segments=(1, 2), group_window=64):
+        if seq_len < 8:
+            raise ValueError(f"seq_len={seq_len} is too small (at least 8)")
+        self.shard, self.seq_len, self.batch_size = shard, seq_len, batch_size
+        self.micro_batches, self.seed = micro_batches, seed
+        self.cls_id, self.sep_id, self.segments, self.group_window = cls_id, sep_id, segments, group_window
+        offs = np.asarray(shard.sent_offsets)
+        self.starts, self.lens = offs[:-1], np.diff(offs)
+        docs = np.asarray(shard.doc_offsets)
+        sizes = np.diff(docs)
+        self.doc_of = np.repeat(np.arange(len(sizes)), sizes)
+        last = docs[1:] - 1  # the last sentence of each document has no successor
+        is_anchor = np.ones(shard.n_sentences, dtype=bool)
+        is_anchor[last] = False
+        self.anchors = np.nonzero(is_anchor)[0]
+        if len(self.anchors) == 0:
+            raise CorpusError(f"the corpus has no document with two sentences ({shard.meta['source']})")
+        self.global_batch = batch_size * micro_batches
+        self.steps_per_epoch = len(self.anchors) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise CorpusError(f"the corpus has {len(self.anchors)} sentence pairs, fewer than one global "
+                              f"batch ({self.global_batch} = batch {batch_size} x {micro_batches} "
+                              f"micro-batches); use a smaller batch")
+
+    def _epoch_plan(self, epoch):
+        """(a_sentence, b_sentence, is_next) per example and the example order by global batch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        a = rng.permutation(self.anchors)
+        n = len(a)
+        is_next = rng.random(n) < 0.5
+        b = a + 1
+        neg = np.nonzero(~is_next)[0]
+        total = len(self.lens)
+        rand = rng.integers(0, total, size=len(neg))
+        if self.shard.n_documents > 1:
+            for _ in range(100):  # resample draws that fell into A's own document
+                bad = self.doc_of[rand] == self.doc_of[a[neg]]
+                if not bad.any():
+                    break
+                rand[bad] = rng.integers(0, total, size=int(bad.sum()))
+            # whatever is still in A's document moves to the next document
+            bad = self.doc_of[rand] == self.doc_of[a[neg]]
+            docs = np.asarray(self.shard.doc_offsets)
+            rand[bad] = docs[(self.doc_of[rand[bad]] + 1) % self.shard.n_documents]
+        else:  # one document: a random sentence that is not A's successor
+            rand = np.where(rand == a[neg] + 1, (rand + 2) % total, rand)
+        b[neg] = rand
+        la, lb = truncate_pair(self.lens[a], self.lens[b], self.seq_len - 3)
+        length = la + lb + 3
+        g = self.global_batch
+        usable = self.steps_per_epoch * g
+        order = np.arange(usable)
+        w = g * self.group_window
+        for s in range(0, usable, w):  # sort by length inside each window
+            seg = order[s:s + w]
+            order[s:s + w] = seg[np.argsort(length[seg], kind="stable")]
+        batches = order.reshape(self.steps_per_epoch, g)
+        batches = batches[rng.permutation(self.steps_per_epoch)]
+        return a, b, is_next, la, lb, batches
+
+    _plan_cache = (None, None)
+
+    def plan(self, epoch):
+        if self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, self._epoch_plan(epoch))
+        return self._plan_cache[1]
+
+    def step_batches(self, epoch, step, rank=0, world=1):
+        """The micro-batches (dicts of numpy arrays) of one optimizer step for one rank."""
+        if self.micro_batches % world:
+            raise ValueError(f"micro_batches={self.micro_batches} is not divisible by world size {world}")
+        a, b, is_next, la, lb, batches = self.plan(epoch)
+        rows = batches[step]
+        per_rank = self.micro_batches // world
+        out = []
+        for k in range(rank * per_rank, (rank + 1) * per_rank):
+            idx = rows[k * self.batch_size:(k + 1) * self.batch_size]
+            out.append(self.collate(a[idx], b[idx], la[idx], lb[idx], is_next[idx]))
+            out[-1]["micro_index"] = k
+        return out
+
+    def collate(self, a, b, la, lb, is_next):
+        """[CLS] A [SEP] B [SEP] rows padded to the longest (rounded up to 8, at most seq_len)."""
+        length = la + lb + 3
+        width = int(min(self.seq_len, -(-int(length.max()) // 8) * 8))
+        pos = np.arange(width)[None, :]
+        la_, lb_ = la[:, None], lb[:, None]
+        in_a = (pos >= 1) & (pos <= la_)
+        in_b = (pos >= la_ + 2) & (pos < la_ + 2 + lb_)
+        src = np.where(in_a, self.starts[a][:, None] + pos - 1,
+                       np.where(in_b, self.starts[b][:, None] + pos - la_ - 2, 0))
+        ids = np.where(in_a | in_b, np.asarray(self.shard.tokens[src.ravel()]).reshape(src.shape), 0)
+        ids = ids.astype(np.int64)
+        ids[:, 0] = self.cls_id
+        rows = np.arange(len(a))
+        ids[rows, la + 1] = self.sep_id
+        ids[rows, la + lb + 2] = self.sep_id
+        seg = np.where(pos <= la_ + 1, self.segments[0], np.where(pos < length[:, None], self.segments[1], 0))
+        seg = np.where(pos < length[:, None], seg, 0)
+        return {"input_ids": ids, "segment_ids": seg.astype(np.int64), "is_next": is_next.astype(np.int64)}
