@@ -26,23 +26,23 @@ import triton
 import triton.language as tl
 
 MAX_HIDDEN = 8192
-MIN_BLOCK = 128
-TILE = 4096
+MIN_BLOCK = 256
+TILE = 2048
 LN_VARIANTS = ("standard", "bert_pytorch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def ln_settings(n, device=None):
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features: whole rows in one block
-    (BLOCK_N = next power of two >= n). CUDA: BLOCK_M rows per tile so a tile holds >= 4096
-    elements, about 8-16 fp32 values per thread and per tensor. Elsewhere (the interpreter, whose
-    cost is ~20 ms per program) tiles of 32 rows; same kernel code, and the tests also run the
-    CUDA configs in the interpreter."""
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features, forward and backward alike: whole rows
+    in one block (BLOCK_N = next power of two >= n, at least MIN_BLOCK). CUDA: BLOCK_M rows per tile
+    so that a tile holds >= TILE elements and each thread about 8 of them (16 at n > 4096, where
+    16 warps is the limit). Elsewhere (the interpreter, whose cost is ~20 ms per program) tiles of
+    32 rows; the kernel code is the same, and the tests also run the CUDA configs in the interpreter."""
     block_n = max(triton.next_power_of_2(n), MIN_BLOCK)
     if device is not None and torch.device(device).type != "cuda":
         return 32, block_n, 4
     block_m = max(1, TILE // block_n)
-    return block_m, block_n, min(16, max(1, block_m * block_n // 512))
+    return block_m, block_n, min(16, max(4, block_m * block_n // 256))
 
 
 def ln_configs():
@@ -116,6 +116,23 @@ def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0
 
 
 @triton.jit
+def _keep(seed, idx, dropout_p):
+    """Dropout keep-mask from a counter-based hash of (seed, element index): the PCG output
+    permutation (Jarzynski and Olano, "Hash Functions for GPU Rendering", JCGT 2020) applied twice,
+    the seed mixed in between; all constants fit in int32 so the arithmetic stays uint32 (wrapping)
+    compiled and in the interpreter. A few integer ops per element, lighter than philox (tl.rand);
+    forward and backward draw the same bits for the same (seed, idx)."""
+    h = idx.to(tl.uint32) * 747796405 + 1442695041
+    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737
+    h = (h >> 22) ^ h
+    h = (h ^ seed) * 747796405 + 1442695041
+    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737
+    h = (h >> 22) ^ h
+    # top 24 bits -> uniform in [0, 1)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
+
+
+@triton.jit
 def _ln_fwd_kernel(
     X,  # [M, N] input, any float dtype
     R,  # [M, N] residual (read when HAS_RESIDUAL)
@@ -137,31 +154,33 @@ def _ln_fwd_kernel(
     STORE_SUM: tl.constexpr,
     UNBIASED: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # every tensor is kept 2-D ([BLOCK_M, 1] per-row values, reductions with keep_dims): with
+    # BLOCK_M = 1, 1-D row vectors made Triton pick a replicated layout and doubled the registers
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
+    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]
     row_ok = rows < M
-    mask = row_ok[:, None] & (cols < N)[None, :]  # [BLOCK_M, BLOCK_N]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = row_ok & (cols < N)  # [BLOCK_M, BLOCK_N]
+    offs = rows.to(tl.int64) * N + cols
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(SEED)
+        seed = tl.load(SEED).to(tl.uint32)
         # the same (seed, element index) pairs regenerate the mask in the backward
-        keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= dropout_p
+        keep = _keep(seed, rows * N + cols, dropout_p)
         s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if STORE_SUM:
         tl.store(S + offs, s.to(S.dtype.element_ty), mask=mask)
-    mean = tl.sum(s, axis=1) / N  # [BLOCK_M]
-    xc = tl.where(mask, s - mean[:, None], 0.0)
-    sq = tl.sum(xc * xc, axis=1)
+    mean = tl.sum(s, axis=1, keep_dims=True) / N  # [BLOCK_M, 1]
+    xc = tl.where(mask, s - mean, 0.0)
+    sq = tl.sum(xc * xc, axis=1, keep_dims=True)
     if UNBIASED:
         rstd = 1.0 / (tl.sqrt(sq / (N - 1)) + eps)
     else:
         rstd = 1.0 / tl.sqrt(sq / N + eps)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    y = xc * rstd * w + b
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
@@ -204,7 +223,7 @@ def _ln_bwd_kernel(
     UNBIASED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]; 2-D throughout, as in the forward
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -212,36 +231,36 @@ def _ln_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if HAS_DROPOUT:
-        seed = tl.load(SEED)
+        seed = tl.load(SEED).to(tl.uint32)
     for first in range(row_start, row_end, BLOCK_M):
-        rows = first + tl.arange(0, BLOCK_M)
+        rows = first + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
         row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = row_ok & col_ok
+        offs = rows.to(tl.int64) * N + cols
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         r = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xc = tl.where(mask, s - mean[:, None], 0.0)
-        g = dy * w[None, :]
-        gxc = tl.sum(g * xc, axis=1)
+        xc = tl.where(mask, s - mean, 0.0)
+        g = dy * w
+        gxc = tl.sum(g * xc, axis=1, keep_dims=True)  # [BLOCK_M, 1]
         if UNBIASED:
-            std = tl.sqrt(tl.sum(xc * xc, axis=1) / (N - 1))
+            std = tl.sqrt(tl.sum(xc * xc, axis=1, keep_dims=True) / (N - 1))
             k = tl.where(std > 0.0, r * r * gxc / ((N - 1) * tl.where(std > 0.0, std, 1.0)), 0.0)
         else:
             k = r * r * r * gxc / N
-        ds = r[:, None] * (g - (tl.sum(g, axis=1) / N)[:, None]) - k[:, None] * xc
+        ds = r * (g - tl.sum(g, axis=1, keep_dims=True) / N) - k * xc
         if HAS_DSUM:
             ds += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DSUM + offs, ds.to(DSUM.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= dropout_p
+            keep = _keep(seed, rows * N + cols, dropout_p)
             dx = tl.where(keep, ds / (1.0 - dropout_p), 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xc * r[:, None]
+        dw_acc += dy * xc * r
         db_acc += dy
-    tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0, keep_dims=True), mask=col_ok)
+    tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0, keep_dims=True), mask=col_ok)
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
