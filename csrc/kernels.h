@@ -6,6 +6,7 @@
 // rows. All index arrays are int64 and contiguous; tables are row-major [rows, N].
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace fastbert {
@@ -75,15 +76,15 @@ void embed_forward_cuda(const EmbedParams& p, cudaStream_t stream);
 void embed_backward_dx_cuda(const EmbedBackwardParams& p, cudaStream_t stream);
 
 // Deterministic segmented row sum: out[key[i]] = sum over the run of equal keys of src[perm[j]],
-// keys sorted ascending (stable), rows equal to padding_idx (>= 0) left untouched (zero).
-// src [T, N] of src_dtype (table dtype or acc), out [R, N] table dtype, zero-initialised.
+// keys sorted ascending (stable), rows equal to padding_idx (>= 0) or outside [0, R) skipped.
+// src [T, N] (table dtype, or acc type when src_is_acc), out [R, N] table dtype, zero-initialised.
 void segment_rows_sum_cuda(const void* src, bool src_is_acc, const int64_t* sorted_keys,
-                           const int64_t* perm, int64_t T, int64_t N, int64_t padding_idx, void* out,
-                           DType dtype, cudaStream_t stream);
+                           const int64_t* perm, int64_t T, int64_t N, int64_t R, int64_t padding_idx,
+                           void* out, DType dtype, cudaStream_t stream);
 
 // Non-deterministic scatter-add: acc_out[idx[t]] += src[t] with atomics (acc type [R, N]).
 void scatter_add_atomic_cuda(const void* src, bool src_is_acc, const int64_t* idx, int64_t T,
-                             int64_t N, int64_t padding_idx, void* acc_out, DType dtype,
+                             int64_t N, int64_t R, int64_t padding_idx, void* acc_out, DType dtype,
                              cudaStream_t stream);
 
 // out[s] = sum_b src[b * S + s] (default position ids). out [S, N] table dtype.
@@ -98,8 +99,11 @@ void small_table_sum_cuda(const void* src, bool src_is_acc, const int64_t* idx, 
                           int64_t G, int64_t padding_idx, void* partial, void* out, DType dtype,
                           cudaStream_t stream);
 
-// mlm_mask, see MlmParams.
+// mlm_mask, see MlmParams: one block per row with mlm_mask_smem_bytes(S) of shared memory
+// (at most 48 KiB: S <= kMlmMaxSeqCuda).
 struct MlmParams;
+constexpr int64_t kMlmMaxSeqCuda = 3072;
+size_t mlm_mask_smem_bytes(int64_t seq);
 void mlm_mask_cuda(const MlmParams& p, cudaStream_t stream);
 #endif
 

@@ -76,6 +76,12 @@ FB_HOST_DEVICE Philox4 philox_at(uint64_t seed, uint64_t offset, uint64_t positi
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
+// Word i (0..3) of a Philox result, by selects (no dynamically indexed array, which would live in
+// local memory on the GPU).
+FB_HOST_DEVICE uint32_t philox_word(const Philox4& r, int64_t i) {
+  return (i & 2) ? ((i & 1) ? r.v[3] : r.v[2]) : ((i & 1) ? r.v[1] : r.v[0]);
+}
+
 // floor(w * n / 2^32): a uniform integer in [0, n) from a 32-bit word (n < 2^32).
 FB_HOST_DEVICE uint32_t scale_to(uint32_t w, uint32_t n) {
   return static_cast<uint32_t>((static_cast<uint64_t>(w) * static_cast<uint64_t>(n)) >> 32);
