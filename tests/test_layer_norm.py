@@ -1,0 +1,443 @@
+"""fastbert.ops.layer_norm on its Triton kernels (kernels/layer_norm.py) against fp64 ground truth.
+
+Where the kernels run:
+  * CUDA present: the correctness tests run the compiled kernels in this process (bf16 included,
+    plus larger shapes).
+  * No CUDA: tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton (triton's own
+    helpers such as tl.zeros are decorated at import, so it cannot be switched on later), and the
+    correctness tests run the interpreted kernels on "cpu". In a process with neither (conftest
+    bypassed), test_interpreter_suite re-runs this file in a child pytest with the interpreter on.
+  * The ahead-of-time compile test (sm_80, sm_90) runs this file as a script (--aot) in a child
+    without TRITON_INTERPRET; the launcher's bad-input tests run anywhere (no Triton launch).
+Tolerances (GPU-LESS.md): fp32 max abs error <= 1e-5 * max(1, max |truth|); fp16/bf16 max abs error
+<= 2x the error of plain PyTorch in the same dtype + one ulp of the dtype at that scale.
+Outputs are NaN-poisoned (FASTBERT_POISON=1) so unwritten elements fail.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastbert.kernels import layer_norm as K
+
+import fastbert.ops as ops
+from fastbert.reference import ops as ref
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] if INTERP else (["cuda"] if CUDA else [])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROWS = (1, 7, 129)
+HIDDEN = (64, 96, 768, 1000, 1023)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VARIANTS = ("standard", "bert_pytorch")
+
+
+def _inputs(rows, hidden, dtype, device, residual=True):
+    """Fresh random inputs: an offset and spread per row so the mean and variance matter."""
+    def t(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=device) * scale + shift).to(dtype)
+
+    x = t(rows, hidden, scale=2.0, shift=0.5)
+    r = t(rows, hidden) if residual else None
+    w = t(hidden, scale=0.5, shift=1.0)
+    b = t(hidden, scale=0.5)
+    dy = t(rows, hidden)
+    ds = t(rows, hidden) if residual else None
+    return x, r, w, b, dy, ds
+
+
+def _forward_backward(fn, x, r, w, b, dy, ds, dtype):
+    """Run fn(x, r, w, b) -> y or (y, s) with inputs cast to dtype; return outputs and grads."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, r, w, b)]
+    out = fn(*leaves)
+    y, s = out if isinstance(out, tuple) else (out, None)
+    loss = (y.to(dtype) * dy.to(dtype)).sum()
+    if s is not None:
+        loss = loss + (s.to(dtype) * ds.to(dtype)).sum()
+    loss.backward()
+    xs, rs, ws, bs = leaves
+    return {"y": y, "s": s, "dx": xs.grad, "dres": None if rs is None else rs.grad, "dw": ws.grad,
+            "db": bs.grad}
+
+
+def _torch_ln(variant, eps):
+    """Plain PyTorch (the baseline of the error-ratio rule)."""
+    def fn(x, r, w, b):
+        s = x if r is None else x + r
+        if variant == "standard":
+            y = F.layer_norm(s, (s.shape[-1],), w, b, eps)
+        else:
+            y = ref.layer_norm(s, w, b, eps, variant=variant)
+        return y if r is None else (y, s)
+
+    return fn
+
+
+def _fast_ln(variant, eps, **kw):
+    def fn(x, r, w, b):
+        return ops.layer_norm(x, w, b, eps, residual=r, variant=variant, **kw)
+
+    return fn
+
+
+def _errors(got, truth):
+    return {k: (got[k].double() - truth[k]).abs().max().item() for k in truth if truth[k] is not None}
+
+
+def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5):
+    x, r, w, b, dy, ds = _inputs(rows, hidden, dtype, device, residual)
+    truth = _forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, torch.float64)
+    got = _forward_backward(_fast_ln(variant, eps), x, r, w, b, dy, ds, dtype)
+    for k, v in got.items():
+        if truth[k] is not None:
+            assert v is not None and v.dtype == dtype and v.shape == truth[k].shape, k
+            assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
+    err = _errors(got, truth)
+    scale = {k: max(1.0, truth[k].abs().max().item()) for k in err}
+    if dtype == torch.float32:
+        for k in err:
+            assert err[k] <= 1e-5 * scale[k], f"{k}: max abs error {err[k]:.3g} > 1e-5 * {scale[k]:.3g}"
+        return err
+    base = _errors(_forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, dtype), truth)
+    ulp = torch.finfo(dtype).eps
+    for k in err:
+        bound = 2 * base[k] + ulp * scale[k]
+        assert err[k] <= bound, f"{k}: error {err[k]:.3g} > 2 x torch's {base[k]:.3g} + ulp slack"
+    return err
+
+
+def _keep_reference(seed, idx, p):
+    """NumPy twin of kernels.layer_norm._keep (uint32 arithmetic, wrapping)."""
+    u = np.uint32
+    h = idx.astype(u) * u(747796405) + u(1442695041)
+    h = ((h >> ((h >> u(28)) + u(4))) ^ h) * u(277803737)
+    h = (h >> u(22)) ^ h
+    h = (h ^ u(seed)) * u(747796405) + u(1442695041)
+    h = ((h >> ((h >> u(28)) + u(4))) ^ h) * u(277803737)
+    h = (h >> u(22)) ^ h
+    return (h >> u(8)).astype(np.float32) * np.float32(1.0 / 16777216.0) >= np.float32(p)
+
+
+if DEVICES:
+
+    @pytest.fixture(autouse=True)
+    def _triton_backend(monkeypatch):
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+        monkeypatch.setenv("FASTBERT_POISON", "1")
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("hidden", HIDDEN)
+    @pytest.mark.parametrize("rows", ROWS)
+    def test_residual_grid(device, rows, hidden, dtype, variant):
+        """y, s = LN(x + r): forward, dx, d residual, dW, dB over the whole grid."""
+        err = check_against_truth(device, rows, hidden, dtype, variant, residual=True)
+        print(f"ln {device} {rows}x{hidden} {dtype} {variant} residual: "
+              + " ".join(f"{k} {v:.2e}" for k, v in err.items()))
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+    @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1023), (1, 64)])
+    def test_plain(device, rows, hidden, dtype, variant):
+        """y = LN(x): no residual, no sum output."""
+        check_against_truth(device, rows, hidden, dtype, variant, residual=False)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("rows,hidden", [(3, 8192), (2, 4097), (5, 2048), (4, 1)])
+    def test_wide_and_tiny_rows(device, rows, hidden):
+        variant = "standard" if hidden == 1 else "bert_pytorch"
+        check_against_truth(device, rows, hidden, torch.float32, variant, residual=hidden != 1)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1000), (5, 2048), (3, 4097)])
+    def test_cuda_tile_configs(device, rows, hidden):
+        """The launch configs picked for CUDA (ln_settings(n)), also run in the interpreter."""
+        cfg = K.ln_settings(hidden)
+        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
+        for unbiased in (False, True):
+            y, s, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5, r, unbiased, config=cfg)
+            dsum, _, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, config=cfg)
+            variant = "bert_pytorch" if unbiased else "standard"
+            truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, b, dy, ds, torch.float64)
+            got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": db}
+            for k, e in _errors(got, truth).items():
+                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_dropout_mask_matches_hash(device, variant):
+        """s = dropout(x) + r with the keep-mask of the documented hash; dx uses the same mask."""
+        rows, hidden, p, seed = 37, 96, 0.3, int(torch.randint(0, 2**31 - 1, ()).item())
+        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
+        keep = torch.from_numpy(_keep_reference(seed, np.arange(rows * hidden).reshape(rows, hidden), p))
+        keep = keep.to(device)
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+        unbiased = variant == "bert_pytorch"
+        y, s, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5, r, unbiased, p, seed_t)
+        torch.testing.assert_close(s, torch.where(keep, x / (1 - p), 0.0) + r, rtol=1e-6, atol=1e-6)
+        dsum, dx, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, p, seed_t)
+        torch.testing.assert_close(dx, torch.where(keep, dsum / (1 - p), 0.0), rtol=1e-6, atol=1e-6)
+
+        def masked(xx, rr, ww, bb):
+            return ref.layer_norm(xx * keep / (1 - p), ww, bb, 1e-5, residual=rr, variant=variant)
+
+        truth = _forward_backward(masked, x, r, w, b, dy, ds, torch.float64)
+        got = {"y": y, "s": s, "dx": dx, "dres": dsum, "dw": dw, "db": db}
+        for k, e in _errors(got, truth).items():
+            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_dropout_public_op(device):
+        """ops.layer_norm(..., dropout_p): keep rate near 1 - p, grads consistent with the mask."""
+        rows, hidden, p = 64, 96, 0.25
+        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
+        got = _forward_backward(_fast_ln("standard", 1e-5, dropout_p=p), x, r, w, b, dy, ds, torch.float32)
+        kept = (got["s"] - r).abs() > 0
+        rate = kept.float().mean().item()
+        assert abs(rate - (1 - p)) < 0.05, rate
+        keep = kept.double()
+
+        def masked(xx, rr, ww, bb):
+            return ref.layer_norm(xx * keep / (1 - p), ww, bb, 1e-5, residual=rr)
+
+        truth = _forward_backward(masked, x, r, w, b, dy, ds, torch.float64)
+        for k, e in _errors(got, truth).items():
+            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
+        other = ops.layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p)[1]
+        assert not torch.equal(other, got["s"]), "two calls drew the same dropout mask"
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_deterministic_weight_grads(device):
+        x, r, w, b, dy, ds = _inputs(129, 768, torch.float32, device)
+        runs = [_forward_backward(_fast_ln("standard", 1e-12), x, r, w, b, dy, ds, torch.float32)
+                for _ in range(2)]
+        for k in ("dw", "db", "dx"):
+            assert torch.equal(runs[0][k], runs[1][k]), k
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_opcheck(device):
+        x, r, w, b, _, _ = _inputs(3, 64, torch.float32, device)
+        seed = torch.tensor([7], dtype=torch.int64, device=device)
+        op = torch.ops.fastbert.layer_norm_fwd.default
+        x.requires_grad_()
+        w.requires_grad_()
+        for args in [(x, w, b, r, None, 1e-5, False, 0.0), (x, w, b, None, None, 1e-6, True, 0.0),
+                     (x, w, b, r, seed, 1e-5, True, 0.2)]:
+            torch.library.opcheck(op, args)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_torch_compile_fullgraph(device):
+        """No graph break: the custom ops (forward and backward) are traced whole."""
+        x, r, w, b, dy, ds = _inputs(7, 96, torch.float32, device)
+
+        def block(xx, rr, ww, bb):
+            y, s = ops.layer_norm(xx, ww, bb, 1e-5, residual=rr, variant="bert_pytorch")
+            return ops.layer_norm(y, ww, bb, 1e-5), s
+
+        backend = "inductor" if device == "cuda" else "aot_eager"
+        compiled = torch.compile(block, fullgraph=True, backend=backend)
+        eager = _forward_backward(block, x, r, w, b, dy, ds, torch.float32)
+        got = _forward_backward(compiled, x, r, w, b, dy, ds, torch.float32)
+        for k in eager:
+            torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_autocast(device):
+        """bf16 activations from a linear, fp32 weights: runs, output in bf16, fp32 weight grads."""
+        rows, hidden = 7, 96
+        x = torch.randn(rows, hidden, device=device)
+        lin = torch.nn.Linear(hidden, hidden, device=device)
+        w = (1 + 0.5 * torch.randn(hidden, device=device)).requires_grad_()
+        b = torch.randn(hidden, device=device).requires_grad_()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            h = lin(x)
+            y = ops.layer_norm(h, w, b, 1e-5)
+        assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert w.grad.dtype == torch.float32 and lin.weight.grad is not None
+        expect = F.layer_norm(h.detach().double(), (hidden,), w.detach().double(), b.detach().double(), 1e-5)
+        torch.testing.assert_close(y.double(), expect, rtol=2e-2, atol=2e-2)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_public_bad_inputs(device):
+        x, r, w, b, _, _ = _inputs(4, 64, torch.float32, device)
+        with pytest.raises(ValueError, match="contiguous"):
+            ops.layer_norm(x.t(), w[:4], b[:4], 1e-5)
+        with pytest.raises(ValueError, match="maximum"):
+            big = torch.randn(2, 8200, device=device)
+            ops.layer_norm(big, torch.ones(8200, device=device), torch.zeros(8200, device=device), 1e-5)
+        with pytest.raises(ValueError, match="weight has shape"):
+            ops.layer_norm(x, w[:32], b, 1e-5)
+
+
+if DEVICES == ["cuda"]:
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+    @pytest.mark.parametrize("rows,hidden", [(4096, 768), (4096, 1024), (1000, 4096), (333, 8192),
+                                             (513, 4095)])
+    def test_cuda_large(rows, hidden, dtype, variant):
+        check_against_truth("cuda", rows, hidden, dtype, variant, residual=True)
+
+
+# ---- tests that need no Triton launch: run in every process ----------------------------------------
+
+def test_launcher_rejects_bad_input():
+    """ValueError naming the problem, raised before any Triton compile (CPU tensors, no interpreter)."""
+    x = torch.randn(4, 64)
+    w, b = torch.ones(64), torch.zeros(64)
+    cases = [
+        ((torch.randn(2, 8193), torch.ones(8193), torch.zeros(8193)), {}, "above the supported maximum 8192"),
+        ((torch.randn(64, 4).t(), w, b), {}, "contiguous"),
+        ((x, torch.ones(63), b), {}, r"weight has shape \(63,\)"),
+        ((x, w, torch.zeros(2, 32)), {}, r"bias has shape \(2, 32\)"),
+        ((torch.randint(0, 5, (4, 64)), w, b), {}, "dtype torch.int64"),
+        ((x.double(), w, b), {}, "dtype torch.float64"),
+        ((x, w.to(torch.int32), b), {}, "weight has dtype torch.int32"),
+        ((x, w, b), {"residual": torch.randn(4, 32)}, r"residual has shape \(4, 32\)"),
+        ((x, w, b), {"residual": torch.randn(64, 4).t()}, "residual must be contiguous"),
+        ((x, w, b), {"dropout_p": 1.0}, "dropout_p"),
+    ]
+    for (xx, ww, bb), kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            K.layer_norm_fwd(xx, ww, bb, 1e-5, **kw)
+    with pytest.raises(ValueError, match="variant"):
+        K.check_inputs(x, w, b, variant="rms")
+    with pytest.raises(ValueError, match="variant"):
+        ops.layer_norm(x, w, b, 1e-5, variant="rms")
+
+
+def test_settings_cover_every_hidden_size():
+    """Every hidden size 1..8192 maps to one of ln_configs() (the set the AOT test compiles)."""
+    configs = set(K.ln_configs())
+    for n in range(1, K.MAX_HIDDEN + 1):
+        block_m, block_n, warps = K.ln_settings(n)
+        assert (block_m, block_n, warps) in configs and block_n >= n
+
+
+if not INTERP and not CUDA:
+
+    def test_interpreter_suite():
+        """Run this file's correctness tests under the Triton interpreter in a child pytest."""
+        env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_BACKEND="triton", FASTBERT_POISON="1")
+        cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        tail = proc.stdout[-3000:]
+        print(tail)
+        assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+        assert re.search(r"\d+ passed", tail) and "skipped" not in tail, tail
+
+
+# ---- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------------
+
+FWD_SIG = {"X": "*bf16", "R": "*bf16", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "S": "*bf16",
+           "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "eps": "fp32",
+           "dropout_p": "fp32"}
+BWD_SIG = {"DY": "*bf16", "DS": "*bf16", "S": "*bf16", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+           "DSUM": "*bf16", "DX": "*bf16", "DW_PART": "*fp32", "DB_PART": "*fp32", "SEED": "*i64",
+           "M": "i32", "N": "i32", "rows_per_program": "i32", "dropout_p": "fp32"}
+
+
+def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
+    """Like tests/aot.compile_for, plus the 16-divisibility specialisation the launcher gets at run
+    time for every pointer and for the integer arguments in `divisible` (N % 16 == 0 vectorises;
+    odd N does not, so both are compiled). Returns (registers, spill bytes st+ld, shared bytes)."""
+    import triton
+    from aot import _ptx_target, _ptxas
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name in signature and (signature[name].startswith("*") or name in divisible)}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": 1})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={_ptx_target(ptx)}", path, "-o",
+                              os.path.join(d, "k.o")], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return regs, spills, int(k.metadata.shared)
+
+
+def ln_aot_variants():
+    """(name, kernel, signature, constexprs, warps, divisible, block_n) for every launch config:
+    each (BLOCK_M, BLOCK_N, warps) of ln_configs() with every feature on (the most registers), N
+    divisible by 16 or not; plus every flag off at the BERT-base config (the flags only remove
+    code, and the interpreter tests run every combination)."""
+    out = []
+    for block_m, block_n, warps in K.ln_configs():
+        for div in ((), ("N",)):
+            tag = f"{block_m}x{block_n} w{warps} {'N%16=0' if div else 'N odd'}"
+            out.append((f"ln_fwd {tag} all flags", K._ln_fwd_kernel, FWD_SIG,
+                        dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_DROPOUT=True,
+                             STORE_SUM=True, UNBIASED=True), warps, div, block_n))
+            out.append((f"ln_bwd {tag} all flags", K._ln_bwd_kernel, BWD_SIG,
+                        dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=True, HAS_DROPOUT=True,
+                             UNBIASED=True), warps, div, block_n))
+    block_m, block_n, warps = K.ln_settings(768)
+    flags = dict(HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_SUM=False, UNBIASED=False)
+    out.append((f"ln_fwd {block_m}x{block_n} no flags", K._ln_fwd_kernel, FWD_SIG,
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, **flags), warps, ("N",), block_n))
+    flags = dict(HAS_DSUM=False, HAS_DROPOUT=False, UNBIASED=False)
+    out.append((f"ln_bwd {block_m}x{block_n} no flags", K._ln_bwd_kernel, BWD_SIG,
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, **flags), warps, ("N",), block_n))
+    return out
+
+
+def _aot_one(variant_index_and_arch):
+    index, arch = variant_index_and_arch
+    name, kernel, sig, consts, warps, div, block_n = ln_aot_variants()[index]
+    regs, spills, shared = aot_compile(kernel, sig, consts, arch, warps, div)
+    return f"{name} sm_{arch}", regs, spills, shared, block_n
+
+
+def _aot_main():
+    """Compile every variant for sm_80 and sm_90 (this process must not have TRITON_INTERPRET=1)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert not INTERP
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    variants = ln_aot_variants()
+    jobs = [(i, arch) for arch in (80, 90) for i, v in enumerate(variants)
+            if arch == 90 or "all flags" in v[0]]  # the all-off variant: sm_90 only
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        rows = list(ex.map(_aot_one, jobs))
+    print("LayerNorm kernels (registers / spill bytes st+ld / shared bytes):")
+    for name, regs, spills, shared, _ in rows:
+        print(f"  {name:<58} regs {regs:4d}  spills {spills:5d}  smem {shared}")
+    bad = [name for name, _, spills, _, block_n in rows if spills and block_n <= 4096]
+    if bad:
+        print(f"register spills at hidden <= 4096: {bad}")
+        return 1
+    return 0
+
+
+def test_aot_compile():
+    """Every LayerNorm kernel config compiles for sm_80/sm_90 and does not spill for hidden <= 4096.
+    Runs in a child process without the interpreter (kernels must be decorated for compilation)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-10000:]
+
+
+if __name__ == "__main__" and "--aot" in sys.argv:
+    sys.exit(_aot_main())
