@@ -1,0 +1,70 @@
+"""torchrun with 2 gloo processes on CPU matches one process with the same global batch.
+
+One process runs --batch 4 --accum 2 (global batch 8 in 2 micro-batches); two processes run --batch 4
+each (rank r takes micro-batch r of the same global batch, DDP averages the gradients, the loss is
+normalised by the global counts). Dropout is off so both see the same computation. Step 1's loss
+(before any update) must agree to float rounding (1e-5); later steps to 2e-3 relative and the final
+weights to 3 x lr: the all-reduce sums gradients in another order, and Adam's g / (sqrt(v) + eps)
+turns rounding differences of near-zero gradient entries into differences of up to lr per step.
+"""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastbert.train import pretrain
+from fastbert.train.checkpoint import list_checkpoints, load_checkpoint
+
+EMBEDDED = os.path.join(os.path.dirname(__file__), "..", "fastbert", "data", "corpus.txt.gz")
+ARGS = ["--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
+        "--vocab-size", "500", "--dropout", "0", "--max-steps", "3", "--log-every", "1", "--save-every", "3",
+        "--warmup", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """A small corpus and the one-process run (batch 4 x accum 2) that both modes compare against."""
+    root = tmp_path_factory.mktemp("ddp")
+    with gzip.open(EMBEDDED, "rt", encoding="utf-8") as f:
+        docs = f.read().split("\n\n")[:80]
+    path = root / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    common = ARGS + ["--corpus", str(path), "--cache-dir", str(root / "cache")]
+    assert pretrain.main(common + ["--out", str(root / "single"), "--batch", "4", "--accum", "2",
+                                   "--log-json", str(root / "single.jsonl")]) == 0
+    return common, root
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(single, tmp_path, mode):
+    common, root = single
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastbert.pretrain", *common, "--out", str(tmp_path / "multi"), "--batch", "4",
+           "--log-json", str(tmp_path / "multi.jsonl"), "--threads", "1"]
+    if mode == "fsdp":
+        cmd.append("--fsdp")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = _records(root / "single.jsonl"), _records(tmp_path / "multi.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        rel = 1e-5 if a["step"] == 1 else 2e-3
+        for k in ("loss", "mlm_loss", "nsp_loss"):
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (k, a, b)
+    assert one[0]["mlm_acc"] == two[0]["mlm_acc"] and one[0]["nsp_acc"] == two[0]["nsp_acc"]
+    sa = load_checkpoint(list_checkpoints(root / "single" / "checkpoints")[-1][1])["model"]
+    sb = load_checkpoint(list_checkpoints(tmp_path / "multi" / "checkpoints")[-1][1])["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=3e-3, msg=k)  # lr is 1e-3
