@@ -122,6 +122,14 @@ def fmt_num(value, digits=3):
     return f"{value:.{digits}g}"
 
 
+def fmt_rate(extra):
+    """The headline rate of a result: tokens/s, else GB/s, else TFLOP/s."""
+    for key, unit in (("tokens_per_s", "tok/s"), ("gbps", "GB/s"), ("tflops", "TFLOP/s")):
+        if extra.get(key):
+            return f"{fmt_num(extra[key])} {unit}"
+    return "-"
+
+
 def fmt_mib(value):
     return "-" if value is None else f"{float(value):,.0f} MiB"
 
@@ -178,8 +186,8 @@ def header_lines(data, source):
 def summary_lines(cmps):
     lines = ["## Speedup of fastbert over each baseline", "",
              "Speedup = baseline median / fastbert median at equal parameters (> 1: fastbert is faster).",
-             "", "| group | params | fastbert | median | speedup vs each baseline |",
-             "| --- | --- | --- | --- | --- |"]
+             "", "| group | params | fastbert | median | rate | speedup vs each baseline |",
+             "| --- | --- | --- | --- | --- | --- |"]
     n = 0
     for (group, _name, _shape), cmp_rows in cmps.items():
         for ours, pairs in speedups(cmp_rows):
@@ -187,10 +195,10 @@ def summary_lines(cmps):
                 continue
             cells = ", ".join(f"{b.provider} **{s:.2f}x**" for b, s in pairs)
             lines.append(f"| {group} | {ours.params_text} | {ours.provider} | {fmt_time(ours.median)} | "
-                         f"{cells} |")
+                         f"{fmt_rate(ours.extra)} | {cells} |")
             n += 1
     if n == 0:
-        lines.append("| - | - | - | - | no fastbert result in this run |")
+        lines.append("| - | - | - | - | - | no fastbert result with a baseline in this run |")
     return lines
 
 
