@@ -15,7 +15,8 @@ def checkpoint(tmp_path_factory):
     with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
         docs = f.read().split("\n\n")[:150]
     (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    argv = ["--corpus", str(root / "corpus.txt"), "--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
+    argv = ["--corpus", str(root / "corpus.txt"),
+            "--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
             "--vocab-size", "1000", "--batch", "8", "--max-steps", "2", "--no-progress", "--out",
             str(root / "run")]
     assert pretrain.main(argv) == 0
