@@ -1,0 +1,311 @@
+"""fastbert.ops.bias_gelu on its Triton kernels (kernels/bias_gelu.py) against fp64 ground truth.
+
+Where the kernels run (as tests/test_layer_norm.py): compiled on CUDA when present; otherwise
+tests/conftest.py has set TRITON_INTERPRET=1 and the interpreted kernels run on "cpu" in-process
+(test_interpreter_suite re-runs this file in a child with the interpreter on if neither holds).
+The AOT compile test (sm_80, sm_90) runs this file as a script (--aot) without the interpreter.
+Tolerances: fp32 max abs error <= 1e-5 * max(1, max |truth|); fp16/bf16 <= 2x the error of plain
+PyTorch (F.gelu(x + b)) in the same dtype + one ulp at that scale. Outputs are NaN-poisoned.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastbert.kernels import bias_gelu as K
+
+import fastbert.ops as ops
+from fastbert.reference import ops as ref
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] if INTERP else (["cuda"] if CUDA else [])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROWS = (1, 7, 129)
+HIDDEN = (64, 96, 768, 1000, 1023)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FORMS = ("none", "tanh")
+
+
+def _inputs(rows, hidden, dtype, device):
+    x = (torch.randn(rows, hidden, device=device) * 3).to(dtype)  # covers both tails of GELU
+    b = torch.randn(hidden, device=device).to(dtype)
+    dy = torch.randn(rows, hidden, device=device).to(dtype)
+    return x, b, dy
+
+
+def _forward_backward(fn, x, b, dy, dtype):
+    xs = x.detach().to(dtype).requires_grad_()
+    bs = b.detach().to(dtype).requires_grad_()
+    y = fn(xs, bs)
+    (y * dy.to(dtype)).sum().backward()
+    return {"y": y, "dx": xs.grad, "db": bs.grad}
+
+
+def _errors(got, truth):
+    return {k: (got[k].double() - truth[k]).abs().max().item() for k in truth}
+
+
+def check_against_truth(device, rows, hidden, dtype, form):
+    x, b, dy = _inputs(rows, hidden, dtype, device)
+    truth = _forward_backward(lambda xx, bb: ref.bias_gelu(xx, bb, form), x, b, dy, torch.float64)
+    got = _forward_backward(lambda xx, bb: ops.bias_gelu(xx, bb, form), x, b, dy, dtype)
+    for k, v in got.items():
+        assert v.dtype == dtype and v.shape == truth[k].shape, k
+        assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
+    err = _errors(got, truth)
+    scale = {k: max(1.0, truth[k].abs().max().item()) for k in err}
+    if dtype == torch.float32:
+        for k in err:
+            assert err[k] <= 1e-5 * scale[k], f"{k}: max abs error {err[k]:.3g} > 1e-5 * {scale[k]:.3g}"
+        return err
+    base = _errors(_forward_backward(lambda xx, bb: F.gelu(xx + bb, approximate=form), x, b, dy, dtype),
+                   truth)
+    ulp = torch.finfo(dtype).eps
+    for k in err:
+        assert err[k] <= 2 * base[k] + ulp * scale[k], \
+            f"{k}: error {err[k]:.3g} > 2 x torch's {base[k]:.3g} + ulp slack"
+    return err
+
+
+if DEVICES:
+
+    @pytest.fixture(autouse=True)
+    def _triton_backend(monkeypatch):
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+        monkeypatch.setenv("FASTBERT_POISON", "1")
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("hidden", HIDDEN)
+    @pytest.mark.parametrize("rows", ROWS)
+    def test_grid(device, rows, hidden, dtype, form):
+        err = check_against_truth(device, rows, hidden, dtype, form)
+        print(f"gelu {device} {rows}x{hidden} {dtype} {form}: "
+              + " ".join(f"{k} {v:.2e}" for k, v in err.items()))
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("form", FORMS)
+    def test_activation_curve(device, form):
+        """gelu and gelu' on a dense sweep of z in [-12, 12] (fp32): the erf/tanh approximations."""
+        z = torch.linspace(-12, 12, 24001, dtype=torch.float64, device=device).reshape(1, -1)
+        zero = torch.zeros(z.shape[1], dtype=torch.float64, device=device)
+        dy = torch.ones_like(z)
+        truth = _forward_backward(lambda xx, bb: F.gelu(xx + bb, approximate=form), z, zero, dy,
+                                  torch.float64)
+        got = _forward_backward(lambda xx, bb: ops.bias_gelu(xx, bb, form), z.float(), zero.float(), dy,
+                                torch.float32)
+        assert (got["y"].double() - truth["y"]).abs().max().item() <= 1e-5 * 12
+        assert (got["dx"].double() - truth["dx"]).abs().max().item() <= 1e-5
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("rows,hidden", [(7, 96), (40, 1000), (40, 64), (33, 3)])
+    def test_cuda_tile_configs(device, rows, hidden):
+        """The launch configs picked for CUDA (gelu_settings(n)), also run in the interpreter."""
+        cfg = K.gelu_settings(hidden)
+        x, b, dy = _inputs(rows, hidden, torch.float32, device)
+        for form in FORMS:
+            truth = _forward_backward(lambda xx, bb, f=form: ref.bias_gelu(xx, bb, f), x, b, dy,
+                                      torch.float64)
+            y = K.bias_gelu_fwd(x, b, form, config=cfg)
+            dx, db = K.bias_gelu_bwd(dy, x, b, form, config=cfg)
+            for k, v in {"y": y, "dx": dx, "db": db}.items():
+                e = (v.double() - truth[k]).abs().max().item()
+                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, form, k, e)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_deterministic_bias_grad(device):
+        x, b, dy = _inputs(129, 1000, torch.float32, device)
+        runs = [_forward_backward(lambda xx, bb: ops.bias_gelu(xx, bb), x, b, dy, torch.float32)
+                for _ in range(2)]
+        assert torch.equal(runs[0]["db"], runs[1]["db"]) and torch.equal(runs[0]["dx"], runs[1]["dx"])
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_opcheck(device):
+        x, b, _ = _inputs(3, 64, torch.float32, device)
+        x.requires_grad_()
+        b.requires_grad_()
+        for form in FORMS:
+            torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, form))
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_torch_compile_fullgraph(device):
+        """No graph break: Linear (no bias) -> fused bias+GELU -> Linear, as the encoder's FFN."""
+        x, _, _ = _inputs(7, 96, torch.float32, device)
+        w1 = torch.randn(128, 96, device=device) / math.sqrt(96)
+        b1 = torch.randn(128, device=device)
+        w2 = torch.randn(96, 128, device=device) / math.sqrt(128)
+
+        def ffn(xx, bb):
+            return F.linear(ops.bias_gelu(F.linear(xx, w1), bb, "tanh"), w2)
+
+        dy = torch.randn(7, 96, device=device)
+        backend = "inductor" if device == "cuda" else "aot_eager"
+        compiled = torch.compile(ffn, fullgraph=True, backend=backend)
+        eager = _forward_backward(ffn, x, b1, dy, torch.float32)
+        got = _forward_backward(compiled, x, b1, dy, torch.float32)
+        for k in eager:
+            torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_autocast(device):
+        """bf16 activations from a bias-free linear, fp32 bias: output bf16, bias grad fp32."""
+        x = torch.randn(7, 96, device=device)
+        lin = torch.nn.Linear(96, 128, bias=False, device=device)
+        b = torch.randn(128, device=device).requires_grad_()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            h = lin(x)
+            y = ops.bias_gelu(h, b)
+        assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert b.grad.dtype == torch.float32 and lin.weight.grad is not None
+        expect = F.gelu(h.detach().double() + b.detach().double())
+        torch.testing.assert_close(y.double(), expect, rtol=2e-2, atol=2e-2)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_public_bad_inputs(device):
+        x, b, _ = _inputs(4, 64, torch.float32, device)
+        with pytest.raises(ValueError, match="contiguous"):
+            ops.bias_gelu(torch.randn(64, 4, device=device).t(), b)
+        with pytest.raises(ValueError, match="bias has shape"):
+            ops.bias_gelu(x, b[:32])
+        with pytest.raises(ValueError, match="approximate"):
+            ops.bias_gelu(x, b, "sigmoid")
+
+
+if DEVICES == ["cuda"]:
+
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+    @pytest.mark.parametrize("rows,hidden", [(4096, 3072), (4096, 768), (1000, 4095), (77, 8192)])
+    def test_cuda_large(rows, hidden, dtype, form):
+        check_against_truth("cuda", rows, hidden, dtype, form)
+
+
+def test_launcher_rejects_bad_input():
+    """ValueError naming the problem, raised before any Triton compile (CPU tensors)."""
+    x, b = torch.randn(4, 64), torch.randn(64)
+    cases = [
+        ((torch.randn(64, 4).t(), torch.randn(64)), "x must be contiguous"),
+        ((x, torch.randn(63)), r"bias has shape \(63,\)"),
+        ((torch.randint(0, 5, (4, 64)), b), "x has dtype torch.int64"),
+        ((x, b.to(torch.int32)), "bias has dtype torch.int32"),
+        ((x.double(), b), "x has dtype torch.float64"),
+        ((x, torch.randn(128)[::2]), "bias must be contiguous"),
+    ]
+    for (xx, bb), msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            K.bias_gelu_fwd(xx, bb)
+    with pytest.raises(ValueError, match="approximate"):
+        K.bias_gelu_fwd(x, b, "erf")
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        K.bias_gelu_fwd(x, 1.0)
+
+
+if not INTERP and not CUDA:
+
+    def test_interpreter_suite():
+        """Run this file's correctness tests under the Triton interpreter in a child pytest."""
+        env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_BACKEND="triton", FASTBERT_POISON="1")
+        cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        tail = proc.stdout[-3000:]
+        print(tail)
+        assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+        assert re.search(r"\d+ passed", tail) and "skipped" not in tail, tail
+
+
+# ---- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------------
+
+FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "M": "i32", "N": "i32"}
+BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32", "M": "i32",
+           "N": "i32"}
+
+
+def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
+    """tests/aot.compile_for plus the 16-divisibility specialisation of pointers and of the integer
+    arguments in `divisible` that a launch gets (N % 16 == 0 vectorises, odd N does not: both are
+    compiled). Returns (registers, spill bytes st+ld, shared bytes)."""
+    import triton
+    from aot import _ptx_target, _ptxas
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name in signature and (signature[name].startswith("*") or name in divisible)}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": 1})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={_ptx_target(ptx)}", path, "-o",
+                              os.path.join(d, "k.o")], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return regs, spills, int(k.metadata.shared)
+
+
+def gelu_aot_variants():
+    """Every launch config: each (BLOCK_M, BLOCK_N, warps) of gelu_configs(), both GELU forms, N
+    divisible by 16 or not, forward and backward."""
+    out = []
+    for block_m, block_n, warps in K.gelu_configs():
+        for tanh in (False, True):
+            for div in ((), ("N",)):
+                tag = f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} " \
+                      f"{'N%16=0' if div else 'N odd'}"
+                consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh)
+                out.append((f"gelu_fwd {tag}", K._bias_gelu_fwd_kernel, FWD_SIG, consts, warps, div))
+                out.append((f"gelu_bwd {tag}", K._bias_gelu_bwd_kernel, BWD_SIG, consts, warps, div))
+    return out
+
+
+def _aot_one(job):
+    index, arch = job
+    name, kernel, sig, consts, warps, div = gelu_aot_variants()[index]
+    return (f"{name} sm_{arch}", *aot_compile(kernel, sig, consts, arch, warps, div))
+
+
+def _aot_main():
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert not INTERP
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    jobs = [(i, arch) for arch in (80, 90) for i in range(len(gelu_aot_variants()))]
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        rows = list(ex.map(_aot_one, jobs))
+    print("bias+GELU kernels (registers / spill bytes st+ld / shared bytes):")
+    for name, regs, spills, shared in rows:
+        print(f"  {name:<48} regs {regs:4d}  spills {spills:5d}  smem {shared}")
+    bad = [row[0] for row in rows if row[2]]
+    if bad:
+        print(f"register spills: {bad}")
+        return 1
+    return 0
+
+
+def test_aot_compile():
+    """Every bias+GELU kernel config compiles for sm_80/sm_90 without register spills. Runs in a
+    child process without the interpreter (kernels must be decorated for compilation)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-10000:]
+
+
+if __name__ == "__main__" and "--aot" in sys.argv:
+    sys.exit(_aot_main())
