@@ -1,0 +1,90 @@
+"""bias + GELU forward and forward+backward: fastbert's Triton kernel against eager PyTorch
+(F.gelu(x + b)) and torch.compile, side by side per shape (one benchmark group per shape and mode).
+
+Providers:
+  fastbert  fastbert.ops.bias_gelu (kernels/bias_gelu.py; CUDA only: the interpreter is never timed)
+  eager     F.gelu(x + b, approximate=form)
+  compile   torch.compile of the eager function
+Sizes: CUDA rows = 16384, features 768, 1024 (the issue's target sizes) and 3072 (BERT-base's
+intermediate), bf16; CPU rows = 256, the same features, fp32 (eager and compile only). Form "none"
+(exact erf, HF BERT) everywhere, "tanh" (bert_pytorch) at 3072.
+bytes_moved, the fused op's minimum traffic (E = element size): forward 2*M*N*E (x in, y out),
+backward 3*M*N*E (dy, x in, dx out; gelu' is recomputed from x and the bias), bias traffic
+negligible. Same formula for every provider: GB/s is effective bandwidth, roofline_frac the
+fraction of the measured device-to-device copy rate.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import devices, run
+
+import fastbert.ops as ops
+
+DEVICE = devices()[0]
+CUDA = DEVICE == "cuda"
+ROWS = 16384 if CUDA else 256
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+CASES = [(768, "none"), (1024, "none"), (3072, "none"), (3072, "tanh")]
+
+
+def _eager(x, b, form):
+    return F.gelu(x + b, approximate=form)
+
+
+_compiled = {}
+
+
+def _provider_fn(provider):
+    if provider == "fastbert":
+        return ops.bias_gelu
+    if provider == "eager":
+        return _eager
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_eager)
+    return _compiled["fn"]
+
+
+def _step(provider, n, form, backward):
+    x = torch.randn(ROWS, n, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
+    b = torch.randn(n, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
+    fn = _provider_fn(provider)
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return fn(x, b, form)
+
+        return forward
+    dy = torch.randn(ROWS, n, device=DEVICE, dtype=DTYPE)
+
+    def step():
+        return torch.autograd.grad(fn(x, b, form), (x, b), dy)
+
+    return step
+
+
+def _bytes(n, backward):
+    e = torch.finfo(DTYPE).bits // 8
+    return (5 if backward else 2) * ROWS * n * e
+
+
+def _skip_interpreter(provider):
+    if provider == "fastbert" and not CUDA:
+        pytest.skip("fastbert's bias+GELU is a Triton kernel; without CUDA it would run in the "
+                    "interpreter, which is never timed")
+
+
+@pytest.mark.parametrize("n,form", CASES)
+@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
+def test_bias_gelu_forward(benchmark, provider, n, form):
+    benchmark.group = f"bias_gelu forward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
+    _skip_interpreter(provider)
+    run(benchmark, _step(provider, n, form, False), DEVICE, bytes_moved=_bytes(n, False), tokens=ROWS)
+
+
+@pytest.mark.parametrize("n,form", CASES)
+@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
+def test_bias_gelu_forward_backward(benchmark, provider, n, form):
+    benchmark.group = f"bias_gelu forward+backward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
+    _skip_interpreter(provider)
+    run(benchmark, _step(provider, n, form, True), DEVICE, bytes_moved=_bytes(n, True), tokens=ROWS)

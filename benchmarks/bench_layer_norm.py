@@ -1,0 +1,112 @@
+"""LayerNorm forward and forward+backward: fastbert's Triton kernel against eager PyTorch and
+torch.compile, side by side per shape (one benchmark group per shape and mode).
+
+Providers:
+  fastbert  fastbert.ops.layer_norm (kernels/layer_norm.py; CUDA only: the interpreter is never timed)
+  eager     F.layer_norm(x) or F.layer_norm(x + residual)
+  compile   torch.compile of the eager function
+Cases: "plain" y = LN(x); "residual" (y, s) = (LN(x + r), x + r), the post-LN block's add + norm.
+Sizes: CUDA rows = 16384, hidden 768 and 1024, bf16 (the issue's target: >= 85% of copy bandwidth,
+>= 1.3x eager); CPU rows = 256, hidden 768 and 1024, fp32 (eager and compile only).
+bytes_moved is the minimum traffic of the fused op (E = element size): forward plain 2*M*N*E
+(read x, write y), residual 4*M*N*E (x, r in; y, s out); backward plain 3*M*N*E (dy, x in; dx
+out), residual 4*M*N*E (dy, ds, s in; one gradient out, dx = d residual); plus 8 bytes of fp32
+statistics per row each way. The same formula is used for every provider, so GB/s is effective
+bandwidth and roofline_frac is the fraction of the measured device-to-device copy rate.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import devices, run
+
+import fastbert.ops as ops
+
+DEVICE = devices()[0]
+CUDA = DEVICE == "cuda"
+ROWS = 16384 if CUDA else 256
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+EPS = 1e-12
+
+
+def _eager(x, w, b, r=None):
+    if r is None:
+        return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
+    s = x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b, EPS), s
+
+
+def _fast(x, w, b, r=None):
+    return ops.layer_norm(x, w, b, EPS, residual=r)
+
+
+_compiled = {}
+
+
+def _provider_fn(provider):
+    if provider == "fastbert":
+        return _fast
+    if provider == "eager":
+        return _eager
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_eager)
+    return _compiled["fn"]
+
+
+def _bytes(hidden, case, backward):
+    e = torch.finfo(DTYPE).bits // 8
+    mn = ROWS * hidden
+    fwd = (2 if case == "plain" else 4) * mn * e + 8 * ROWS
+    bwd = (3 if case == "plain" else 4) * mn * e + 8 * ROWS
+    return fwd + (bwd if backward else 0)
+
+
+def _step(provider, hidden, case, backward):
+    def t(*shape, grad=False):
+        return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(grad)
+
+    x, r = t(ROWS, hidden, grad=backward), (t(ROWS, hidden, grad=backward) if case == "residual" else None)
+    w, b = t(hidden, grad=backward), t(hidden, grad=backward)
+    fn = _provider_fn(provider)
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return fn(x, w, b, r)
+
+        return forward
+    leaves = [v for v in (x, r, w, b) if v is not None]
+    dy = t(ROWS, hidden)
+
+    def step():
+        out = fn(x, w, b, r)
+        if case == "plain":
+            return torch.autograd.grad(out, leaves, dy)
+        return torch.autograd.grad(out, leaves, (dy, dy))
+
+    return step
+
+
+def _skip_interpreter(provider):
+    if provider == "fastbert" and not CUDA:
+        pytest.skip("fastbert's LayerNorm is a Triton kernel; without CUDA it would run in the "
+                    "interpreter, which is never timed")
+
+
+@pytest.mark.parametrize("case", ["plain", "residual"])
+@pytest.mark.parametrize("hidden", [768, 1024])
+@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
+def test_layer_norm_forward(benchmark, provider, hidden, case):
+    benchmark.group = f"layer_norm forward {case} [{ROWS}, {hidden}] {str(DTYPE)[6:]} {DEVICE}"
+    _skip_interpreter(provider)
+    run(benchmark, _step(provider, hidden, case, False), DEVICE, bytes_moved=_bytes(hidden, case, False),
+        tokens=ROWS)
+
+
+@pytest.mark.parametrize("case", ["plain", "residual"])
+@pytest.mark.parametrize("hidden", [768, 1024])
+@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
+def test_layer_norm_forward_backward(benchmark, provider, hidden, case):
+    benchmark.group = f"layer_norm forward+backward {case} [{ROWS}, {hidden}] {str(DTYPE)[6:]} {DEVICE}"
+    _skip_interpreter(provider)
+    run(benchmark, _step(provider, hidden, case, True), DEVICE, bytes_moved=_bytes(hidden, case, True),
+        tokens=ROWS)
