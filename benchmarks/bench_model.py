@@ -7,8 +7,8 @@ Providers (same weights within each family):
   hf-eager      transformers.BertModel, attn_implementation="eager"
   hf-sdpa       transformers.BertModel, attn_implementation="sdpa" (transformers' default)
   hf-compile    torch.compile of the hf-sdpa model (CUDA only; compiling on CPU would eat the CPU budget)
-The report compares every fastbert* row with every baseline of its group; the like-for-like pairs are
-fastbert/bert_pytorch and fastbert-hf/hf-*.
+extra_info["compare_with"] makes the report compare like for like: fastbert with bert_pytorch,
+fastbert-hf with hf-eager, hf-sdpa and hf-compile.
 
 Sizes. CUDA: BERT-base (vocab 30522, hidden 768, 12 layers, 12 heads, FFN 3072), bf16 weights and
 activations, seq 128 (batch 64) and 512 (batch 16), so 8192 token slots per batch. CPU: hidden 128,
@@ -58,6 +58,7 @@ HF_FAMILY = ("fastbert-hf", "hf-eager", "hf-sdpa", "hf-compile")
 PROVIDERS = BP_FAMILY + HF_FAMILY
 GPU_ONLY = {"hf-compile": "torch.compile baseline runs on CUDA only (compiling BERT on the CPU would "
                           "take minutes of the CPU budget)"}
+COMPARE_WITH = {"fastbert": ["bert_pytorch"], "fastbert-hf": ["hf-eager", "hf-sdpa", "hf-compile"]}
 COMPILE_NEEDS_S = 60  # a cold torch.compile of BERT-base (forward, or forward+backward) on an H100
 RECOMPILE_NEEDS_S = 20  # the same graph again (other padding): inductor's caches are warm
 _COMPILED = set()  # (mode, seq) already compiled in this session
@@ -209,6 +210,8 @@ def test_model(benchmark, bench_budget, mode, seq, padding, provider):
     info.update(provider=provider, mode=mode, seq=seq, batch=batch_size(seq), padding=padding,
                 pad_frac=round(batch["pad_frac"], 4), dtype=str(DTYPE).replace("torch.", ""),
                 model=f"L{LAYERS} H{HIDDEN} A{HEADS} FFN{FFN} V{VOCAB}", real_tokens=batch["tokens"])
+    if provider in COMPARE_WITH:
+        info["compare_with"] = COMPARE_WITH[provider]
     out = run(benchmark, functools.partial(step, batch), DEVICE, flops=useful_flops(batch["lengths"], train),
               tokens=batch["tokens"], rounds=10 if CUDA and train else None)
     if not train:

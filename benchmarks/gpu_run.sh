@@ -163,8 +163,11 @@ if os.path.exists(md):
     start = text.find("## Speedup")
     end = text.find("## All results")
     print()
-    print(text[:start].strip())
-    print(text[start:end if end > 0 else None].strip()[:7000])
+    if start < 0:
+        print(text.strip()[:3000])
+    else:
+        print(text[:start].strip())
+        print(text[start:end if end > 0 else None].strip()[:7000])
 PYEOF
 ls -la "$OUT"
 

@@ -92,6 +92,21 @@ def test_report_tables_and_plots(run_json, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_compare_with_restricts_baselines(tmp_path):
+    data = synthetic_run()
+    for bench in data["benchmarks"]:
+        if bench["params"].get("provider") == "fastbert":
+            bench["extra_info"]["compare_with"] = ["hf-eager"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", str(path), "--out", str(out), "--no-plots"]) == 0
+    summary = out.read_text().split("## All results")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| model-train")]
+    assert len(rows) == 2
+    assert all("hf-eager **2.50x**" in line and "hf-sdpa" not in line for line in rows)
+
+
 def test_families_for_throughput_plot():
     rows = report.rows(synthetic_run())
     from fastbert.bench.plots import throughput_families

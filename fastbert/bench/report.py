@@ -3,9 +3,10 @@
 Rows are compared within a group at equal parameters: the provider parameter (one of
 PROVIDER_KEYS) names the implementation, every other parameter is the shape. A provider is fastbert's
 ("ours") when its name matches OURS_PATTERN or its extra_info says ours=True; every other provider
-of the same comparison is a baseline, and speedup = baseline median / ours median (> 1: fastbert
-is faster). Rates (tokens/s, GB/s, TFLOP/s, roofline fraction, peak memory) come from extra_info,
-which benchmarks/_util.run fills at the median.
+of the same comparison is a baseline (or only those named in the ours row's extra_info
+compare_with), and speedup = baseline median / ours median (> 1: fastbert is faster). Rates
+(tokens/s, GB/s, TFLOP/s, roofline fraction, peak memory) come from extra_info, which
+benchmarks/_util.run fills at the median.
 """
 
 import json
@@ -95,9 +96,20 @@ def comparisons(all_rows):
 
 
 def speedups(cmp_rows):
-    """[(ours_row, [(baseline_row, speedup), ...]), ...] for one comparison."""
+    """[(ours_row, [(baseline_row, speedup), ...]), ...] for one comparison.
+
+    An ours row whose extra_info has compare_with (a list of provider names) is compared with those
+    baselines only (like-for-like pairs, e.g. fastbert.BERT with bert_pytorch); otherwise with all.
+    """
     baselines = [r for r in cmp_rows if not r.ours]
-    return [(o, [(b, b.median / o.median) for b in baselines]) for o in cmp_rows if o.ours and o.median > 0]
+    out = []
+    for o in cmp_rows:
+        if not o.ours or o.median <= 0:
+            continue
+        only = o.extra.get("compare_with")
+        mine = [b for b in baselines if only is None or b.provider in only]
+        out.append((o, [(b, b.median / o.median) for b in mine]))
+    return out
 
 
 def fmt_time(seconds):
@@ -218,21 +230,26 @@ def memory_lines(all_rows):
 
 
 def detail_lines(all_rows):
-    lines = ["## All results by group", ""]
+    lines = ["## All results by group", "",
+             "median: wall time per call (CUDA: synchronized, L2 flushed before each round); GPU time: "
+             "median of CUDA events around the call (device time without host overhead); rates use the "
+             "wall median; roofline: the larger of GB/s / copy bandwidth and TFLOP/s / matmul peak.", ""]
     groups = OrderedDict()
     for r in all_rows:
         groups.setdefault(r.group, []).append(r)
     for group, group_rows in groups.items():
         lines += [f"### {group}", "",
-                  "| test | params | provider | median | IQR | rounds | tokens/s | GB/s | TFLOP/s | roofline "
-                  "| peak mem |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| test | params | provider | median | IQR | GPU time | rounds | tokens/s | GB/s | TFLOP/s "
+                  "| roofline | peak mem |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(group_rows, key=lambda r: (r.name, r.shape_key, not r.ours, r.median)):
             e = r.extra
             peak = e.get("peak_mem_mb")
             provider = f"**{r.provider}**" if r.ours else (r.provider or "-")
+            gpu_ms = e.get("gpu_median_ms")
             lines.append(f"| {r.name} | {r.params_text} | {provider} | {fmt_time(r.median)} | "
-                         f"{fmt_time(r.iqr)} | {r.rounds} | {fmt_num(e.get('tokens_per_s'))} | "
+                         f"{fmt_time(r.iqr)} | {'-' if gpu_ms is None else fmt_time(gpu_ms / 1e3)} | "
+                         f"{r.rounds} | {fmt_num(e.get('tokens_per_s'))} | "
                          f"{fmt_num(e.get('gbps'))} | {fmt_num(e.get('tflops'))} | "
                          f"{fmt_pct(e.get('roofline_frac'))} | "
                          f"{fmt_mib(peak)} |")
