@@ -89,3 +89,22 @@ def test_bert_pytorch_heads_keep_bertlm_names():
     assert all(k.split(".")[0] in ("bert", "next_sentence", "mask_lm") for k in keys)
     hf = PretrainModel(BertConfig.hf(50, 16, 1, 2))
     assert hf.mask_lm.linear.weight is hf.bert.embedding.token.weight  # tied as in BertForPreTraining
+
+
+@pytest.mark.parametrize("preset", ["bert_pytorch", "hf"])
+def test_padding_does_not_change_the_loss(preset):
+    make = BertConfig.hf if preset == "hf" else BertConfig.bert_pytorch
+    cfg = make(60, 16, 1, 2, dropout=0.0).with_(attn_dropout=0.0, emb_dropout=0.0)
+    model = PretrainModel(cfg).eval()
+    ids = torch.randint(5, 60, (2, 9))
+    seg = torch.ones_like(ids)
+    pos = torch.tensor([1, 4, 9 + 2])
+    labels = torch.randint(5, 60, (3,))
+    padded = torch.nn.functional.pad(ids, (0, 7))
+    pseg = torch.nn.functional.pad(seg, (0, 7))
+    ppos = torch.tensor([1, 4, 16 + 2])
+    with torch.no_grad():
+        a = model(ids, seg, pos, labels)
+        b = model(padded, pseg, ppos, labels)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-5)

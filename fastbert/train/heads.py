@@ -133,7 +133,9 @@ class PretrainModel(nn.Module):
 
         Returns (mlm_loss_sum, mlm_correct, nsp_log_probs [B, 2]).
         """
-        h = self.bert(input_ids, segment_ids)  # [B, S, N]
+        # padding (id pad_id) is masked out of attention in both presets (HF's needs the explicit mask)
+        mask = (input_ids != self.config.pad_id).long() if self.hf else None
+        h = self.bert(input_ids, segment_ids, attention_mask=mask)  # [B, S, N]
         nsp = self.nsp_log_probs(h)
         flat = h.reshape(-1, h.shape[-1])
         lin = self.mask_lm.linear
