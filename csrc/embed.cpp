@@ -46,10 +46,20 @@ void check_ids_cpu(const EmbedParams& p) {
   }
 }
 
-inline bool keep_element(const EmbedParams& p, int64_t e) {
-  const uint32_t w = philox_at(p.seed, p.offset, static_cast<uint64_t>(e) >> 2).v[e & 3];
-  return static_cast<uint64_t>(w) < p.keep_threshold;
-}
+// Dropout keep bit of element e: Philox word e % 4 of counter e / 4; consecutive elements share a
+// Philox call through the cache.
+struct KeepMask {
+  uint64_t group = ~uint64_t(0);
+  Philox4 words{};
+  bool keep(const EmbedParams& p, int64_t e) {
+    const uint64_t g = static_cast<uint64_t>(e) >> 2;
+    if (g != group) {
+      words = philox_at(p.seed, p.offset, g);
+      group = g;
+    }
+    return static_cast<uint64_t>(philox_word(words, e & 3)) < p.keep_threshold;
+  }
+};
 
 // x[0..N) = tok[ids[t]] + pos[pid(t)] (+ seg[sids[t]])
 template <typename scalar_t, typename acc_t>
@@ -94,8 +104,9 @@ void forward_impl(const EmbedParams& p) {
       scalar_t* o = out + t * N;
       if (p.dropout) {
         const acc_t scale = static_cast<acc_t>(p.drop_scale);
+        KeepMask mask;
         for (int64_t n = 0; n < N; ++n) {
-          o[n] = static_cast<scalar_t>(keep_element(p, t * N + n) ? x[n] * scale : acc_t(0));
+          o[n] = static_cast<scalar_t>(mask.keep(p, t * N + n) ? x[n] * scale : acc_t(0));
         }
       } else {
         for (int64_t n = 0; n < N; ++n) o[n] = static_cast<scalar_t>(x[n]);
@@ -165,9 +176,10 @@ std::vector<at::Tensor> backward_impl(EmbedArgs& a, const at::Tensor& grad, cons
         for (int64_t t = c * kLnRowsPerChunk; t < t_end; ++t) {
           const scalar_t* gr = g + t * N;
           acc_t* d = dxw + t * N;
+          KeepMask mask;
           for (int64_t n = 0; n < N; ++n) {
             gd[n] = static_cast<acc_t>(gr[n]);
-            if (p.dropout) gd[n] = keep_element(p, t * N + n) ? gd[n] * scale : acc_t(0);
+            if (p.dropout) gd[n] = mask.keep(p, t * N + n) ? gd[n] * scale : acc_t(0);
           }
           if (!ln) {
             for (int64_t n = 0; n < N; ++n) d[n] = gd[n];

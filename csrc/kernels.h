@@ -108,7 +108,7 @@ void mlm_mask_cuda(const MlmParams& p, cudaStream_t stream);
 #endif
 
 // BERT's masked-LM corruption of ids [B, S] (int64 or int32), row by row:
-//   draw(t) = philox_at(seed, offset, t): words w0 (choose), w1 (action), w2 (random id).
+//   words of token t (mlm_common.h): w0 = choose_word(t); w1, w2 = action_words(t).v[1], .v[2].
 //   word start ws(t): the last s' <= s of the row with word_starts set (column 0 when none, or
 //   every token its own word without word_starts). A token is a candidate when not special; it is
 //   chosen when w0(ws(t)) < choose_threshold. With max_predictions >= 0 the chosen words of a row are

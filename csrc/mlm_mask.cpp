@@ -15,27 +15,73 @@
 namespace fastbert {
 namespace {
 
+// Special ids as a bitmap over the vocabulary (a bit test per token instead of a search).
+struct SpecialSet {
+  std::vector<uint64_t> bits;
+  SpecialSet(const int64_t* special, int64_t k, int64_t vocab) : bits((vocab + 63) / 64, 0) {
+    for (int64_t i = 0; i < k; ++i) bits[special[i] >> 6] |= uint64_t(1) << (special[i] & 63);
+  }
+  bool has(int64_t id) const { return (bits[id >> 6] >> (id & 63)) & 1; }
+};
+
+template <typename index_t>
+inline void write_token(const MlmParams& p, int64_t t, int64_t id, bool chosen, index_t* out, index_t* labels) {
+  p.chosen[t] = chosen;
+  if (!chosen) {
+    out[t] = static_cast<index_t>(id);
+    labels[t] = static_cast<index_t>(p.ignore_index);
+    return;
+  }
+  const Philox4 d = action_words(p.seed, p.offset, t);
+  out[t] = static_cast<index_t>(mlm_replacement(id, d.v[1], d.v[2], p.mask_threshold, p.random_threshold,
+                                                p.mask_id, p.vocab, p.special, p.n_special));
+  labels[t] = static_cast<index_t>(id);
+}
+
 template <typename index_t>
 void mlm_rows(const MlmParams& p) {
   const int64_t S = p.seq;
   const auto* ids = static_cast<const index_t*>(p.ids);
   auto* out = static_cast<index_t*>(p.out);
   auto* labels = static_cast<index_t*>(p.labels);
+  const SpecialSet special(p.special, p.n_special, p.vocab);
+  const bool simple = p.word_starts == nullptr && p.max_predictions < 0;
   at::parallel_for(0, p.rows, 1, [&](int64_t b0, int64_t b1) {
+    if (simple) {  // one pass: each token on its own
+      uint64_t group = ~uint64_t(0);
+      Philox4 quad{};
+      for (int64_t t = b0 * S; t < b1 * S; ++t) {
+        const uint64_t g = static_cast<uint64_t>(t) >> 2;  // choose_word(t), one Philox call per 4 tokens
+        if (g != group) {
+          quad = philox_at(p.seed, p.offset, g);
+          group = g;
+        }
+        const int64_t id = ids[t];
+        const bool chosen = !special.has(id) && philox_word(quad, t & 3) < p.choose_threshold;
+        write_token(p, t, id, chosen, out, labels);
+      }
+      return;
+    }
     std::vector<uint32_t> draw(S);
     std::vector<int64_t> start(S), count(S), words;
     std::vector<uint8_t> chosen(S), kept(S);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t base = b * S;
       int64_t word = 0;
+      uint64_t group = ~uint64_t(0);
+      Philox4 quad{};
       for (int64_t s = 0; s < S; ++s) {
-        draw[s] = philox_at(p.seed, p.offset, base + s).v[0];
+        const uint64_t g = static_cast<uint64_t>(base + s) >> 2;
+        if (g != group) {
+          quad = philox_at(p.seed, p.offset, g);
+          group = g;
+        }
+        draw[s] = philox_word(quad, (base + s) & 3);
         if (p.word_starts == nullptr || p.word_starts[base + s]) word = s;
         start[s] = word;
       }
       for (int64_t s = 0; s < S; ++s) {
-        const bool candidate = !is_special(ids[base + s], p.special, p.n_special);
-        chosen[s] = candidate && draw[start[s]] < p.choose_threshold;
+        chosen[s] = !special.has(ids[base + s]) && draw[start[s]] < p.choose_threshold;
       }
       if (p.max_predictions >= 0) {
         std::fill(count.begin(), count.end(), 0);
@@ -47,28 +93,14 @@ void mlm_rows(const MlmParams& p) {
         std::sort(words.begin(), words.end(),
                   [&](int64_t a, int64_t c) { return word_before(draw[a], a, draw[c], c); });
         int64_t running = 0;
-        for (int64_t w : words) {
+        for (int64_t w : words) {  // the prefix of words (by draw) that fits the cap
           if (running + count[w] > p.max_predictions) break;
           running += count[w];
           kept[w] = 1;
         }
         for (int64_t s = 0; s < S; ++s) chosen[s] = chosen[s] && kept[start[s]];
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t t = base + s;
-        const int64_t id = ids[t];
-        p.chosen[t] = chosen[s];
-        if (!chosen[s]) {
-          out[t] = static_cast<index_t>(id);
-          labels[t] = static_cast<index_t>(p.ignore_index);
-          continue;
-        }
-        const Philox4 d = philox_at(p.seed, p.offset, t);
-        out[t] = static_cast<index_t>(mlm_replacement(id, d.v[1], d.v[2], p.mask_threshold,
-                                                      p.random_threshold, p.mask_id, p.vocab, p.special,
-                                                      p.n_special));
-        labels[t] = static_cast<index_t>(id);
-      }
+      for (int64_t s = 0; s < S; ++s) write_token(p, base + s, ids[base + s], chosen[s] != 0, out, labels);
     }
   });
 }

@@ -1,6 +1,6 @@
 // CUDA kernel of fastbert::mlm_mask (torch-free). Rules in kernels.h (MlmParams); the CPU loop is
 // mlm_mask.cpp and both take every random word from philox_at(seed, offset, flat position), with
-// integer thresholds, so their outputs are identical bit for bit.
+// integer thresholds, so their outputs are identical bit for bit (random words: mlm_common.h).
 //
 // One block per row, one thread per token (threads stride over the row when S > blockDim); loads
 // and stores of ids/labels are coalesced along the row. Shared memory holds per-column state for
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kMlmThreads) mlm_mask_kernel(const MlmParams p
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     const int64_t id = ids[base + s];
     if (id < 0 || id >= p.vocab) report(p.error, kBadTokenId);
-    draw[s] = philox_at(p.seed, p.offset, base + s).v[0];
+    draw[s] = choose_word(p.seed, p.offset, base + s);
     flag[s] = p.word_starts ? p.word_starts[base + s] : 1;
     count[s] = 0;
     kept[s] = 0;
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kMlmThreads) mlm_mask_kernel(const MlmParams p
       labels[t] = static_cast<index_t>(p.ignore_index);
       continue;
     }
-    const Philox4 d = philox_at(p.seed, p.offset, t);
+    const Philox4 d = action_words(p.seed, p.offset, t);
     out[t] = static_cast<index_t>(mlm_replacement(id, d.v[1], d.v[2], p.mask_threshold, p.random_threshold,
                                                   p.mask_id, p.vocab, p.special, p.n_special));
     labels[t] = static_cast<index_t>(id);
