@@ -1,4 +1,6 @@
-"""The pretraining data path: batches of MLM + NSP examples per second, fastbert vs bert_pytorch.
+"""The pretraining data path and the pretraining step, fastbert against bert_pytorch and HF.
+
+test_data_path: batches of MLM + NSP examples per second.
 
 Both providers read the same corpus, the embedded one (fastbert/data/corpus.txt.gz), and deliver
 ROWS sequences of at most SEQ tokens with masked ids, labels, segments and is_next on the device:
@@ -16,6 +18,20 @@ workers): the comparison is per CPU core, and it keeps OpenMP's thread wake-up (
 oversubscribed machine) out of a millisecond-sized batch.
 extra_info: sequences_per_s and tokens_per_s (non-padding) at the median. The issue's target is
 fastbert >= 10x bert_pytorch in sequences/s on CPU.
+
+test_pretrain_step: one optimizer step of MLM + NSP pretraining on the same masked batch.
+  fastbert      fastbert.train.heads.PretrainModel (preset "hf": fastbert's fused ops, unpadded
+                encoder, sparse MLM head with the chunked linear + cross-entropy)
+  hf            transformers.BertForPreTraining, attn_implementation="sdpa", its own loss
+  bert_pytorch  bert_pytorch.model.BERTLM(BERT) with NLLLoss(ignore_index=0) on both heads, as its
+                trainer computes it (skipped when the package is absent)
+Sizes. CUDA: BERT-base (vocab 30522, hidden 768, 12 layers, 12 heads), seq 128, batch 64, fp32
+weights under bf16 autocast, fused AdamW. CPU: vocab 1000, hidden 128, 2 layers, seq 64, batch 8,
+fp32. Every row is full length (no padding); 15% of the tokens are masked (fastbert.reference mlm_mask
+with a fixed seed), is_next is random. tokens/s counts all tokens; TFLOP/s counts the same model FLOPs
+for every provider (fastbert.train.pretrain.flops_per_step: encoder matmuls, attention, MLM head on
+the masked rows), so its ratios are the speed ratios. The issue's targets on an H100: fastbert >= 1.5x
+hf and >= 3x bert_pytorch in tokens/s.
 """
 
 import gzip
@@ -26,8 +42,11 @@ import torch
 from _util import devices, run
 
 import fastbert.ops as ops
+from fastbert.reference import ops as ref_ops
+from fastbert.reference.model import BertConfig
 from fastbert.train.data import PretrainData, cached_shard
-from fastbert.train.pretrain import DEFAULT_CORPUS
+from fastbert.train.heads import PretrainModel
+from fastbert.train.pretrain import DEFAULT_CORPUS, flops_per_step
 from fastbert.train.vocab import train_vocab
 
 DEVICE = devices()[0]
@@ -99,3 +118,76 @@ def test_data_path(benchmark, corpora, provider, one_cpu_thread):
         benchmark.extra_info["sequences_per_s"] = ROWS / median
         benchmark.extra_info["tokens_per_s"] = int((out[0] != 0).sum()) / median
     benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads())
+
+
+if DEVICE == "cuda":
+    P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS, P_SEQ, P_BATCH = 30522, 768, 12, 12, 128, 64
+    P_AMP = torch.bfloat16
+else:
+    P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS, P_SEQ, P_BATCH = 1000, 128, 2, 2, 64, 8
+    P_AMP = None
+
+
+def _pretrain_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, P_VOCAB, (P_BATCH, P_SEQ), generator=g)
+    ids[:, 0], ids[:, P_SEQ // 2], ids[:, -1] = 2, 3, 3  # [CLS] A [SEP] B [SEP]
+    seg = torch.zeros_like(ids)
+    seg[:, P_SEQ // 2 + 1:] = 1
+    masked, labels, pos = ref_ops.mlm_mask(ids, P_VOCAB, 4, 0, (1, 2, 3, 4), generator=g,
+                                           return_positions=True)
+    is_next = torch.randint(0, 2, (P_BATCH,), generator=g)
+    return [t.to(DEVICE) for t in (masked, seg, labels, pos, is_next)]
+
+
+@pytest.mark.parametrize("provider", ["fastbert", "hf", "bert_pytorch"])
+def test_pretrain_step(benchmark, provider):
+    benchmark.group = (f"pretraining step (MLM + NSP, AdamW): hidden {P_HIDDEN}, {P_LAYERS} layers, "
+                       f"seq {P_SEQ}, batch {P_BATCH}, {'bf16 autocast' if P_AMP else 'fp32'}, {DEVICE}")
+    masked, seg, labels, pos, is_next = _pretrain_batch()
+    torch.manual_seed(0)
+    if provider == "fastbert":
+        cfg = BertConfig.hf(P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS, 4 * P_HIDDEN)
+        model = PretrainModel(cfg).to(DEVICE)
+        lab = labels.view(-1).index_select(0, pos)
+
+        def loss_fn():
+            mlm, _, nsp = model(masked, seg, pos, lab)
+            return mlm / pos.numel() + torch.nn.functional.nll_loss(nsp, is_next)
+    elif provider == "hf":
+        transformers = pytest.importorskip("transformers")
+        hcfg = transformers.BertConfig(vocab_size=P_VOCAB, hidden_size=P_HIDDEN, num_hidden_layers=P_LAYERS,
+                                       num_attention_heads=P_HEADS, intermediate_size=4 * P_HIDDEN,
+                                       attn_implementation="sdpa")
+        model = transformers.BertForPreTraining(hcfg).to(DEVICE)
+        hf_labels = torch.where(labels == 0, torch.full_like(labels, -100), labels)
+
+        def loss_fn():
+            return model(input_ids=masked, token_type_ids=seg, attention_mask=(masked != 0).long(),
+                         labels=hf_labels, next_sentence_label=is_next).loss
+    else:
+        bp = pytest.importorskip("bert_pytorch.model")
+        model = bp.BERTLM(bp.BERT(P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS), P_VOCAB).to(DEVICE)
+        bp_seg = seg + 1  # bert_pytorch's segments are 1 and 2 (0 is padding)
+        nll = torch.nn.NLLLoss(ignore_index=0)
+
+        def loss_fn():
+            nsp, mlm = model(masked, bp_seg)
+            nsp_loss = torch.nn.functional.nll_loss(nsp.float(), is_next)
+            return nll(mlm.float().transpose(1, 2), labels) + nsp_loss
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda" or None)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=P_AMP or torch.bfloat16, enabled=P_AMP is not None):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    cfg = BertConfig.hf(P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS, 4 * P_HIDDEN)
+    tokens = P_BATCH * P_SEQ
+    flops = flops_per_step(cfg, tokens, P_BATCH * P_SEQ**2, pos.numel())
+    loss = run(benchmark, step, DEVICE, flops=flops, tokens=tokens)
+    benchmark.extra_info.update(provider=provider, loss=float(loss.detach()))
