@@ -1,15 +1,41 @@
 """attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
 
-Padded mode: q, k, v [B, S, H, D]; key_padding_mask [B, S] bool, True marks padding keys.
-Varlen mode: q, k, v [T, H, D] packed; cu_seqlens int32 [B+1]; max_seqlen the longest length.
-Queries whose keys are all masked get zeros. CUDA: Triton kernel (kernels/attention.py);
-elsewhere the reference.
+Bidirectional softmax(q k^T * scale) v per head; scale defaults to head_dim ** -0.5.
+
+Padded mode: q, k, v [B, S, H, D] (views with arbitrary B/S/H strides and a contiguous head dim are
+  used without copies); key_padding_mask [B, S] bool, True marks a padding key (ignored by every
+  query), any pattern. Queries at padding positions are computed like any other (they attend to the
+  valid keys), as in the reference. Returns [B, S, H, D].
+Varlen mode: q, k, v [T, H, D] packed valid tokens; cu_seqlens int32 [B+1] = (0, l0, l0+l1, ..., T),
+  non-decreasing (zero-length sequences allowed); max_seqlen the longest length (computed when
+  None). Each sequence attends only within itself. Returns [T, H, D].
+A query whose keys are all masked gets zeros (and zero gradients). dropout_p > 0 drops attention
+probabilities (training); the fused kernel seeds its counter-based RNG from torch's default CPU
+generator, so torch.manual_seed and activation checkpointing reproduce the mask.
+
+Implementation: the Triton kernel (kernels/attention.py) for CUDA tensors (and for CPU tensors
+under FASTBERT_BACKEND=triton with TRITON_INTERPRET=1), head_dim a multiple of 8 up to 128 (32, 64,
+80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls in IEEE fp32 unless torch allows tf32). With
+FASTBERT_BACKEND=auto, a head_dim the kernel does not support falls back to the reference. Elsewhere
+the reference (fastbert.reference.ops.attention).
 """
 
 from fastbert.reference import ops as ref
 
+from ._backend import backend, use_triton
+
+
+def _kernel_supports(q):
+    dim = q.shape[-1]
+    return dim <= 128 and dim % 8 == 0 and dim > 0
+
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None):
+    if use_triton(q) and (backend() == "triton" or _kernel_supports(q)):
+        from fastbert.kernels.attention import attention as fused
+
+        return fused(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
+                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return ref.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                          scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

@@ -1,0 +1,755 @@
+"""Fused bidirectional attention (FlashAttention-2 style) for BERT: padded, masked, varlen, dropout.
+
+Layouts (no transposes, no copies of strided views; only the head dim must be contiguous):
+  padded  q, k, v, o  [B, S, H, D]   any strides for B, S, H (views of a linear's output)
+          key padding: key_padding_mask [B, S] bool (True = padding key), any pattern
+  varlen  q, k, v, o  [T, H, D]      packed valid tokens, cu_seqlens int32 [B+1] (0, l0, l0+l1, .., T)
+  lse     [B, H, S] (padded) or [H, T] (varlen), fp32, log2-domain log-sum-exp of the scaled scores
+Every kernel addresses one sequence as rows `start .. start + n_rows` of a [rows, H, D] tensor: in
+varlen mode start = cu_seqlens[b], in padded mode start = 0 and the batch stride picks the sequence
+(the varlen batch stride is 0). Queries run over n_rows rows, keys over k_len <= n_rows rows:
+  MODE 0 padded, no mask        n_rows = k_len = S
+  MODE 1 padded, mask           n_rows = S, k_len = KLEN[b] = last non-padding key + 1; the mask is
+                                 loaded per key block inside [0, k_len) (for a right-padding mask all
+                                 blocks past the length are skipped, not computed)
+  MODE 2 varlen                 n_rows = k_len = cu_seqlens[b+1] - cu_seqlens[b]
+Padding queries (padded mode) are computed like the reference (they attend to the valid keys); a
+query with no valid key (a sequence whose keys are all padding) gets zeros and zero gradients.
+
+Forward (per program: one block of BLOCK_M queries of one (b, h)); scores in the log2 domain with
+log2(e) folded into the scale, so exp2 is used throughout:
+  s_ij = (q_i . k_j) * scale * log2(e);  online over key blocks:
+  m_new = max(m, rowmax(s));  alpha = 2^(m - m_new);  p = 2^(s - m_new)
+  l = l * alpha + rowsum(p);  acc = acc * alpha + (p * keep / (1 - p_drop)) @ v
+  o_i = acc_i / l_i;  lse_i = m_i + log2(l_i)  (saved; +inf when the row has no valid key)
+The running max starts at -1e30 (finite) so a block whose keys are all masked gives p = 0 and
+alpha = 1 instead of NaN. fp32 inputs use tl.dot with input_precision "tf32x3" (three tf32
+tensor-core products: about fp32 accuracy) unless torch.backends.cuda.matmul.allow_tf32 is set (then
+"tf32", about 1e-3 relative error); fp16/bf16 dots take the tensor cores with fp32 accumulation.
+
+Dropout: counter-based Philox (tl.philox, 10 rounds) keyed by a 64-bit seed; counters are
+(key position j, query position i, b * H + h, offset) with positions inside the sequence, so the
+forward, both backward kernels, dropout_keep_mask() and padded/varlen runs of the same batch draw
+the same keep bits. keep_ij = (philox >> 1) >= floor(p * 2^31). dropout_p = 0 compiles without RNG.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# autotune configs and the keep() predicate
+# ----------------------------------------------------------------------------------------------
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:  # one small config: the interpreter's cost grows with the number of programs
+    FWD_CONFIGS = [_cfg(64, 64, 4, 1)]
+    DKDV_CONFIGS = [_cfg(64, 64, 4, 1)]
+    DQ_CONFIGS = [_cfg(64, 64, 4, 1)]
+else:
+    # (BLOCK_M queries, BLOCK_N keys); the first kept config is the default when autotune is off.
+    # The 32 x 32 configs are for fp32 only.
+    FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2)]
+    # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step
+    DKDV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)]
+    # dQ: BLOCK_M queries per program, BLOCK_N keys per step
+    DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2)]
+
+
+def keep(cfg, kind, block_d, seq_bucket, fp32):
+    """Whether an autotune config is worth trying for (padded head dim, seq bucket, dtype).
+
+    From the AOT register table (tests/test_attention.py): fp32 operands (tf32x3) spill on any
+    tile but 32 x 32; 4-warp 128-row forward tiles and 4-warp dK/dV tiles spill at head dim 128.
+    """
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if _INTERPRET:
+        return True
+    if fp32 or bm * bn <= 32 * 32:
+        return fp32 and bm * bn <= 32 * 32
+    rows = bn if kind == "dkdv" else bm  # rows owned by one program
+    if seq_bucket <= 64 and rows > 64:
+        return False
+    if block_d >= 128:
+        if kind == "fwd":
+            return cfg.num_warps == 8 or bm <= 64
+        if kind == "dkdv":
+            return bn <= 64 and cfg.num_warps == 8
+    return True
+
+
+def _pruner(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        fp32 = args["Q"].dtype == torch.float32
+        kept = [c for c in configs if keep(c, kind, args["BLOCK_D"], args["SEQ_BUCKET"], fp32)]
+        kept = kept or configs[-1:]
+        if os.environ.get("FASTBERT_ATTN_AUTOTUNE", "1") == "0":
+            kept = kept[:1]
+        return kept
+
+    return prune
+
+
+_KEY = ["BLOCK_D", "SEQ_BUCKET", "MODE", "DROPOUT", "HEAD_DIM"]
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_bounds(SEQINFO, b, SEQ, MODE: tl.constexpr):
+    """(start row, n_rows, k_len) of sequence b; see the module docstring."""
+    if MODE == 2:
+        start = tl.load(SEQINFO + b)
+        end = tl.load(SEQINFO + b + 1)
+        n_rows = end - start
+        k_len = n_rows
+    elif MODE == 1:
+        start = b * 0
+        n_rows = b * 0 + SEQ
+        k_len = tl.load(SEQINFO + b)
+    else:
+        start = b * 0
+        n_rows = b * 0 + SEQ
+        k_len = n_rows
+    return start, n_rows, k_len
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Load a [R, BLOCK_D] tile; rows >= n_rows (if CHECK_ROWS) and cols >= HEAD_DIM read as 0."""
+    if CHECK_ROWS:
+        if HEAD_DIM != BLOCK_D:
+            t = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            t = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if HEAD_DIM != BLOCK_D:
+            t = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _keep(seed, rng_offset, bh, rows, cols, thresh):
+    """Dropout keep bits for query positions rows and key positions cols (broadcast to a tile)."""
+    c0 = (cols + rows * 0).to(tl.uint32)
+    c1 = (rows + cols * 0).to(tl.uint32)
+    c2 = (c0 * 0 + bh).to(tl.uint32)
+    c3 = (c0 * 0 + rng_offset).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return (r >> 1).to(tl.int32, bitcast=True) >= thresh
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n, offs_d,
+              sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+              LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    cols = start_n + offs_n  # key positions [BLOCK_N]
+    k = _load_rows(k_ptrs + start_n * sks, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
+    v = _load_rows(v_ptrs + start_n * svs, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN] fp32
+    if LAST or HAS_MASK:
+        valid = cols < k_len
+        if HAS_MASK:
+            pad = tl.load(MASK_ROW + cols, mask=valid, other=1)
+            valid = valid & (pad == 0)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], cols[None, :], drop_thresh), p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+def _attn_fwd(Q, K, V, O, LSE, SEQINFO, MASK,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, smb,
+              H, SEQ, SEQ_BUCKET, qk_scale, seed, rng_offset, drop_thresh, drop_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+              DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Q, K, V, O: [rows, H, D] per sequence (strides s*b, s*s, s*h; unit stride over D)
+    # LSE: [B or 1, H, rows] fp32 (strides slb, slh, 1); SEQINFO: cu_seqlens [B+1] or KLEN [B] int32
+    # MASK: [B, S] bool/uint8 key padding (stride smb, 1), read when HAS_MASK
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n_rows, k_len = _seq_bounds(SEQINFO, b, SEQ, MODE)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n_rows:
+        return
+    b64 = b.to(tl.int64)
+    row0 = start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b64 * sqb + row0 * sqs + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+    k_ptrs = K + b64 * skb + row0 * sks + h * skh + offs_n[:, None] * sks + offs_d[None, :]
+    v_ptrs = V + b64 * svb + row0 * svs + h * svh + offs_n[:, None] * svs + offs_d[None, :]
+    MASK_ROW = MASK + b64 * smb
+    q = _load_rows(q_ptrs, offs_m, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)  # [BM, BD]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, k_full, BLOCK_N):  # full key blocks: no bounds checks
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m,
+                                  offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+                                  False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if k_full < k_len:  # the partial last key block
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m,
+                                  offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+                                  True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+
+    empty = l_i == 0.0  # no valid key at all
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    if DROPOUT:
+        inv = inv * drop_scale
+    acc = acc * inv[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_ptrs = O + b64 * sob + row0 * sos + h * soh + offs_m[:, None] * sos + offs_d[None, :]
+    row_ok = offs_m < n_rows
+    if HEAD_DIM != BLOCK_D:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b64 * slb + h * slh + row0 + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# With P_ij = 2^(s_ij - lse_i) = softmax_j(scale * q_i . k_j), Z_ij = keep_ij / (1 - p_drop) and
+# O_i = sum_j P_ij Z_ij v_j:
+#   dV_j  = sum_i P_ij Z_ij dO_i
+#   dP_ij = Z_ij (dO_i . v_j)                      (gradient w.r.t. the undropped probability)
+#   dS_ij = P_ij (dP_ij - D_i),  D_i = sum_j P_ij dP_ij = dO_i . O_i   (softmax Jacobian; the
+#                                 identity holds with dropout too since O_i already carries Z)
+#   dQ_i  = scale * sum_j dS_ij k_j;   dK_j = scale * sum_i dS_ij q_i
+# Kernels: _attn_bwd_pre computes D = rowsum(dO * O); _attn_bwd_dkdv runs one program per key block
+# over all query blocks (recomputing P from lse); _attn_bwd_dq one program per query block over all
+# key blocks. No atomics; P and dP are recomputed in both (7 block matmuls instead of 5).
+# Padding keys (k >= k_len or masked) get exactly zero dK, dV: P is zeroed on them, and rows past
+# k_len are written as zeros. Queries past the sequence read lse = +inf, so their P is 0.
+@triton.jit
+def _attn_bwd_pre(O, DO, DELTA, sob, sos, soh, sdb, sds, sdh, slb, slh, SEQINFO, H, SEQ,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # O, DO: [rows, H, D]; DELTA: like LSE, fp32
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n_rows, k_len = _seq_bounds(SEQINFO, b, SEQ, MODE)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n_rows:
+        return
+    b64 = b.to(tl.int64)
+    row0 = start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b64 * sob + row0 * sos + h * soh + offs_m[:, None] * sos + offs_d[None, :],
+                   offs_m, n_rows, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO + b64 * sdb + row0 * sds + h * sdh + offs_m[:, None] * sds + offs_d[None, :],
+                    offs_m, n_rows, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    tl.store(DELTA + b64 * slb + h * slh + row0 + offs_m, tl.sum(o * do, 1), mask=offs_m < n_rows)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows, offs_m, offs_n,
+               offs_d, sqs, sds, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+               LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    rows = start_m + offs_m  # query positions [BLOCK_M]
+    q = _load_rows(q_ptrs + start_m * sqs, rows, n_rows, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BM, BD]
+    do = _load_rows(do_ptrs + start_m * sds, rows, n_rows, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BM, BD]
+    if LAST:
+        lse = tl.load(l_ptrs + start_m, mask=rows < n_rows, other=float("inf"))
+        delta = tl.load(d_ptrs + start_m, mask=rows < n_rows, other=0.0)
+    else:
+        lse = tl.load(l_ptrs + start_m)
+        delta = tl.load(d_ptrs + start_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BN, BM] = S^T
+    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+    if HAS_MASK:
+        p_t = tl.where(kpad[:, None], 0.0, p_t)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM] = (dO V^T)^T
+    if DROPOUT:
+        keep_t = _keep(seed, rng_offset, bh, rows[None, :], offs_n[:, None], drop_thresh)
+        pz_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+    else:
+        pz_t = p_t
+    dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
+                   H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, seed, rng_offset, drop_thresh, drop_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # DK, DV: [rows, H, D] contiguous-like (strides sgb, sgs, sgh); the rest as in _attn_fwd
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n_rows, k_len = _seq_bounds(SEQINFO, b, SEQ, MODE)
+    start_n = pid_n * BLOCK_N
+    if start_n >= n_rows:
+        return
+    b64 = b.to(tl.int64)
+    row0 = start.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if start_n < k_len:  # key blocks past the last valid key only write zeros
+        k = _load_rows(K + b64 * skb + row0 * sks + h * skh + offs_n[:, None] * sks + offs_d[None, :],
+                       offs_n, k_len, offs_d, True, HEAD_DIM, BLOCK_D)  # [BN, BD]
+        v = _load_rows(V + b64 * svb + row0 * svs + h * svh + offs_n[:, None] * svs + offs_d[None, :],
+                       offs_n, k_len, offs_d, True, HEAD_DIM, BLOCK_D)  # [BN, BD]
+        if HAS_MASK:
+            kpad = tl.load(MASK + b64 * smb + offs_n, mask=offs_n < k_len, other=1) != 0
+        else:
+            kpad = offs_n < 0
+        q_ptrs = Q + b64 * sqb + row0 * sqs + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
+        do_ptrs = DO + b64 * sdb + row0 * sds + h * sdh + offs_m[:, None] * sds + offs_d[None, :]
+        l_ptrs = LSE + b64 * slb + h * slh + row0 + offs_m
+        d_ptrs = DELTA + b64 * slb + h * slh + row0 + offs_m
+        m_full = (n_rows // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows,
+                                offs_m, offs_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
+                                drop_thresh, drop_scale, False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
+                                DOT_PREC)
+        if m_full < n_rows:
+            dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, m_full, n_rows,
+                                offs_m, offs_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
+                                drop_thresh, drop_scale, True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
+                                DOT_PREC)
+        live = offs_n < k_len
+        dk = tl.where(live[:, None], dk * sm_scale, 0.0)
+        dv = tl.where(live[:, None], dv, 0.0)
+    base = DK.dtype.element_ty
+    g_off = b64 * sgb + row0 * sgs + h * sgh + offs_n[:, None] * sgs + offs_d[None, :]
+    st_mask = offs_n[:, None] < n_rows
+    if HEAD_DIM != BLOCK_D:
+        st_mask = st_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + g_off, dk.to(base), mask=st_mask)
+    tl.store(DV + g_off, dv.to(base), mask=st_mask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n, offs_d,
+             sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+             LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(k_ptrs + start_n * sks, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
+    v = _load_rows(v_ptrs + start_n * svs, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN]
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if LAST or HAS_MASK:
+        valid = cols < k_len
+        if HAS_MASK:
+            pad = tl.load(MASK_ROW + cols, mask=valid, other=1)
+            valid = valid & (pad == 0)
+        p = tl.where(valid[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
+    if DROPOUT:
+        keep = _keep(seed, rng_offset, bh, offs_m[:, None], cols[None, :], drop_thresh)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
+                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
+                 H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, seed, rng_offset, drop_thresh, drop_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+                 HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # DQ: [rows, H, D] (strides sgb, sgs, sgh); the rest as in _attn_fwd
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, n_rows, k_len = _seq_bounds(SEQINFO, b, SEQ, MODE)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n_rows:
+        return
+    b64 = b.to(tl.int64)
+    row0 = start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n_rows
+    q = _load_rows(Q + b64 * sqb + row0 * sqs + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                   offs_m, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b64 * sdb + row0 * sds + h * sdh + offs_m[:, None] * sds + offs_d[None, :],
+                    offs_m, n_rows, offs_d, True, HEAD_DIM, BLOCK_D)
+    lse = tl.load(LSE + b64 * slb + h * slh + row0 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + b64 * slb + h * slh + row0 + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + b64 * skb + row0 * sks + h * skh + offs_n[:, None] * sks + offs_d[None, :]
+    v_ptrs = V + b64 * svb + row0 * svs + h * svh + offs_n[:, None] * svs + offs_d[None, :]
+    MASK_ROW = MASK + b64 * smb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, k_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n,
+                      offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+                      False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if k_full < k_len:
+        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m, offs_n,
+                      offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+                      True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+    dq = dq * sm_scale
+    g_ptrs = DQ + b64 * sgb + row0 * sgs + h * sgh + offs_m[:, None] * sgs + offs_d[None, :]
+    st_mask = row_ok[:, None]
+    if HEAD_DIM != BLOCK_D:
+        st_mask = st_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(g_ptrs, dq.to(DQ.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, H, SEQ, seed, rng_offset, drop_thresh,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # OUT: [B, H, SEQ, SEQ] int8 keep-mask, the bits the attention kernels draw
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, rng_offset, bh, rows[:, None], cols[None, :], drop_thresh)
+    ptrs = OUT + bh.to(tl.int64) * SEQ * SEQ + rows[:, None] * SEQ + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < SEQ) & (cols[None, :] < SEQ))
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: validation, launchers, custom op
+# ----------------------------------------------------------------------------------------------
+MODE_DENSE, MODE_MASKED, MODE_VARLEN = 0, 1, 2
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _seq_bucket(n):
+    return min(max(16, triton.next_power_of_2(max(int(n), 1))), 8192)
+
+
+def _dot_prec(x):
+    """fp32 matmuls: tf32x3 (three tf32 tensor-core products, about fp32 accuracy) by default,
+    plain tf32 (about 1e-3 relative) when torch.backends.cuda.matmul.allow_tf32 is set."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _drop_params(dropout_p):
+    thresh = min(int(dropout_p * 2**31), 2**31 - 1)
+    return thresh, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+
+
+def _poison():
+    return os.environ.get("FASTBERT_POISON", "0") == "1"
+
+
+def _new(shape, like, dtype=None):
+    dtype = dtype or like.dtype
+    if _poison():
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _head_strides(x):
+    """(batch, row, head) strides of a [B, S, H, D] or [T, H, D] tensor (batch 0 when packed)."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(1), x.stride(2)
+    return 0, x.stride(0), x.stride(1)
+
+
+def _geometry(q, mode):
+    """(batch, heads, S or T, head_dim, lse shape, lse strides (b, h))."""
+    if q.dim() == 4:
+        batch, seq, heads, dim = q.shape
+        return batch, heads, seq, dim, (batch, heads, seq), (heads * seq, seq)
+    total, heads, dim = q.shape
+    return None, heads, total, dim, (heads, total), (0, total)
+
+
+def _rng_args(rng):
+    if rng is None:
+        return 0, 0
+    seed, offset = (int(x) for x in rng.tolist())
+    return seed, offset
+
+
+def _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    batch, heads, rows, dim, lse_shape, (slb, slh) = _geometry(q, mode)
+    if mode == MODE_VARLEN:
+        batch = seqinfo.numel() - 1
+    out = _new(q.shape, q)
+    lse = _new(lse_shape, q, torch.float32)
+    if q.numel() == 0 or batch == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    seed, offset = _rng_args(rng)
+    thresh, drop_scale = _drop_params(dropout_p)
+    seqinfo_t = seqinfo if seqinfo is not None else q
+    mask_t = mask if mask is not None else q
+    smb = mask.stride(0) if mask is not None else 0
+    block_d = _block_d(dim)
+    bucket = _seq_bucket(max_seqlen)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _attn_fwd[grid](q, k, v, out, lse, seqinfo_t, mask_t, *_head_strides(q), *_head_strides(k),
+                    *_head_strides(v), *_head_strides(out), slb, slh, smb,
+                    heads, rows if mode != MODE_VARLEN else 0, bucket, scale * LOG2E, seed, offset, thresh,
+                    drop_scale, HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
+                    DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
+    return out, lse
+
+
+def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    batch, heads, rows, dim, lse_shape, (slb, slh) = _geometry(q, mode)
+    if mode == MODE_VARLEN:
+        batch = seqinfo.numel() - 1
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _new(q.shape, q), _new(q.shape, q), _new(q.shape, q)
+    if q.numel() == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    seed, offset = _rng_args(rng)
+    thresh, drop_scale = _drop_params(dropout_p)
+    seqinfo_t = seqinfo if seqinfo is not None else q
+    mask_t = mask if mask is not None else q
+    smb = mask.stride(0) if mask is not None else 0
+    block_d = _block_d(dim)
+    bucket = _seq_bucket(max_seqlen)
+    seq_arg = rows if mode != MODE_VARLEN else 0
+    delta = _new(lse_shape, q, torch.float32)
+    pre_bm = 64
+    _attn_bwd_pre[(triton.cdiv(max_seqlen, pre_bm), batch * heads)](
+        out, dout, delta, *_head_strides(out), *_head_strides(dout), slb, slh, seqinfo_t, heads, seq_arg,
+        HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, BLOCK_M=pre_bm)
+    common = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(dout),
+              *_head_strides(dk), slb, slh, smb, heads, seq_arg, bucket, scale * LOG2E, scale,
+              seed, offset, thresh, drop_scale)
+    meta = dict(HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
+                DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
+    grid_n = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), batch * heads)  # noqa: E731
+    _attn_bwd_dkdv[grid_n](q, k, v, dout, dk, dv, lse, delta, seqinfo_t, mask_t, *common, **meta)
+    grid_m = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch * heads)  # noqa: E731
+    _attn_bwd_dq[grid_m](q, k, v, dout, dq, lse, delta, seqinfo_t, mask_t, *common, **meta)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqinfo: torch.Tensor | None,
+                  mask: torch.Tensor | None, rng: torch.Tensor | None, mode: int, dropout_p: float,
+                  scale: float, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw forward: (out like q, lse fp32). Inputs already validated by attention()."""
+    return _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    *_, lse_shape, _ = _geometry(q, mode)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, seqinfo: torch.Tensor | None, mask: torch.Tensor | None,
+                  rng: torch.Tensor | None, mode: int, dropout_p: float, scale: float,
+                  max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw backward: (dq, dk, dv), each like q."""
+    return _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seqinfo, mask, rng)
+    ctx.params = (mode, dropout_p, scale, max_seqlen)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, seqinfo, mask, rng = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_rng(generator=None):
+    """(seed, offset) int64 [2] on the CPU from `generator` (default: torch's default CPU generator).
+
+    The CPU generator is what torch.manual_seed seeds and what torch.utils.checkpoint saves and
+    restores, so a recomputed forward draws the same dropout mask.
+    """
+    if generator is not None and generator.device.type != "cpu":
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).cpu()
+        offset = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).cpu()
+        return torch.cat([seed, offset])
+    seed = torch.randint(0, 2**62, (1,), generator=generator)
+    offset = torch.randint(0, 2**31 - 1, (1,), generator=generator)
+    return torch.cat([seed, offset])
+
+
+def dropout_keep_mask(rng, dropout_p, batch, heads, seqlen, device="cpu"):
+    """The keep-mask [B, H, S, S] bool that attention(..., dropout_p, rng=rng) applies.
+
+    mask[b, h, i, j] is True when query position i keeps key position j in sequence b (positions
+    counted inside the sequence, so it is the same in padded and varlen mode).
+    """
+    thresh, _ = _drop_params(dropout_p)
+    seed, offset = _rng_args(torch.as_tensor(rng, dtype=torch.int64))
+    out = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.int8, device=device)
+    if out.numel():
+        bm = 32
+        grid = (triton.cdiv(seqlen, bm), triton.cdiv(seqlen, bm), batch * heads)
+        _keep_mask_kernel[grid](out, heads, seqlen, seed, offset, thresh, BLOCK_M=bm, BLOCK_N=bm)
+    return out.bool()
+
+
+def _fail(msg):
+    raise ValueError(f"fastbert attention: {msg}")
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
+              max_seqlen=None, generator=None, rng=None):
+    """Fused attention; see fastbert.ops.attention for the modes. Extra arguments:
+
+    generator: the torch.Generator the dropout seed is drawn from (default: the CPU default one).
+    rng: an explicit (seed, offset) pair (int64 tensor [2] or tuple), e.g. from draw_rng(); with
+         dropout_keep_mask(rng, ...) it gives the mask the kernels apply.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            _fail(f"{name}.dtype {t.dtype} not supported; expected float16, bfloat16 or float32")
+    if not (q.shape == k.shape == v.shape):
+        _fail(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        _fail(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        _fail(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    varlen = cu_seqlens is not None
+    if varlen and q.dim() != 3:
+        _fail(f"varlen mode (cu_seqlens given) needs q [T, H, D], got {tuple(q.shape)}")
+    if not varlen and q.dim() != 4:
+        _fail(f"padded mode needs q [B, S, H, D] (or [T, H, D] with cu_seqlens), got {tuple(q.shape)}")
+    dim = q.shape[-1]
+    if dim > MAX_HEAD_DIM or dim % 8 != 0 or dim == 0:
+        _fail(f"head_dim {dim} unsupported; expected a multiple of 8 up to {MAX_HEAD_DIM} "
+              "(32, 64, 80, 128 are tuned)")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        _fail(f"dropout_p {dropout_p} outside [0, 1)")
+    scale = dim**-0.5 if scale is None else float(scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+    mask = None
+    if varlen:
+        if key_padding_mask is not None:
+            _fail("key_padding_mask and cu_seqlens are exclusive (varlen mode has no padding)")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 \
+                or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            what = getattr(cu_seqlens, "dtype", type(cu_seqlens))
+            _fail(f"cu_seqlens must be an int32 tensor [B+1] with B >= 1, got {what} "
+                  f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+        if cu_seqlens.device != q.device:
+            _fail(f"cu_seqlens on {cu_seqlens.device}, q on {q.device}")
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, min_len, max_len = torch.stack(
+            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()  # one sync
+        total = q.shape[0]
+        if first != 0:
+            _fail(f"cu_seqlens must start at 0, starts at {first}")
+        if min_len < 0:
+            _fail("cu_seqlens must be non-decreasing (a sequence length is negative)")
+        if last != total:
+            _fail(f"cu_seqlens ends at {last}, but q has total_tokens {total}")
+        if max_seqlen is None:
+            max_seqlen = max_len
+        elif max_len > max_seqlen:
+            _fail(f"a sequence has length {max_len} > max_seqlen {max_seqlen}")
+        seqinfo, mode = cu_seqlens.contiguous(), MODE_VARLEN
+    else:
+        batch, seq = q.shape[0], q.shape[1]
+        if max_seqlen is not None and max_seqlen != seq:
+            if max_seqlen < seq:
+                _fail(f"max_seqlen {max_seqlen} < S {seq} in padded mode")
+        max_seqlen = seq
+        if key_padding_mask is None:
+            seqinfo, mode = None, MODE_DENSE
+        else:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                _fail(f"key_padding_mask must be a bool tensor [B, S], got "
+                      f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+            if tuple(key_padding_mask.shape) != (batch, seq):
+                _fail(f"key_padding_mask shape {tuple(key_padding_mask.shape)} != (B, S) = {(batch, seq)}")
+            if key_padding_mask.device != q.device:
+                _fail(f"key_padding_mask on {key_padding_mask.device}, q on {q.device}")
+            mask = key_padding_mask
+            if mask.stride(-1) != 1:
+                mask = mask.contiguous()
+            mask = mask.view(torch.uint8)
+            # k_len = last valid key + 1 (0 when all keys are padding), computed without a sync
+            pos = torch.arange(1, seq + 1, device=q.device, dtype=torch.int32)
+            seqinfo = torch.where(key_padding_mask, 0, pos).amax(1).to(torch.int32) if seq else \
+                torch.zeros(batch, dtype=torch.int32, device=q.device)
+            mode = MODE_MASKED
+    if dropout_p > 0:
+        if rng is None:
+            rng = draw_rng(generator)
+        rng = torch.as_tensor(rng, dtype=torch.int64).cpu()
+    else:
+        rng = None
+    out, _ = attention_fwd(q, k, v, seqinfo, mask, rng, mode, float(dropout_p), scale, int(max_seqlen))
+    return out

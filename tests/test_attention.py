@@ -1,0 +1,488 @@
+"""Fused attention (kernels/attention.py) against the fp64 reference (fastbert.reference.ops.attention).
+
+Where the kernels run:
+  CPU without CUDA: tests/conftest.py sets TRITON_INTERPRET=1 before fastbert is imported, so the
+    Triton interpreter runs the kernels on CPU tensors (fp32 and fp16; interpreter bf16 dots are
+    broken). These cases are generated only when TRITON_INTERPRET=1.
+  CUDA: the compiled kernels, incl. bf16 and S = 512, 2048.
+  AOT: every autotune config compiled for sm_80 and sm_90 in a subprocess without the interpreter,
+    printing registers / spills / shared memory.
+Error rule (flash-attention's): |kernel - fp64 ref| <= 2 * |torch in the same dtype - fp64 ref| + atol,
+with atol 3e-4 (fp32, relative to the largest |ref|) and 2e-3 (fp16/bf16). Outputs are poisoned with
+NaN before the kernels write them (FASTBERT_POISON=1).
+"""
+
+import ctypes
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastbert.kernels import attention as A
+
+from fastbert.reference import ops as ref
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = torch.cuda.is_available()
+DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if CUDA and not INTERP else [])
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("FASTBERT_POISON", "1")
+    monkeypatch.setenv("FASTBERT_ATTN_AUTOTUNE", "0")  # one config per kernel: keeps CUDA compiles few
+
+
+def _one_blas_thread():
+    """The interpreter runs every tl.dot through numpy; a multithreaded BLAS on a shared 2-core box
+    spends 100x the time in thread hand-offs for these small tiles. Best effort, numpy's OpenBLAS."""
+    import numpy
+
+    for lib in glob.glob(os.path.join(os.path.dirname(numpy.__file__), "..", "numpy.libs", "*openblas*")):
+        try:
+            so = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "openblas_set_num_threads"):
+            if hasattr(so, name):
+                getattr(so, name)(1)
+                break
+
+
+if INTERP:
+    _one_blas_thread()
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _lengths(batch, seq, gen):
+    """Random lengths with a zero-length and a full-length sequence when batch >= 3."""
+    if batch == 1:
+        return [seq]
+    lens = [0, seq] + torch.randint(1, seq + 1, (batch - 2,), generator=gen).tolist()
+    return lens[:batch]
+
+
+def _pad_mask(lengths, seq, device):
+    pos = torch.arange(seq, device=device)
+    return pos[None, :] >= torch.tensor(lengths, device=device)[:, None]  # True = padding
+
+
+def _inputs(batch, seq, heads, dim, dtype, device, gen, strided=True):
+    """q, k, v [B, S, H, D] as views of one [B, S, 3, H, D] projection (strided, like the encoder)."""
+    qkv = torch.randn(batch, seq, 3, heads, dim, generator=gen).to(device=device, dtype=dtype)
+    if strided:
+        return tuple(qkv[:, :, i] for i in range(3))
+    return tuple(qkv[:, :, i].contiguous() for i in range(3))
+
+
+def _ref_run(q, k, v, dout, dtype, **kw):
+    """Reference output and grads with inputs cast to dtype."""
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    o = ref.attention(qr, kr, vr, **kw)
+    grads = torch.autograd.grad(o, (qr, kr, vr), dout.to(dtype)) if dout is not None else ()
+    return (o.detach(), *grads)
+
+
+def _kernel_run(q, k, v, dout, **kw):
+    qk = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = A.attention(*qk, **kw)
+    grads = torch.autograd.grad(o, qk, dout) if dout is not None else ()
+    return (o.detach(), *grads)
+
+
+def _check(name, got, want64, want_lp, dtype):
+    """flash-attention rule: kernel error <= 2x PyTorch-in-dtype error + atol."""
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten output?)"
+    g, w = got.double().cpu(), want64.double().cpu()
+    err = (g - w).abs().max().item() if g.numel() else 0.0
+    base = (want_lp.double().cpu() - w).abs().max().item() if g.numel() else 0.0
+    scale = max(1.0, w.abs().max().item() if g.numel() else 1.0)
+    atol = (3e-4 if dtype == torch.float32 else 2e-3) * scale
+    assert err <= 2 * base + atol, f"{name}: max err {err:.3e} > 2 * torch err {base:.3e} + {atol:.1e}"
+    return err
+
+
+def _pack(x, lengths):
+    """[B, S, ...] -> [T, ...] of the first lengths[b] rows of each sequence."""
+    return torch.cat([x[b, :n] for b, n in enumerate(lengths)], 0)
+
+
+def _cu(lengths, device):
+    return F.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+
+
+ERRORS = {}  # (dtype, mode, what) -> max error seen; printed at the end of the session
+
+
+def _record(dtype, mode, what, err):
+    key = (str(dtype).replace("torch.", ""), mode, what)
+    ERRORS[key] = max(ERRORS.get(key, 0.0), err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_errors():
+    yield
+    if ERRORS:
+        print("\nattention max |err| vs fp64 reference:")
+        for key in sorted(ERRORS):
+            print(f"  {key[0]:<9} {key[1]:<7} {key[2]:<3} {ERRORS[key]:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness grid: every value of B {1,3}, H {1,4}, S {1,17,64,129,300}, D {32,64,128}, fp32 and
+# fp16, all S x D pairs; D = 80 once. On CUDA also bf16 and S 512, 2048.
+# ----------------------------------------------------------------------------------------------
+GRID = [
+    # (B, H, S, D, dtype)
+    (3, 4, 1, 32, torch.float32), (1, 1, 1, 64, torch.float16), (3, 1, 1, 128, torch.float32),
+    (1, 4, 17, 32, torch.float16), (3, 4, 17, 64, torch.float32), (3, 1, 17, 128, torch.float16),
+    (3, 1, 64, 32, torch.float32), (1, 4, 64, 64, torch.float16), (3, 4, 64, 128, torch.float32),
+    (3, 1, 129, 32, torch.float16), (1, 1, 129, 64, torch.float32), (1, 4, 129, 128, torch.float16),
+    (1, 1, 300, 32, torch.float32), (3, 1, 300, 64, torch.float16), (1, 1, 300, 128, torch.float32),
+    (3, 2, 129, 80, torch.float16),
+]
+CUDA_GRID = [
+    (3, 4, 129, 64, torch.bfloat16), (3, 2, 300, 128, torch.bfloat16), (3, 2, 129, 80, torch.bfloat16),
+    (4, 12, 512, 64, torch.bfloat16), (3, 4, 512, 128, torch.float16), (2, 4, 2048, 64, torch.bfloat16),
+    (3, 2, 2048, 32, torch.float32), (3, 2, 300, 64, torch.float32),
+]
+
+
+def _grid(device):
+    return GRID if device == "cpu" else GRID + CUDA_GRID
+
+
+CASES = [pytest.param(d, *c, id=f"{d}-B{c[0]}-H{c[1]}-S{c[2]}-D{c[3]}-{str(c[4])[6:]}")
+         for d in DEVICES for c in _grid(d)]
+
+
+@pytest.mark.parametrize("device,batch,heads,seq,dim,dtype", CASES)
+def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
+    gen = torch.Generator().manual_seed(hash((batch, heads, seq, dim, str(dtype))) % 2**31)
+    q, k, v = _inputs(batch, seq, heads, dim, dtype, device, gen)
+    lengths = _lengths(batch, seq, gen)
+    mask = _pad_mask(lengths, seq, device)
+    dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
+    scale = 0.3 if dim == 80 else None
+
+    # padded mode: every query row (padding queries too) and every gradient
+    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, scale=scale)
+    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, scale=scale)
+    lowp = _ref_run(q, k, v, dout, dtype, key_padding_mask=mask, scale=scale)
+    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got, want, lowp):
+        _record(dtype, "padded", name, _check(f"padded {name}", g, w, lp, dtype))
+    # zero-length sequences: zero output and zero gradients
+    for b, n in enumerate(lengths):
+        if n == 0:
+            for t in got:
+                assert (t[b] == 0).all()
+
+    # varlen mode on the packed valid tokens
+    qp, kp, vp = (_pack(t, lengths) for t in (q, k, v))
+    dp = _pack(dout, lengths)
+    cu = _cu(lengths, device)
+    got_v = _kernel_run(qp, kp, vp, dp, cu_seqlens=cu, max_seqlen=max(lengths), scale=scale)
+    want_v = _ref_run(qp, kp, vp, dp, torch.float64, cu_seqlens=cu, scale=scale)
+    lowp_v = _ref_run(qp, kp, vp, dp, dtype, cu_seqlens=cu, scale=scale)
+    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
+        _record(dtype, "varlen", name, _check(f"varlen {name}", g, w, lp, dtype))
+
+    # padded and varlen agree on the valid rows (padded grads with dO = 0 on padding queries)
+    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=0, atol=1e-6)
+    dout0 = dout.masked_fill(mask[:, :, None, None], 0)
+    got0 = _kernel_run(q, k, v, dout0, key_padding_mask=mask, scale=scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for g_v, g_p in zip(got_v[1:], got0[1:]):
+        torch.testing.assert_close(g_v, _pack(g_p, lengths), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_arbitrary_mask_and_no_mask(device):
+    """A non-right-padding mask (holes, leading padding, a fully masked row) and mask=None."""
+    gen = torch.Generator().manual_seed(11)
+    batch, seq, heads, dim = 3, 150, 2, 64
+    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen, strided=False)
+    mask = torch.rand(batch, seq, generator=gen).to(device) < 0.4
+    mask[1, :70] = True  # first key block fully padding
+    mask[2] = True  # no valid key
+    dout = torch.randn(q.shape, generator=gen).to(device)
+    for m in (mask, None):
+        got = _kernel_run(q, k, v, dout, key_padding_mask=m)
+        want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=m)
+        for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+            _check(f"mask={m is not None} {name}", g, w, w, torch.float32)
+    assert (got[0].abs().sum() > 0) and (_kernel_run(q, k, v, None, key_padding_mask=mask)[0][2] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_same_seed_same_output(device):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(2, 40, 2, 32, torch.float32, device, gen)
+    mask = _pad_mask([40, 23], 40, device)
+    rng = A.draw_rng(torch.Generator().manual_seed(7))
+    o1 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
+    o2 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
+    assert torch.equal(o1, o2)
+    rng8 = A.draw_rng(torch.Generator().manual_seed(8))
+    o3 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng8)
+    assert not torch.equal(o1, o3)
+    # seeded from torch's default generator: torch.manual_seed reproduces it
+    torch.manual_seed(123)
+    o4 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    torch.manual_seed(123)
+    o5 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    assert torch.equal(o4, o5)
+    # dropout_p = 0 ignores the generator entirely
+    torch.testing.assert_close(A.attention(q, k, v, key_padding_mask=mask),
+                               ref.attention(q, k, v, key_padding_mask=mask), rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(device, p):
+    batch, heads, seq = 2, 3, 96
+    rng = A.draw_rng(torch.Generator().manual_seed(int(p * 100)))
+    keep = A.dropout_keep_mask(rng, p, batch, heads, seq, device=device)
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # streams differ across heads and batch entries, and rows differ from columns
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0], keep[0, 0].T)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_matches_reference_with_same_mask(device):
+    gen = torch.Generator().manual_seed(5)
+    batch, seq, heads, dim, p = 3, 70, 2, 32, 0.25
+    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen)
+    lengths = [70, 0, 41]
+    mask = _pad_mask(lengths, seq, device)
+    dout = torch.randn(q.shape, generator=gen).to(device)
+    rng = A.draw_rng(torch.Generator().manual_seed(9))
+    keep = A.dropout_keep_mask(rng, p, batch, heads, seq, device=device)
+    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng)
+    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        _record(torch.float32, "dropout", name, _check(f"dropout {name}", g, w, w, torch.float32))
+    # varlen draws the same bits (positions are counted inside each sequence)
+    cu = _cu(lengths, device)
+    got_v = _kernel_run(*(_pack(t, lengths) for t in (q, k, v)), _pack(dout.masked_fill(
+        mask[:, :, None, None], 0), lengths), cu_seqlens=cu, dropout_p=p, rng=rng)
+    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_checkpoint(device):
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _inputs(2, 17, 1, 32, torch.float32, device, gen, strided=False)
+    mask = _pad_mask([17, 5], 17, device)
+    lens = torch.tensor([17, 5], dtype=torch.int32, device=device)
+    rng = torch.tensor([1234, 5], dtype=torch.int64)
+    for args in ((q, k, v, None, None, None, A.MODE_DENSE, 0.0, 0.2, 17),
+                 (q, k, v, lens, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 17)):
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+        torch.library.opcheck(A.attention_fwd, args)
+    # activation checkpointing recomputes the same dropout mask
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def f(a, b, c):
+        return A.attention(a, b, c, key_padding_mask=mask, dropout_p=0.3)
+
+    torch.manual_seed(0)
+    checkpoint(f, qs, ks, vs, use_reentrant=False).sum().backward()
+    torch.manual_seed(0)
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    f(qd, kd, vd).sum().backward()
+    for a, b in ((qs, qd), (ks, kd), (vs, vd)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_dispatch_and_encoder(device, monkeypatch):
+    """fastbert.ops.attention routes to the kernel under FASTBERT_BACKEND=triton."""
+    from fastbert import ops
+
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _inputs(2, 33, 2, 16, torch.float32, device, gen)
+    mask = _pad_mask([33, 20], 33, device)
+    got = ops.attention(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(got, ref.attention(q, k, v, key_padding_mask=mask), rtol=0, atol=3e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-only: bf16 and long sequences are in CUDA_GRID above; this one just says so without a GPU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bf16 and S = 512, 2048 run in CUDA_GRID there)")
+def test_cuda_present_for_bf16_grid():
+    assert any(c[4] == torch.bfloat16 for c in CUDA_GRID)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: clear ValueErrors, raised before any kernel launch (no interpreter needed)
+# ----------------------------------------------------------------------------------------------
+def _bad(match, *args, **kw):
+    with pytest.raises(ValueError, match=match):
+        A.attention(*args, **kw)
+
+
+def test_bad_inputs():
+    q = torch.randn(2, 8, 2, 32)
+    _bad("head_dim 20 unsupported", *(torch.randn(2, 8, 2, 20),) * 3)
+    _bad("head_dim 256 unsupported", *(torch.randn(1, 4, 1, 256),) * 3)
+    _bad("shapes differ", q, torch.randn(2, 9, 2, 32), q)
+    _bad("dtypes differ", q, q.half(), q)
+    _bad("not supported", q.double(), q.double(), q.double())
+    _bad("not supported", *(torch.ones(2, 8, 2, 32, dtype=torch.int32),) * 3)
+    _bad("padded mode needs", *(torch.randn(16, 2, 32),) * 3)
+    _bad("dropout_p", q, q, q, dropout_p=1.0)
+    _bad("key_padding_mask must be a bool", q, q, q, key_padding_mask=torch.zeros(2, 8))
+    _bad(r"key_padding_mask shape \(2, 7\)", q, q, q, key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
+    t = torch.randn(10, 2, 32)
+    _bad("varlen mode", q, q, q, cu_seqlens=torch.tensor([0, 8, 16], dtype=torch.int32))
+    _bad("int32", t, t, t, cu_seqlens=torch.tensor([0, 4, 10]))
+    _bad("ends at 9", t, t, t, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    _bad("non-decreasing", t, t, t, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    _bad("start at 0", t, t, t, cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32))
+    _bad("length 6 > max_seqlen 5", t, t, t, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+         max_seqlen=5)
+    _bad("exclusive", t, t, t, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+         key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    _bad(r"max_seqlen 4 < S 8", q, q, q, max_seqlen=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT: every config for sm_80 and sm_90, compiled in a subprocess with the interpreter off
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(CUDA, reason="CUDA present: the CUDA tests compile the kernels for the real device")
+def test_aot_compile_all_configs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], env=env, cwd=HERE,
+                         capture_output=True, text=True, timeout=900)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "FAILED" not in res.stdout
+
+
+def _aot_signature(fn, dtype):
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name == "SEQINFO":
+            sig[name] = "*i32"
+        elif name == "MASK":
+            sig[name] = "*u8"
+        elif name == "OUT":
+            sig[name] = "*i8"
+        elif name.isupper() and name not in ("H", "SEQ", "SEQ_BUCKET", "HEAD_DIM", "BLOCK_D", "MODE",
+                                             "HAS_MASK", "DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_N"):
+            sig[name] = "*" + dtype
+        elif name == "seed":
+            sig[name] = "i64"
+        elif name in ("qk_scale", "sm_scale", "drop_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _aot_one(job):
+    """Compile one (kernel, dtype, constexprs, arch, warps, stages); returns a table row."""
+    import re as _re
+    import tempfile
+
+    import aot
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kname, dtype, consts, arch, warps, stages = job
+    fn = getattr(A, kname)
+    while not hasattr(fn, "cache_key"):  # unwrap @triton.autotune
+        fn = fn.fn
+    sig = {k: v for k, v in _aot_signature(fn, dtype).items() if k not in consts}
+    sig.update({k: "constexpr" for k in consts})
+    # what runtime specialisation gives for real launches: 16-byte aligned pointers, strides % 16
+    div = [n for n, t in sig.items() if t.startswith("*") or _re.fullmatch(r"s[qkvodg][bsh]", n)]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+    name = f"{kname}[{dtype} " + " ".join(f"{k}={v}" for k, v in consts.items() if k not in (
+        "DOT_PREC",)) + f" w{warps} s{stages}]"
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            out = subprocess.run([aot._ptxas(arch), "-v", f"--gpu-name={aot._ptx_target(ptx)}", path, "-o",
+                                  path + ".o"], capture_output=True, text=True, check=True).stderr
+        regs = int(_re.search(r"Used (\d+) registers", out).group(1))
+        st = _re.search(r"(\d+) bytes spill stores", out)
+        ld = _re.search(r"(\d+) bytes spill loads", out)
+        rep = aot.Report(name, arch, regs, int(st.group(1)) if st else 0, int(ld.group(1)) if ld else 0,
+                         int(k.metadata.shared))
+        limit = 232448 if arch >= 90 else 166912
+        return rep.row() + ("   FAILED: shared memory over the limit" if rep.shared > limit else "")
+    except Exception as e:  # noqa: BLE001
+        return f"{name} sm_{arch}  FAILED: {type(e).__name__}: {str(e)[:300]}"
+
+
+def _aot_jobs():
+    """Every config (bf16 head dim 64, varlen; the fp32-only configs in fp32 with tf32x3), plus the
+    head-dim-128 default of each kernel with D 80 padded to 128, a mask and dropout; small kernels."""
+    jobs = []
+    base = dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, HAS_MASK=False, DROPOUT=False)
+    for arch in (80, 90):
+        for kname, kind, configs in (("_attn_fwd", "fwd", A.FWD_CONFIGS),
+                                     ("_attn_bwd_dkdv", "dkdv", A.DKDV_CONFIGS),
+                                     ("_attn_bwd_dq", "dq", A.DQ_CONFIGS)):
+            for c in configs:
+                fp32 = not A.keep(c, kind, 64, 512, False)
+                jobs.append((kname, "fp32" if fp32 else "bf16",
+                             dict(**base, DOT_PREC="tf32x3" if fp32 else "ieee", **c.kwargs), arch,
+                             c.num_warps, c.num_stages))
+            c = [c for c in configs if A.keep(c, kind, 128, 512, False)][0]
+            jobs.append((kname, "fp16", dict(HEAD_DIM=80, BLOCK_D=128, MODE=1, HAS_MASK=True, DROPOUT=True,
+                                             DOT_PREC="ieee", **c.kwargs), arch, c.num_warps, c.num_stages))
+        jobs.append(("_attn_bwd_pre", "bf16", dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, BLOCK_M=64), arch, 4, 1))
+        jobs.append(("_keep_mask_kernel", "bf16", dict(BLOCK_M=32, BLOCK_N=32), arch, 4, 1))
+    return jobs
+
+
+def _aot_main():
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    sys.path.insert(0, HERE)
+    jobs = _aot_jobs()
+    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        rows = list(ex.map(_aot_one, jobs))
+    print(f"{len(rows)} AOT compiles (pointers 16-byte aligned, q/k/v/o strides % 16 == 0):")
+    for r in rows:
+        print(r)
+    return 1 if any("FAILED" in r for r in rows) else 0
+
+
+if __name__ == "__main__" and "--aot" in sys.argv:
+    sys.exit(_aot_main())
