@@ -6,6 +6,7 @@
   device, versions and roofline to the JSON's machine_info.
 * Never times the Triton interpreter: with FASTBERT_BACKEND=triton and no GPU (kernels would run
   interpreted) timed runs are skipped; --benchmark-disable smoke runs still go.
+* CPU threads: FASTBERT_BENCH_THREADS if set, else 1 for --benchmark-disable smoke runs.
 * A time budget (FASTBERT_BENCH_BUDGET_S, seconds from session start; unset means none): once spent,
   the remaining benchmarks are skipped with that reason, so a run under `timeout` still ends
   normally and writes its JSON. Benchmarks whose provider is a torch.compile baseline (slow to
@@ -61,6 +62,19 @@ def pytest_collection_modifyitems(session, config, items):
 
 def _timing_enabled(config):
     return not (config.getoption("benchmark_disable", False) or config.getoption("benchmark_skip", False))
+
+
+def pytest_configure(config):
+    # CPU threads: FASTBERT_BENCH_THREADS when set; else one thread for --benchmark-disable smoke runs
+    # (nothing is timed, and on a shared CI box oversubscribed OpenMP threads make tiny models ~20x
+    # slower); timed CPU runs keep torch's default.
+    import torch
+
+    threads = os.environ.get("FASTBERT_BENCH_THREADS", "").strip()
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif not _timing_enabled(config) and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 def _interpreting_kernels():
