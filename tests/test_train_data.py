@@ -146,29 +146,46 @@ def test_truncate_pair():
     assert la.tolist() == [40, 25, 10, 3] and lb.tolist() == [10, 25, 40, 4]
 
 
-def test_pretrain_batches(small):
-    corpus, docs, vocab, shard = small
-    seq = 64
-    data = PretrainData(shard, seq, batch_size=8, micro_batches=4, seed=3, cls_id=vocab.cls_id,
-                        sep_id=vocab.sep_id, segments=(1, 2))
-    a, b, is_next, la, lb, batches = data.plan(0)
-    assert 0.4 < is_next.mean() < 0.6
-    assert (b[is_next] == a[is_next] + 1).all()
-    assert (data.doc_of[b[~is_next]] != data.doc_of[a[~is_next]]).all()
-    mbs = data.step_batches(0, 1)
-    assert len(mbs) == 4
-    rows = batches[1]
+def _check_rows(data, vocab, mbs, rows, plan):
+    a_start, la, b_start, lb, is_next, _ = plan
+    tokens = np.asarray(data.shard.tokens)
+    bs = data.batch_size
     for k, mb in enumerate(mbs):
         ids, seg = mb["input_ids"], mb["segment_ids"]
-        assert ids.shape[0] == 8 and ids.shape[1] <= seq and ids.shape[1] % 8 == 0
-        for r, e in enumerate(rows[k * 8:(k + 1) * 8]):
-            sa, sb = shard.sentence(a[e])[:la[e]], shard.sentence(b[e])[:lb[e]]
+        assert ids.shape[0] == bs and ids.shape[1] <= data.seq_len and ids.shape[1] % 8 == 0
+        for r, e in enumerate(rows[k * bs:(k + 1) * bs]):
+            sa = tokens[a_start[e]:a_start[e] + la[e]]
+            sb = tokens[b_start[e]:b_start[e] + lb[e]]
             row = [vocab.cls_id, *sa, vocab.sep_id, *sb, vocab.sep_id]
             n = len(row)
+            assert n <= data.seq_len
             assert ids[r, :n].tolist() == row and (ids[r, n:] == 0).all()
             assert seg[r, :n].tolist() == [1] * (len(sa) + 2) + [2] * (len(sb) + 1)
             assert (seg[r, n:] == 0).all()
             assert mb["is_next"][r] == is_next[e]
+
+
+def _sentence_at(data, token_offset):
+    return int(np.searchsorted(data.offs, token_offset, side="right") - 1)
+
+
+def test_sentence_pairs(small):
+    corpus, docs, vocab, shard = small
+    data = PretrainData(shard, 64, batch_size=8, micro_batches=4, seed=3, cls_id=vocab.cls_id,
+                        sep_id=vocab.sep_id, segments=(1, 2), pairs="sentence")
+    plan = data.plan(0)
+    a_start, la, b_start, lb, is_next, batches = plan
+    assert 0.4 < is_next.mean() < 0.6
+    a = np.array([_sentence_at(data, x) for x in a_start])
+    b = np.array([_sentence_at(data, x) for x in b_start])
+    assert (data.offs[a] == a_start).all() and (data.offs[b] == b_start).all()  # whole sentences
+    assert (b[is_next] == a[is_next] + 1).all()  # true next: the following sentence
+    assert (data.doc_of[b[~is_next]] != data.doc_of[a[~is_next]]).all()  # random: another document
+    full = data.lens[a] + data.lens[b] <= 61
+    assert (la[full] == data.lens[a][full]).all() and (lb[full] == data.lens[b][full]).all()
+    mbs = data.step_batches(0, 1)
+    assert len(mbs) == 4
+    _check_rows(data, vocab, mbs, batches[1], plan)
     # ranks take consecutive micro-batches of the same global batch
     r0, r1 = data.step_batches(0, 1, rank=0, world=2), data.step_batches(0, 1, rank=1, world=2)
     for x, y in zip(r0 + r1, mbs):
@@ -181,7 +198,38 @@ def test_pretrain_batches(small):
     rand = rng.permutation(len(lengths))[: data.steps_per_epoch * 32].reshape(-1, 8)
     assert grouped < 0.8 * lengths[rand].max(1).sum() * 8
     # another epoch, another order and other pairs
-    assert not np.array_equal(data.plan(1)[0], a)
+    assert not np.array_equal(data.plan(1)[0], a_start)
+
+
+def test_packed_pairs(small):
+    corpus, docs, vocab, shard = small
+    seq = 64
+    data = PretrainData(shard, seq, batch_size=8, micro_batches=2, seed=5, cls_id=vocab.cls_id,
+                        sep_id=vocab.sep_id, segments=(1, 2), pairs="packed")
+    plan = data.plan(0)
+    a_start, la, b_start, lb, is_next, batches = plan
+    _check_rows(data, vocab, data.step_batches(0, 2), batches[2], plan)
+    a = np.array([_sentence_at(data, x) for x in a_start])
+    assert (data.offs[a] == a_start).all()  # A starts at a sentence
+    # a true B starts right after A's last sentence, in A's document
+    nxt = np.nonzero(is_next & (la > 0))[0]
+    b = np.array([_sentence_at(data, x) for x in b_start[nxt]])
+    assert (data.offs[b] == b_start[nxt]).all() and (data.doc_of[b] == data.doc_of[a[nxt]]).all()
+    a_full = data.offs[b] - a_start[nxt]  # A's untruncated length: whole sentences up to B
+    assert (la[nxt] <= a_full).all()
+    neg = np.nonzero(~is_next)[0]
+    bn = np.array([_sentence_at(data, x) for x in b_start[neg]])
+    assert (data.doc_of[bn] != data.doc_of[a[neg]]).all()
+    # packing fills the sequences: more tokens per example than single-sentence pairs
+    sent = PretrainData(shard, seq, 8, 2, seed=5, cls_id=vocab.cls_id, sep_id=vocab.sep_id)
+    sp = sent.plan(0)
+    assert (la + lb).mean() > max(1.3 * (sp[1] + sp[3]).mean(), 0.85 * (seq - 3))
+    assert (la + lb + 3 <= seq).all()
+    # every epoch the same chunks (so steps per epoch stay fixed), split at other boundaries
+    p1 = data.plan(1)
+    assert len(p1[0]) == len(a_start) and not np.array_equal(np.sort(p1[1]), np.sort(la))
+    with pytest.raises(ValueError, match="pairs"):
+        PretrainData(shard, seq, 8, pairs="chunks")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,8 +4,9 @@ One process runs --batch 4 --accum 2 (global batch 8 in 2 micro-batches); two pr
 each (rank r takes micro-batch r of the same global batch, DDP averages the gradients, the loss is
 normalised by the global counts). Dropout is off so both see the same computation. Step 1's loss
 (before any update) must agree to float rounding (1e-5); later steps to 2e-3 relative and the final
-weights to 3 x lr: the all-reduce sums gradients in another order, and Adam's g / (sqrt(v) + eps)
-turns rounding differences of near-zero gradient entries into differences of up to lr per step.
+weights to 2 x lr per step: the all-reduce sums gradients in another order, and Adam's
+g / (sqrt(v) + eps) turns rounding differences of near-zero gradient entries into update
+differences of up to 2 x lr (a flipped sign).
 """
 
 import gzip
@@ -35,8 +36,10 @@ def single(tmp_path_factory):
     path = root / "corpus.txt"
     path.write_text("\n\n".join(docs) + "\n")
     common = ARGS + ["--corpus", str(path), "--cache-dir", str(root / "cache")]
+    threads = torch.get_num_threads()
     assert pretrain.main(common + ["--out", str(root / "single"), "--batch", "4", "--accum", "2",
-                                   "--log-json", str(root / "single.jsonl")]) == 0
+                                   "--log-json", str(root / "single.jsonl"), "--threads", "1"]) == 0
+    torch.set_num_threads(threads)
     return common, root
 
 
@@ -67,4 +70,4 @@ def test_two_gloo_processes_match_one(single, tmp_path, mode):
     sb = load_checkpoint(list_checkpoints(tmp_path / "multi" / "checkpoints")[-1][1])["model"]
     assert sa.keys() == sb.keys()
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=3e-3, msg=k)  # lr is 1e-3
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=6e-3, msg=k)  # 2 x lr (1e-3) x 3 steps

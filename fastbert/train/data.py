@@ -14,10 +14,13 @@ Shard (a directory, written once, then memory-mapped; a corpus larger than RAM s
 Tokenizing runs in chunks through the Rust tokenizer (encode_batch), with a tqdm bar over the bytes.
 
 Examples (PretrainData)
-  Every sentence that has a successor in its document is an anchor A. Each epoch (seeded by
-  (seed, epoch)) shuffles the anchors and draws is_next with probability 1/2: B is A's successor
-  when is_next, else a random sentence of another document. Pairs are truncated longest-first to
-  seq_len - 3 and laid out as [CLS] A [SEP] B [SEP] with segments (seg_a, seg_b), padding 0.
+  pairs="sentence" (bert_pytorch's; default for the tab format): A is a sentence that has a successor
+  in its document. pairs="packed" (Google BERT's; default for plain text): A is the first part of a
+  chunk of consecutive sentences of about seq_len - 3 tokens, split at a random sentence boundary.
+  Each epoch (seeded by (seed, epoch)) shuffles the examples and draws is_next with probability 1/2:
+  B is what follows A in its document when is_next, else sentences of another document. Pairs are
+  truncated longest-first to seq_len - 3 and laid out as [CLS] A [SEP] B [SEP] with segments
+  (seg_a, seg_b), padding 0.
   Batches group examples of similar length (sort inside windows of `group_window` global batches,
   then shuffle the batches), and each batch is padded only to its longest row (rounded up to 8).
   A global batch (one optimizer step) is `micro_batches` micro-batches of `batch_size` rows; with
@@ -113,7 +116,8 @@ def build_shard(corpus, vocab, out_dir, fmt="auto", chunk_sentences=8192, progre
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     size = os.path.getsize(corpus)
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    # progress=True shows the bar on a terminal (tqdm's disable=None), False never
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True)
     done = [0]
 
     def advance(pos):
@@ -204,68 +208,112 @@ def truncate_pair(la, lb, total):
 
 
 class PretrainData:
-    """NSP example pairs from a Shard, grouped by length into global batches (see module docstring)."""
+    """NSP example pairs from a Shard, grouped by length into global batches (see module docstring).
+
+    pairs="sentence": A is one sentence and B the next one (bert_pytorch's examples; the default for
+    its tab format, where each line is such a pair). pairs="packed": each document is cut once into
+    chunks of consecutive sentences of about seq_len - 3 tokens; every epoch splits each chunk at a
+    random sentence boundary into A and B (B = the rest of the chunk when is_next, else a run of
+    sentences from another document filling the remaining length), as Google's BERT builds its
+    examples, so sequences are long and few tokens are padding.
+    A and B are spans of tokens (sentences of a document are contiguous in the shard).
+    """
 
     def __init__(self, shard, seq_len, batch_size, micro_batches=1, seed=0, cls_id=2, sep_id=3,
-                 segments=(1, 2), group_window=64):
+                 segments=(1, 2), group_window=64, pairs="sentence"):
         if seq_len < 8:
             raise ValueError(f"seq_len={seq_len} is too small (at least 8)")
+        if pairs not in ("sentence", "packed"):
+            raise ValueError(f"pairs={pairs!r}; expected 'sentence' or 'packed'")
         self.shard, self.seq_len, self.batch_size = shard, seq_len, batch_size
-        self.micro_batches, self.seed = micro_batches, seed
+        self.micro_batches, self.seed, self.pairs = micro_batches, seed, pairs
         self.cls_id, self.sep_id, self.segments, self.group_window = cls_id, sep_id, segments, group_window
-        offs = np.asarray(shard.sent_offsets)
-        self.starts, self.lens = offs[:-1], np.diff(offs)
+        self.offs = np.asarray(shard.sent_offsets)  # [n_sent + 1] token offsets
+        self.lens = np.diff(self.offs)
         docs = np.asarray(shard.doc_offsets)
         sizes = np.diff(docs)
-        self.doc_of = np.repeat(np.arange(len(sizes)), sizes)
-        last = docs[1:] - 1  # the last sentence of each document has no successor
-        is_anchor = np.ones(shard.n_sentences, dtype=bool)
-        is_anchor[last] = False
-        self.anchors = np.nonzero(is_anchor)[0]
-        if len(self.anchors) == 0:
+        self.doc_of = np.repeat(np.arange(len(sizes)), sizes)  # [n_sent] document of each sentence
+        self.doc_end = docs[1:][self.doc_of]  # [n_sent] first sentence after its document
+        has_next = np.arange(shard.n_sentences) + 1 < self.doc_end
+        if pairs == "sentence":
+            self.first = np.nonzero(has_next)[0]  # A's sentence
+            self.count = np.ones_like(self.first)
+        else:
+            # fixed chunks: a new chunk starts where the in-document token offset crosses a multiple
+            # of the pair budget, or where a document starts
+            budget = seq_len - 3
+            local = self.offs[:-1] - self.offs[docs[:-1]][self.doc_of]
+            key = local // budget
+            new = np.ones(shard.n_sentences, dtype=bool)
+            new[1:] = (key[1:] != key[:-1]) | (self.doc_of[1:] != self.doc_of[:-1])
+            first = np.nonzero(new)[0]
+            count = np.diff(np.append(first, shard.n_sentences))
+            keep = (count >= 2) | has_next[first]  # a one-sentence chunk borrows the next sentence
+            self.first, self.count = first[keep], count[keep]
+        if len(self.first) == 0:
             raise CorpusError(f"the corpus has no document with two sentences ({shard.meta['source']})")
+        self.n_examples = len(self.first)
         self.global_batch = batch_size * micro_batches
-        self.steps_per_epoch = len(self.anchors) // self.global_batch
+        self.steps_per_epoch = self.n_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise CorpusError(f"the corpus has {len(self.anchors)} sentence pairs, fewer than one global "
+            raise CorpusError(f"the corpus makes {self.n_examples} sentence pairs, fewer than one global "
                               f"batch ({self.global_batch} = batch {batch_size} x {micro_batches} "
                               f"micro-batches); use a smaller batch")
 
-    def _epoch_plan(self, epoch):
-        """(a_sentence, b_sentence, is_next) per example and the example order by global batch."""
-        rng = np.random.default_rng([self.seed, epoch])
-        a = rng.permutation(self.anchors)
-        n = len(a)
-        is_next = rng.random(n) < 0.5
-        b = a + 1
-        neg = np.nonzero(~is_next)[0]
+    def _random_other(self, rng, a_sent):
+        """A random sentence of another document than each of a_sent's."""
         total = len(self.lens)
-        rand = rng.integers(0, total, size=len(neg))
+        rand = rng.integers(0, total, size=len(a_sent))
         if self.shard.n_documents > 1:
             for _ in range(100):  # resample draws that fell into A's own document
-                bad = self.doc_of[rand] == self.doc_of[a[neg]]
+                bad = self.doc_of[rand] == self.doc_of[a_sent]
                 if not bad.any():
                     break
                 rand[bad] = rng.integers(0, total, size=int(bad.sum()))
-            # whatever is still in A's document moves to the next document
-            bad = self.doc_of[rand] == self.doc_of[a[neg]]
-            docs = np.asarray(self.shard.doc_offsets)
-            rand[bad] = docs[(self.doc_of[rand[bad]] + 1) % self.shard.n_documents]
+            # whatever is still in A's document moves to the start of the next document
+            bad = self.doc_of[rand] == self.doc_of[a_sent]
+            rand[bad] = self.doc_end[rand[bad]] % total
         else:  # one document: a random sentence that is not A's successor
-            rand = np.where(rand == a[neg] + 1, (rand + 2) % total, rand)
-        b[neg] = rand
-        la, lb = truncate_pair(self.lens[a], self.lens[b], self.seq_len - 3)
+            rand = np.where(rand == a_sent + 1, (rand + 2) % total, rand)
+        return rand
+
+    def _epoch_plan(self, epoch):
+        """Token spans (a_start, a_len, b_start, b_len), is_next, and the order by global batch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n_examples)
+        first, count = self.first[order], self.count[order]
+        n = len(first)
+        is_next = rng.random(n) < 0.5
+        # A: sentences [first, first + k); k = 1 for sentence pairs and one-sentence chunks
+        k = np.ones(n, dtype=np.int64)
+        multi = count >= 2
+        k[multi] = 1 + (rng.random(int(multi.sum())) * (count[multi] - 1)).astype(np.int64)
+        offs = self.offs
+        a_start = offs[first]
+        a_len = offs[first + k] - a_start
+        # true B: the rest of the chunk, or the next sentence
+        b_end = np.where(multi, first + count, first + k + 1)
+        b_start = offs[first + k].copy()
+        b_len = offs[b_end] - b_start
+        neg = np.nonzero(~is_next)[0]
+        rand = self._random_other(rng, first[neg])
+        room = np.maximum(1, self.seq_len - 3 - a_len[neg])
+        if self.pairs == "sentence":
+            room = self.lens[rand]
+        b_start[neg] = offs[rand]
+        b_len[neg] = np.minimum(room, offs[self.doc_end[rand]] - offs[rand])
+        la, lb = truncate_pair(a_len, b_len, self.seq_len - 3)
         length = la + lb + 3
         g = self.global_batch
         usable = self.steps_per_epoch * g
-        order = np.arange(usable)
+        idx = np.arange(usable)
         w = g * self.group_window
         for s in range(0, usable, w):  # sort by length inside each window
-            seg = order[s:s + w]
-            order[s:s + w] = seg[np.argsort(length[seg], kind="stable")]
-        batches = order.reshape(self.steps_per_epoch, g)
+            seg = idx[s:s + w]
+            idx[s:s + w] = seg[np.argsort(length[seg], kind="stable")]
+        batches = idx.reshape(self.steps_per_epoch, g)
         batches = batches[rng.permutation(self.steps_per_epoch)]
-        return a, b, is_next, la, lb, batches
+        return a_start, la, b_start, lb, is_next, batches
 
     _plan_cache = (None, None)
 
@@ -278,17 +326,17 @@ class PretrainData:
         """The micro-batches (dicts of numpy arrays) of one optimizer step for one rank."""
         if self.micro_batches % world:
             raise ValueError(f"micro_batches={self.micro_batches} is not divisible by world size {world}")
-        a, b, is_next, la, lb, batches = self.plan(epoch)
+        a_start, la, b_start, lb, is_next, batches = self.plan(epoch)
         rows = batches[step]
         per_rank = self.micro_batches // world
         out = []
         for k in range(rank * per_rank, (rank + 1) * per_rank):
             idx = rows[k * self.batch_size:(k + 1) * self.batch_size]
-            out.append(self.collate(a[idx], b[idx], la[idx], lb[idx], is_next[idx]))
+            out.append(self.collate(a_start[idx], la[idx], b_start[idx], lb[idx], is_next[idx]))
             out[-1]["micro_index"] = k
         return out
 
-    def collate(self, a, b, la, lb, is_next):
+    def collate(self, a_start, la, b_start, lb, is_next):
         """[CLS] A [SEP] B [SEP] rows padded to the longest (rounded up to 8, at most seq_len)."""
         length = la + lb + 3
         width = int(min(self.seq_len, -(-int(length.max()) // 8) * 8))
@@ -296,14 +344,14 @@ class PretrainData:
         la_, lb_ = la[:, None], lb[:, None]
         in_a = (pos >= 1) & (pos <= la_)
         in_b = (pos >= la_ + 2) & (pos < la_ + 2 + lb_)
-        src = np.where(in_a, self.starts[a][:, None] + pos - 1,
-                       np.where(in_b, self.starts[b][:, None] + pos - la_ - 2, 0))
+        src = np.where(in_a, a_start[:, None] + pos - 1,
+                       np.where(in_b, b_start[:, None] + pos - la_ - 2, 0))
         ids = np.where(in_a | in_b, np.asarray(self.shard.tokens[src.ravel()]).reshape(src.shape), 0)
         ids = ids.astype(np.int64)
         ids[:, 0] = self.cls_id
-        rows = np.arange(len(a))
+        rows = np.arange(len(la))
         ids[rows, la + 1] = self.sep_id
         ids[rows, la + lb + 2] = self.sep_id
-        seg = np.where(pos <= la_ + 1, self.segments[0], np.where(pos < length[:, None], self.segments[1], 0))
+        seg = np.where(pos <= la_ + 1, self.segments[0], self.segments[1])
         seg = np.where(pos < length[:, None], seg, 0)
         return {"input_ids": ids, "segment_ids": seg.astype(np.int64), "is_next": is_next.astype(np.int64)}

@@ -2,9 +2,9 @@
 
 With no arguments it trains a WordPiece vocabulary on the embedded corpus (fastbert/data/corpus.txt.gz,
 cached under <out>/cache), tokenizes the corpus once into a memory-mapped shard, and pretrains a
-"mini" model for --time-limit seconds (120 by default when neither --max-steps nor --epochs is given),
-printing loss, MLM/NSP accuracy and tokens/s (non-padding tokens). --device cuda runs the fused ops
-in bf16 autocast and also reports model TFLOP/s and MFU.
+small model (tiny on CPU, base on CUDA) for --time-limit seconds (120 by default when neither
+--max-steps nor --epochs is given), printing loss, MLM/NSP accuracy and tokens/s (non-padding
+tokens). --device cuda runs the fused ops in bf16 autocast and also reports model TFLOP/s and MFU.
 
 Under torchrun each rank takes its own micro-batches of every global batch (DistributedDataParallel,
 or FSDP2 fully_shard with --fsdp). Losses are normalised by the global count of masked tokens and
@@ -65,11 +65,15 @@ def build_parser(p=None):
     d.add_argument("--out", default=os.path.join("runs", "fastbert"), help="run directory")
     d.add_argument("--cache-dir", help="vocab and shard cache (default: <out>/cache)")
     d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--pairs", default="auto", choices=["auto", "sentence", "packed"],
+                   help="NSP examples: one sentence each (bert_pytorch) or chunks of sentences filling "
+                   "seq_len (Google BERT); auto: sentence for the tab format, packed for plain text")
     d.add_argument("--mask-prob", type=float, default=0.15)
     d.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence")
     d.add_argument("--whole-word", action="store_true", help="mask whole words (wordpiece vocab)")
     m = p.add_argument_group("model")
-    m.add_argument("--size", default="mini", choices=sorted(SIZES))
+    m.add_argument("--size", choices=sorted(SIZES), help="layers/hidden/heads preset (default: tiny on CPU, "
+                   "base on CUDA)")
     m.add_argument("--preset", default="hf", choices=["hf", "bert_pytorch"])
     m.add_argument("--layers", type=int)
     m.add_argument("--hidden", type=int)
@@ -79,10 +83,11 @@ def build_parser(p=None):
     m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--dense-mlm", action="store_true", help="dense MLM head (logits at every position)")
     t = p.add_argument_group("training")
-    t.add_argument("--batch", type=int, default=32, help="micro-batch per process")
+    t.add_argument("--batch", type=int, help="micro-batch per process (default: 32 on CPU, 128 on CUDA)")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    t.add_argument("--warmup", type=int, help="warmup steps (default: 6%% of the steps when they are "
+                   "known, else 20)")
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--max-steps", type=int)
@@ -106,7 +111,8 @@ def build_parser(p=None):
                    "<out>/checkpoints, or from the given file")
     c.add_argument("--export-hf", help="write the encoder as a transformers BertModel directory")
     c.add_argument("--export-bert-pytorch", help="write a bert_pytorch BERTLM state dict file")
-    c.add_argument("--log-every", type=int, default=10)
+    c.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    c.add_argument("--log-seconds", type=float, default=10.0, help="and at least every S seconds")
     c.add_argument("--log-json", help="append each log record as a JSON line to this file (rank 0)")
     c.add_argument("--peak-tflops", type=float, help="device peak for MFU (default by device name)")
     c.add_argument("--no-progress", action="store_true")
@@ -114,7 +120,7 @@ def build_parser(p=None):
 
 
 def model_config(args, vocab_size):
-    layers, hidden, heads = SIZES[args.size]
+    layers, hidden, heads = SIZES[args.size or "tiny"]
     layers, hidden, heads = args.layers or layers, args.hidden or hidden, args.heads or heads
     kw = dict(intermediate=args.intermediate or 4 * hidden, max_position=args.max_position,
               dropout=args.dropout, attn_dropout=args.dropout, emb_dropout=args.dropout)
@@ -252,6 +258,9 @@ def run(args):
     rank, world, device = _setup_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    args.size = args.size or ("base" if cuda else "tiny")
+    args.batch = args.batch or (128 if cuda else 32)
     for name in ("batch", "accum", "save_every", "log_every", "vocab_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -294,8 +303,9 @@ def run(args):
     if rank != 0:
         shard = cached_shard(corpus, vocab, cache, fmt, progress=False)
     micro = args.accum * world
+    pairs = args.pairs if args.pairs != "auto" else ("sentence" if fmt == "tab" else "packed")
     data = PretrainData(shard, args.seq_len, args.batch, micro, args.seed, vocab.cls_id, vocab.sep_id,
-                        segments=(1, 2) if cfg.preset == "bert_pytorch" else (0, 1))
+                        segments=(1, 2) if cfg.preset == "bert_pytorch" else (0, 1), pairs=pairs)
     spe = data.steps_per_epoch
     max_steps = args.max_steps
     if args.epochs is not None:
@@ -332,7 +342,8 @@ def run(args):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup, max_steps))
+    warmup = args.warmup if args.warmup is not None else (max(1, int(0.06 * max_steps)) if max_steps else 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, max_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
     step = 0
     if ckpt is not None:
@@ -363,17 +374,17 @@ def run(args):
     _log(rank, f"fastbert pretrain: {cfg.preset} {args.size} (layers {cfg.n_layers}, hidden {cfg.hidden}, "
                f"heads {cfg.heads}), {n_params / 1e6:.1f}M parameters, vocab {len(vocab)}, on {device} "
                f"({dtype}{', compiled' if args.compile else ''}) x{world} | corpus "
-               f"{shard.meta['n_sentences']} "
-               f"sentences, {shard.meta['n_tokens']} tokens, {len(data.anchors)} pairs, {spe} steps/epoch "
-               f"of {data.global_batch} sequences (seq_len {args.seq_len}) | "
+               f"{shard.meta['n_sentences']} sentences, {shard.meta['n_tokens']} tokens, "
+               f"{data.n_examples} {data.pairs} pairs, {spe} steps/epoch of {data.global_batch} "
+               f"sequences (seq_len {args.seq_len}) | "
                + (f"max steps {max_steps}" if max_steps else f"time limit {args.time_limit:.0f}s"))
     from tqdm import tqdm
 
     bar = tqdm(total=max_steps, initial=step, unit="step", desc="pretrain", dynamic_ncols=True,
-               disable=args.no_progress or rank != 0, leave=False)
-    say = bar.write if not (args.no_progress or rank != 0) else (lambda m: _log(rank, m))
+               disable=True if args.no_progress or rank != 0 else None, leave=False)  # None: tty only
+    say = bar.write if not bar.disable else (lambda m: _log(rank, m))
     acc = {k: 0.0 for k in ("mlm", "nsp", "mlm_hit", "nsp_hit", "masked", "examples", "tokens", "flops")}
-    t_log, steps_since = time.perf_counter(), 0
+    t_log = time.perf_counter()
     last_saved = step if args.resume else None
     history = []
     t_train = time.perf_counter()
@@ -437,9 +448,13 @@ def run(args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        steps_since += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == max_steps:
+        due = time.perf_counter() - t_log >= args.log_seconds
+        if world > 1 and args.log_seconds:  # every rank must join the metrics all-reduce
+            flag = torch.tensor([float(due)])
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        if step % args.log_every == 0 or step == max_steps or due:
             vals = torch.tensor([float(acc[k]) for k in acc], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(vals)
@@ -469,7 +484,7 @@ def run(args):
                 with open(args.log_json, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             acc = {k: 0.0 for k in acc}
-            t_log, steps_since = time.perf_counter(), 0
+            t_log = time.perf_counter()
         if step % args.save_every == 0:
             _save(args, ckpt_dir, step, model, optimizer, scheduler, scaler, cfg, vocab, fsdp, rank, world,
                   device)
