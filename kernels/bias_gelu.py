@@ -22,8 +22,8 @@ compiled and in the interpreter, which has no libdevice:
 Backward: recomputes z from the saved pre-activation x and the bias (the activation is not
 stored), dx = dy * gelu'(z), dbias = sum over rows of dx. dbias is reduced without atomics: the
 grid is (G, column tiles); program (g, j) walks row tiles g, g + G, g + 2G, ..., accumulates in an
-fp32 [BLOCK_M, BLOCK_N] register tile, and writes one row of a [G, N] partial buffer that the host
-sums in a fixed order (deterministic).
+fp32 [BLOCK_M, BLOCK_N] register tile, and writes one row of a [G, N] partial buffer that a second
+small kernel (layer_norm's column sum) sums in a fixed order (deterministic).
 """
 
 import os
@@ -31,6 +31,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .layer_norm import column_sum, sm_count
 
 GELU_FORMS = ("none", "tanh")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,11 +57,13 @@ def gelu_configs():
     return [gelu_settings(b) for b in BLOCK_N_CHOICES]
 
 
+PROGRAMS_PER_SM = 4
+
+
 def bwd_programs(row_tiles, col_tiles, device):
     """Row-programs G of the backward: about 4 programs per SM over all column tiles on CUDA."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(row_tiles, triton.cdiv(4 * sms, col_tiles)))
+        return max(1, min(row_tiles, triton.cdiv(PROGRAMS_PER_SM * sm_count(device.index or 0), col_tiles)))
     return max(1, min(row_tiles, 4))
 
 
@@ -207,10 +211,12 @@ def _bias_gelu_bwd_kernel(
     tl.store(DB_PART + pid * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-def bias_gelu_fwd(x, bias, approximate="none", config=None):
+def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True):
     """Launch the forward. x [..., N] contiguous, bias [N]. Returns gelu(x + bias) [..., N] in x's dtype.
-    config (BLOCK_M, BLOCK_N, num_warps) overrides gelu_settings (tests)."""
-    check_inputs(x, bias, approximate)
+    config (BLOCK_M, BLOCK_N, num_warps) overrides gelu_settings (tests); validate=False skips the
+    input checks (fastbert.ops has run them already)."""
+    if validate:
+        check_inputs(x, bias, approximate)
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     out = _alloc(x.shape, x.dtype, x.device)
@@ -223,7 +229,7 @@ def bias_gelu_fwd(x, bias, approximate="none", config=None):
     return out
 
 
-def bias_gelu_bwd(dy, x, bias, approximate="none", config=None):
+def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None):
     """Launch the backward. dy, x [..., N]; bias [N]. Returns (dx [..., N] in x's dtype, dbias [N] in
     bias's dtype)."""
     n = x.shape[-1]
@@ -234,8 +240,9 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None):
         return dx, torch.zeros(n, dtype=bias.dtype, device=bias.device)
     block_m, block_n, warps = config or gelu_settings(n, x.device)
     col_tiles = triton.cdiv(n, block_n)
-    g = bwd_programs(triton.cdiv(m, block_m), col_tiles, x.device)
+    g = programs or bwd_programs(triton.cdiv(m, block_m), col_tiles, x.device)
     db_part = _alloc((g, n), torch.float32, x.device)
     _bias_gelu_bwd_kernel[(g, col_tiles)](dy, x, bias, dx, db_part, m, n, BLOCK_M=block_m,
                                           BLOCK_N=block_n, TANH=approximate == "tanh", num_warps=warps)
-    return dx, db_part.sum(0).to(bias.dtype)
+    # second, deterministic reduction of the G partial rows (fixed order), cast to bias's dtype
+    return dx, column_sum(db_part, _alloc((n,), bias.dtype, x.device))

@@ -15,10 +15,11 @@ after the cast. mean and rstd are stored in fp32 for the backward.
 
 Backward: see the derivation above _ln_bwd_kernel. dW and dB are reduced without atomics: each of
 G programs owns a contiguous slice of rows, sums dy * xhat and dy over its slice in fp32 registers
-and writes one row of a [G, N] partial buffer; the host sums the G rows (a fixed order, so the
-result is the same run to run).
+and writes one row of a [G, N] partial buffer; a second small kernel sums the G rows in a fixed
+order (so the result is the same run to run) and casts to the parameter dtype.
 """
 
+import functools
 import os
 
 import torch
@@ -42,7 +43,9 @@ def ln_settings(n, device=None):
     if device is not None and torch.device(device).type != "cuda":
         return 32, block_n, 4
     block_m = max(1, TILE // block_n)
-    return block_m, block_n, min(16, max(4, block_m * block_n // 256))
+    # 8 warps up to 2048 features (8 values per thread); 32 warps above, where 16 warps left the
+    # backward at the 128-register cap and spilling for odd n
+    return block_m, block_n, 8 if block_n <= 2048 else 32
 
 
 def ln_configs():
@@ -54,12 +57,19 @@ def ln_configs():
     return out
 
 
+@functools.cache
+def sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+PROGRAMS_PER_SM = 4
+
+
 def bwd_programs(tiles, device):
-    """Number of programs of the backward for `tiles` row tiles: a few per SM on CUDA (each keeps
-    its dW/dB partial sums in registers), a handful in the interpreter."""
+    """Number of programs of the backward for `tiles` row tiles: PROGRAMS_PER_SM per SM on CUDA
+    (each keeps its dW/dB partial sums in registers), a handful in the interpreter."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tiles, 4 * sms))
+        return max(1, min(tiles, PROGRAMS_PER_SM * sm_count(device.index or 0)))
     return max(1, min(tiles, 4))
 
 
@@ -116,19 +126,21 @@ def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0
 
 
 @triton.jit
-def _keep(seed, idx, dropout_p):
-    """Dropout keep-mask from a counter-based hash of (seed, element index): the PCG output
-    permutation (Jarzynski and Olano, "Hash Functions for GPU Rendering", JCGT 2020) applied twice,
-    the seed mixed in between; all constants fit in int32 so the arithmetic stays uint32 (wrapping)
-    compiled and in the interpreter. A few integer ops per element, lighter than philox (tl.rand);
-    forward and backward draw the same bits for the same (seed, idx)."""
-    h = idx.to(tl.uint32) * 747796405 + 1442695041
+def _pcg(h):
+    """The PCG output permutation of a uint32 (Jarzynski and Olano, "Hash Functions for GPU
+    Rendering", JCGT 2020); all constants fit in int32, so the arithmetic stays uint32 (wrapping)
+    compiled and in the interpreter."""
+    h = h * 747796405 + 1442695041
     h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737
-    h = (h >> 22) ^ h
-    h = (h ^ seed) * 747796405 + 1442695041
-    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737
-    h = (h >> 22) ^ h
-    # top 24 bits -> uniform in [0, 1)
+    return (h >> 22) ^ h
+
+
+@triton.jit
+def _keep(seed_hash, idx, dropout_p):
+    """Dropout keep-mask of element idx: pcg(idx ^ seed_hash), seed_hash = pcg(seed) computed once
+    per program; the top 24 bits as a uniform in [0, 1). A few integer ops per element, lighter
+    than philox (tl.rand); forward and backward draw the same bits for the same (seed, idx)."""
+    h = _pcg(idx.to(tl.uint32) ^ seed_hash)
     return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
 
 
@@ -163,7 +175,7 @@ def _ln_fwd_kernel(
     offs = rows.to(tl.int64) * N + cols
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        seed = tl.load(SEED).to(tl.uint32)
+        seed = _pcg(tl.load(SEED).to(tl.uint32))
         # the same (seed, element index) pairs regenerate the mask in the backward
         keep = _keep(seed, rows * N + cols, dropout_p)
         s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
@@ -171,7 +183,9 @@ def _ln_fwd_kernel(
         s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if STORE_SUM:
         tl.store(S + offs, s.to(S.dtype.element_ty), mask=mask)
-    mean = tl.sum(s, axis=1, keep_dims=True) / N  # [BLOCK_M, 1]
+    # div_rn: IEEE division (plain `/` is approximate on NVIDIA); a row of one element then gets
+    # mean == s exactly, and rstd = 1/sqrt(eps) does not amplify a rounding residue
+    mean = tl.math.div_rn(tl.sum(s, axis=1, keep_dims=True), N * 1.0)  # [BLOCK_M, 1]
     xc = tl.where(mask, s - mean, 0.0)
     sq = tl.sum(xc * xc, axis=1, keep_dims=True)
     if UNBIASED:
@@ -231,12 +245,14 @@ def _ln_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if HAS_DROPOUT:
-        seed = tl.load(SEED).to(tl.uint32)
+        seed = _pcg(tl.load(SEED).to(tl.uint32))
     for first in range(row_start, row_end, BLOCK_M):
         rows = first + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
         row_ok = rows < row_end
         mask = row_ok & col_ok
         offs = rows.to(tl.int64) * N + cols
+        if HAS_DROPOUT:  # first, so that the hash's temporaries are dead before the row math
+            keep = _keep(seed, rows * N + cols, dropout_p)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
@@ -249,12 +265,11 @@ def _ln_bwd_kernel(
             k = tl.where(std > 0.0, r * r * gxc / ((N - 1) * tl.where(std > 0.0, std, 1.0)), 0.0)
         else:
             k = r * r * r * gxc / N
-        ds = r * (g - tl.sum(g, axis=1, keep_dims=True) / N) - k * xc
+        ds = r * (g - tl.math.div_rn(tl.sum(g, axis=1, keep_dims=True), N * 1.0)) - k * xc
         if HAS_DSUM:
             ds += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DSUM + offs, ds.to(DSUM.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = _keep(seed, rows * N + cols, dropout_p)
             dx = tl.where(keep, ds / (1.0 - dropout_p), 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xc * r
@@ -263,14 +278,63 @@ def _ln_bwd_kernel(
     tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0, keep_dims=True), mask=col_ok)
 
 
+@triton.jit
+def _column_sum_kernel(
+    PART,  # [2, G, N] fp32: partial sums of dW (plane 0) and dB (plane 1)
+    OUT0,  # [N] dW, weight dtype
+    OUT1,  # [N] dB, bias dtype
+    G,
+    N,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The second, deterministic reduction: OUT_p[c] = sum_g PART[p, g, c], in a fixed order."""
+    plane = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    base = PART + plane * G * N
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)[:, None]  # [BLOCK_G, 1]
+        acc += tl.load(base + g * N + cols, mask=(g < G) & col_ok, other=0.0)
+    total = tl.sum(acc, axis=0, keep_dims=True)
+    if plane == 0:
+        tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok)
+
+
+COLSUM_CONFIG = (32, 128, 4)  # BLOCK_G, BLOCK_C, num_warps
+
+
+def column_sums(part, out0, out1):
+    """out0[c] = part[0].sum(0)[c], out1[c] = part[1].sum(0)[c] (fp32 accumulation, fixed order)."""
+    _, g, n = part.shape
+    block_g, block_c, warps = COLSUM_CONFIG
+    _column_sum_kernel[(triton.cdiv(n, block_c), 2)](part, out0, out1, g, n, BLOCK_G=block_g,
+                                                     BLOCK_C=block_c, num_warps=warps)
+    return out0, out1
+
+
+def column_sum(part, out):
+    """out[c] = part.sum(0)[c] for part [G, N] fp32 (one plane of the kernel above)."""
+    g, n = part.shape
+    block_g, block_c, warps = COLSUM_CONFIG
+    _column_sum_kernel[(triton.cdiv(n, block_c), 1)](part, out, out, g, n, BLOCK_G=block_g,
+                                                     BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
 def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
-                   config=None):
+                   config=None, validate=True):
     """Launch the forward. x, residual [..., N] contiguous; weight, bias [N]; seed int64 [1] when
     dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x (+ residual), s the
     pre-norm sum [..., N] (shape [0] when neither residual nor dropout), mean and rstd fp32 [...].
-    config (BLOCK_M, BLOCK_N, num_warps) overrides ln_settings (tests).
+    config (BLOCK_M, BLOCK_N, num_warps) overrides ln_settings (tests); validate=False skips the
+    input checks (fastbert.ops has run them already).
     """
-    check_inputs(x, weight, bias, residual, "bert_pytorch" if unbiased else "standard", dropout_p)
+    if validate:
+        check_inputs(x, weight, bias, residual, "bert_pytorch" if unbiased else "standard", dropout_p)
     has_dropout = dropout_p > 0.0
     if has_dropout and (seed is None or seed.numel() != 1):
         raise ValueError("layer_norm: dropout_p > 0 needs a one-element int64 seed tensor")
@@ -295,12 +359,14 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
 
 
 def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_p=0.0, seed=None,
-                   config=None):
+                   config=None, programs=None, bias_dtype=None):
     """Launch the backward. dy [..., N]; dsum_out [..., N] or None (gradient of the sum output);
     s [..., N] the saved normalised input; weight [N]; mean, rstd fp32 [...].
     Returns (dsum, dx, dweight, dbias): dsum [..., N] in s's dtype, dx [..., N] (shape [0] unless
-    dropout_p > 0), dweight and dbias [N] in weight's dtype.
+    dropout_p > 0), dweight [N] in weight's dtype and dbias [N] in bias_dtype (default: weight's).
+    config and programs (the number G of backward programs) override the defaults (tests, tuning).
     """
+    bias_dtype = bias_dtype or weight.dtype
     n = s.shape[-1]
     m = s.numel() // n
     dy = dy.contiguous()
@@ -310,20 +376,20 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
     dsum = _alloc(s.shape, s.dtype, s.device)
     dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
     if m == 0:
-        z = torch.zeros(n, dtype=weight.dtype, device=weight.device)
-        return dsum, dx, z, z.clone()
+        return (dsum, dx, torch.zeros(n, dtype=weight.dtype, device=weight.device),
+                torch.zeros(n, dtype=bias_dtype, device=weight.device))
     block_m, block_n, warps = config or ln_settings(n, s.device)
-    g = bwd_programs(triton.cdiv(m, block_m), s.device)
+    g = programs or bwd_programs(triton.cdiv(m, block_m), s.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, g), block_m) * block_m
     g = triton.cdiv(m, rows_per_program)
-    dw_part = _alloc((g, n), torch.float32, s.device)
-    db_part = _alloc((g, n), torch.float32, s.device)
+    part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
     _ln_bwd_kernel[(g,)](
         dy, dy if dsum_out is None else dsum_out, s, weight, mean, rstd, dsum,
-        dx if has_dropout else dsum, dw_part, db_part, seed if has_dropout else mean,
+        dx if has_dropout else dsum, part[0], part[1], seed if has_dropout else mean,
         m, n, rows_per_program, float(dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=dsum_out is not None,
         HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), num_warps=warps,
     )
-    # second, deterministic reduction over the G partial rows
-    return dsum, dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    # second, deterministic reduction over the G partial rows, cast to the parameters' dtypes
+    dw, db = column_sums(part, _alloc((n,), weight.dtype, s.device), _alloc((n,), bias_dtype, s.device))
+    return dsum, dx, dw, db

@@ -29,7 +29,8 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
-    return _k.bias_gelu_fwd(x, bias, approximate)
+    # validated by bias_gelu() below before the op is called (also under torch.compile)
+    return _k.bias_gelu_fwd(x, bias, approximate, validate=False)
 
 
 @_bias_gelu_fwd.register_fake

@@ -40,7 +40,8 @@ def _layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[
                     seed: Optional[Tensor], eps: float, unbiased: bool,
                     dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s, mean, rstd); s has shape [0] unless residual or dropout."""
-    return _k.layer_norm_fwd(x, weight, bias, eps, residual, unbiased, dropout_p, seed)
+    # validated by layer_norm() below before the op is called (also under torch.compile)
+    return _k.layer_norm_fwd(x, weight, bias, eps, residual, unbiased, dropout_p, seed, validate=False)
 
 
 @_layer_norm_fwd.register_fake
@@ -70,6 +71,7 @@ def _(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, seed, eps, unbiased, dropout_p = inputs
+    ctx.set_materialize_grads(False)  # no zero tensors for the unused s / mean / rstd gradients
     _, s, mean, rstd = output
     stored = residual is not None or dropout_p > 0.0
     ctx.save_for_backward(s if stored else x, weight, mean, rstd, seed)
@@ -80,6 +82,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd, seed = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
     dsum_out = ds if ctx.has_residual and ds is not None else None
     dsum, dx, dw, db = torch.ops.fastbert.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, seed,
                                                          ctx.unbiased, ctx.dropout_p)
