@@ -2,7 +2,7 @@
 
 throughput_vs_seq.png: one panel per benchmark family (test, group pattern and every parameter but
     the provider and the sequence length) that ran at two or more sequence lengths; one line per
-    provider; y is tokens/s when the benchmark reports it, else GB/s, else calls/s (1 / median).
+    provider; y is tokens/s when the benchmark reports it, else GB/s, else TFLOP/s, else calls/s.
 roofline.png: the fraction of the roofline (extra_info["roofline_frac"]: the larger of achieved
     GB/s over the measured copy bandwidth and TFLOP/s over the measured bf16 matmul rate) per
     benchmark, fastbert's rows highlighted. A CPU run has no roofline: the figure says so.
@@ -41,7 +41,8 @@ def _seq_key(params):
 
 def _family_label(row, seq_key):
     # a group name usually repeats the sequence length ("model-train-seq128-full"): drop it there
-    group = re.sub(rf"[-_]?{re.escape(seq_key)}[=_-]?\d+", "", row.group) if seq_key else row.group
+    keys = "|".join(re.escape(k) for k in SEQ_KEYS)
+    group = re.sub(rf"[-_ ]?\b(?:{keys})[=_-]?\d+\b", "", row.group).strip()
     rest = ", ".join(f"{k}={v}" for k, v in row.params.items() if k != seq_key)
     return f"{group}" + (f" [{rest}]" if rest else "")
 
@@ -52,6 +53,8 @@ def _throughput(row):
         return float(e["tokens_per_s"]), "tokens/s"
     if e.get("gbps"):
         return float(e["gbps"]), "GB/s"
+    if e.get("tflops"):
+        return float(e["tflops"]), "TFLOP/s"
     return (1.0 / row.median if row.median > 0 else 0.0), "calls/s"
 
 
