@@ -387,6 +387,7 @@ def run(args):
     t_log = time.perf_counter()
     last_saved = step if args.resume else None
     history = []
+    comm = device if world > 1 and device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
     t_train = time.perf_counter()
     model.train()
     while True:
@@ -394,7 +395,7 @@ def run(args):
         if (max_steps is not None and step >= max_steps) or halted:
             break
         if args.time_limit is not None:
-            stop = torch.tensor([float(time.perf_counter() - t_train >= args.time_limit)])
+            stop = torch.tensor([float(time.perf_counter() - t_train >= args.time_limit)], device=comm)
             if world > 1:
                 dist.broadcast(stop, 0)
             if stop.item():
@@ -416,7 +417,7 @@ def run(args):
             lab = labels.view(-1).index_select(0, pos)
             n_masked += pos.numel()
             prepared.append((masked, seg, nxt, pos, lab, ids))
-        counts = torch.tensor([float(n_masked), float(data.global_batch)])
+        counts = torch.tensor([float(n_masked), float(data.global_batch)], device=comm)
         if world > 1:
             dist.all_reduce(counts)
         g_masked, g_examples = max(1.0, counts[0].item()), counts[1].item()
@@ -451,11 +452,11 @@ def run(args):
         bar.update(1)
         due = time.perf_counter() - t_log >= args.log_seconds
         if world > 1 and args.log_seconds:  # every rank must join the metrics all-reduce
-            flag = torch.tensor([float(due)])
+            flag = torch.tensor([float(due)], device=comm)
             dist.broadcast(flag, 0)
             due = bool(flag.item())
         if step % args.log_every == 0 or step == max_steps or due:
-            vals = torch.tensor([float(acc[k]) for k in acc], dtype=torch.float64)
+            vals = torch.tensor([float(acc[k]) for k in acc], dtype=torch.float64, device=comm)
             if world > 1:
                 dist.all_reduce(vals)
             v = dict(zip(acc, vals.tolist()))
