@@ -156,7 +156,8 @@ def test_export_hf_matches_transformers(cache, tmp_path):
 def test_export_bert_pytorch_loads_into_bertlm(cache, tmp_path):
     bp = pytest.importorskip("bert_pytorch.model")
     path = tmp_path / "bertlm.pt"
-    res = _run(["--preset", "bert_pytorch", "--max-steps", "2", "--export-bert-pytorch", str(path)],
+    res = _run(["--preset", "bert_pytorch", "--max-steps", "2", "--export-bert-pytorch", str(path),
+                "--whole-word"],
                cache[0], tmp_path / "run")
     lm = bp.BERTLM(bp.BERT(2000, hidden=32, n_layers=1, attn_heads=2), 2000)
     lm.load_state_dict(torch.load(path), strict=True)
@@ -206,3 +207,23 @@ def test_pretrain_on_cuda(cache, tmp_path, preset):
     assert sum(r["loss"] for r in hist[-5:]) / 5 < hist[0]["loss"] - 0.3
     assert all(r["tflops"] > 0 for r in hist)
     assert next(res["model"].parameters()).device.type == "cuda"
+
+
+def test_bert_pytorch_corpus_and_vocab(cache, tmp_path):
+    """bert_pytorch's own inputs: a `A \\t B` corpus and a WordVocab pickle, preset bert_pytorch."""
+    wv = pytest.importorskip("bert_pytorch.dataset.vocab")
+    import gzip
+
+    with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+        docs = [d.splitlines() for d in f.read().split("\n\n")[:40]]
+    tab = tmp_path / "corpus.tsv"
+    tab.write_text("".join(f"{a}\t{b}\n" for d in docs for a, b in zip(d, d[1:])))
+    with open(tab) as f:
+        vocab = wv.WordVocab(f, max_size=3000, min_freq=1)
+    vocab.save_vocab(str(tmp_path / "vocab.pkl"))
+    args = pretrain.build_parser().parse_args(TINY + [
+        "--corpus", str(tab), "--vocab", str(tmp_path / "vocab.pkl"), "--preset", "bert_pytorch",
+        "--out", str(tmp_path / "run"), "--max-steps", "3", "--whole-word"])
+    res = pretrain.run(args)
+    assert res["step"] == 3 and res["vocab"].kind == "word" and len(res["vocab"]) == len(vocab)
+    assert res["config"].vocab_size == len(vocab)

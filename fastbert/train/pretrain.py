@@ -42,6 +42,7 @@ from .vocab import Vocab, VocabError, read_vocab, train_vocab
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_CORPUS = os.path.join(DATA_DIR, "corpus.txt.gz")
+DEFAULT_OUT = os.path.join("runs", "fastbert")
 SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and large
     "tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
     "base": (12, 768, 12), "large": (24, 1024, 16),
@@ -62,7 +63,8 @@ def build_parser(p=None):
                    help="plain: sentence per line, blank line between documents; tab: `A\\tB` per line")
     d.add_argument("--vocab", help="vocab.txt or bert_pytorch WordVocab pickle (default: train WordPiece)")
     d.add_argument("--vocab-size", type=int, default=8000)
-    d.add_argument("--out", default=os.path.join("runs", "fastbert"), help="run directory")
+    d.add_argument("--out", help=f"run directory (default: {DEFAULT_OUT}; when that holds a previous run "
+                   f"and --resume is not given, the next free {DEFAULT_OUT}-N)")
     d.add_argument("--cache-dir", help="vocab and shard cache (default: <out>/cache)")
     d.add_argument("--seq-len", type=int, default=128)
     d.add_argument("--pairs", default="auto", choices=["auto", "sentence", "packed"],
@@ -275,8 +277,16 @@ def run(args):
     if os.path.getsize(corpus) == 0:
         raise CorpusError(f"corpus file {corpus!r} is empty")
     fmt = args.format if args.format != "auto" else detect_format(corpus)
+    cache = args.cache_dir or os.path.join(args.out or DEFAULT_OUT, "cache")
+    if args.out is None:  # the default run directory: never reuse one that holds checkpoints
+        args.out, n = DEFAULT_OUT, 1
+        while not args.resume and list_checkpoints(os.path.join(args.out, "checkpoints")):
+            n += 1
+            args.out = f"{DEFAULT_OUT}-{n}"
+        if n > 1:
+            _log(rank, f"{DEFAULT_OUT} holds a previous run (continue it with --resume); this run "
+                       f"writes to {args.out}")
     ckpt_dir = os.path.join(args.out, "checkpoints")
-    cache = args.cache_dir or os.path.join(args.out, "cache")
     existing = list_checkpoints(ckpt_dir)
     ckpt, ckpt_path = None, None
     if args.resume:
