@@ -57,7 +57,7 @@ def gelu_configs():
     return [gelu_settings(b) for b in BLOCK_N_CHOICES]
 
 
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 4  # 4 warps x <= 113 registers (AOT table): 4 programs fit on an SM at once
 
 
 def bwd_programs(row_tiles, col_tiles, device):

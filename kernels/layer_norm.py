@@ -62,14 +62,16 @@ def sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-PROGRAMS_PER_SM = 4
+REGS_ESTIMATE = 80  # registers per thread of the backward (AOT table: 64-80 vectorised, <= 128 odd N)
 
 
-def bwd_programs(tiles, device):
-    """Number of programs of the backward for `tiles` row tiles: PROGRAMS_PER_SM per SM on CUDA
-    (each keeps its dW/dB partial sums in registers), a handful in the interpreter."""
+def bwd_programs(tiles, device, num_warps=8):
+    """Number of programs of the backward for `tiles` row tiles: on CUDA as many as fit on the SMs
+    at once (one wave: a second partial wave of equal-work programs would double the time), each
+    keeping its dW/dB partial sums in registers; a handful in the interpreter."""
     if device.type == "cuda":
-        return max(1, min(tiles, PROGRAMS_PER_SM * sm_count(device.index or 0)))
+        per_sm = max(1, 65536 // (REGS_ESTIMATE * 32 * num_warps))
+        return max(1, min(tiles, per_sm * sm_count(device.index or 0)))
     return max(1, min(tiles, 4))
 
 
@@ -379,7 +381,7 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
         return (dsum, dx, torch.zeros(n, dtype=weight.dtype, device=weight.device),
                 torch.zeros(n, dtype=bias_dtype, device=weight.device))
     block_m, block_n, warps = config or ln_settings(n, s.device)
-    g = programs or bwd_programs(triton.cdiv(m, block_m), s.device)
+    g = programs or bwd_programs(triton.cdiv(m, block_m), s.device, warps)
     rows_per_program = triton.cdiv(triton.cdiv(m, g), block_m) * block_m
     g = triton.cdiv(m, rows_per_program)
     part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
