@@ -63,6 +63,7 @@ run_stage() {
     return 1
   fi
   echo "== $name (limit ${limit}s): $*" >>"$log"
+  echo "[$(elapsed)s] $name: started (limit ${limit}s, log $(basename "$log"))"
   local t0 rc
   t0=$(date +%s)
   timeout -s INT -k 20 "$limit" "$@" >>"$log" 2>&1
@@ -76,6 +77,7 @@ run_stage() {
     record "$name" "FAILED (rc=$rc)" "$dt"
   fi
   echo "== $name: rc=$rc in ${dt}s" >>"$log"
+  echo "[$(elapsed)s] $name: rc=$rc in ${dt}s"
   return "$rc"
 }
 
