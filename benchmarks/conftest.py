@@ -3,7 +3,8 @@
 * bench_*.py files are collected through python_files in pyproject.toml; test functions keep the
   usual test_ prefix. _util is importable as a plain module (`from _util import run, devices`).
 * Measures the roofline once per session on CUDA (copy GB/s, bf16 matmul TFLOP/s) and adds the
-  device, versions and roofline to the JSON's machine_info.
+  device, versions and roofline to the JSON's machine_info; the JSON's "not_measured" lists the
+  benchmarks that were skipped or failed, with the reason, so the report can say what is missing.
 * Never times the Triton interpreter: with FASTBERT_BACKEND=triton and no GPU (kernels would run
   interpreted) timed runs are skipped; --benchmark-disable smoke runs still go.
 * CPU threads: FASTBERT_BENCH_THREADS if set, else 1 for --benchmark-disable smoke runs.
@@ -164,6 +165,26 @@ def bench_env(request):
     if not _ENV:
         _ENV.update(_collect_env())
     return _ENV
+
+
+_NOT_MEASURED = []  # benchmarks that were skipped or failed, with the reason, for the report
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if "non-benchmark" not in reason:
+            _NOT_MEASURED.append({"test": report.nodeid, "status": "skipped", "reason": reason[:300]})
+    elif report.failed:
+        text = (report.longreprtext or "").strip().splitlines()
+        last = next((ln for ln in reversed(text) if ln.startswith("E ")), text[-1] if text else "")
+        _NOT_MEASURED.append({"test": report.nodeid, "status": f"failed ({report.when})",
+                              "reason": last[:300]})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["not_measured"] = list(_NOT_MEASURED)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -107,6 +107,23 @@ def test_compare_with_restricts_baselines(tmp_path):
     assert all("hf-eager **2.50x**" in line and "hf-sdpa" not in line for line in rows)
 
 
+def test_not_measured_section(tmp_path):
+    data = synthetic_run()
+    data["not_measured"] = [
+        {"test": "benchmarks/bench_model.py::test_model[train-512-full-hf-compile]", "status": "skipped",
+         "reason": "hf-compile (cold torch.compile) needs about 60 s; 12 s of the benchmark budget are left"},
+        {"test": "benchmarks/bench_x.py::test_y[a|b]", "status": "failed (call)",
+         "reason": "E   boom | bang"},
+    ]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", str(path), "--out", str(out), "--no-plots"]) == 0
+    section = out.read_text().split("## Not measured in this run")[1]
+    assert "test_model[train-512-full-hf-compile]" in section and "12 s of the benchmark budget" in section
+    assert "failed (call)" in section and "boom / bang" in section and "test_y[a/b]" in section
+
+
 def test_families_for_throughput_plot():
     rows = report.rows(synthetic_run())
     from fastbert.bench.plots import throughput_families

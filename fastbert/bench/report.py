@@ -229,6 +229,19 @@ def memory_lines(all_rows):
     return lines
 
 
+def not_measured_lines(data):
+    """The benchmarks the run skipped or failed (benchmarks/conftest.py records them)."""
+    missing = data.get("not_measured") or []
+    if not missing:
+        return []
+    lines = ["## Not measured in this run", "", "| benchmark | status | reason |", "| --- | --- | --- |"]
+    for m in missing:
+        reason = str(m.get("reason", "")).replace("|", "/").replace("\n", " ")
+        test = str(m.get("test", "?")).replace("|", "/")
+        lines.append(f"| `{test}` | {m.get('status', '?')} | {reason} |")
+    return lines
+
+
 def detail_lines(all_rows):
     lines = ["## All results by group", "",
              "median: wall time per call (CUDA: synchronized, L2 flushed before each round); GPU time: "
@@ -292,9 +305,10 @@ def write_report(json_path, out_path, plots_dir=None, ours_pattern=OURS_PATTERN,
 def render_rows(data, source, all_rows, plots=()):
     """render() on rows already parsed (with a custom ours pattern)."""
     lines = header_lines(data, source) + [""]
+    missing = not_measured_lines(data)
     if not all_rows:
         lines += ["No benchmark results in this run (all skipped or failed).", ""]
-        return "\n".join(lines)
+        return "\n".join(lines + missing).rstrip() + "\n"
     lines += summary_lines(comparisons(all_rows)) + [""]
     mem = memory_lines(all_rows)
     if mem:
@@ -302,4 +316,6 @@ def render_rows(data, source, all_rows, plots=()):
     if plots:
         lines += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots] + [""]
     lines += detail_lines(all_rows)
+    if missing:
+        lines += [""] + missing
     return "\n".join(lines).rstrip() + "\n"
