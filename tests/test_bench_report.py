@@ -5,7 +5,7 @@ RESULTS.md are checked against numbers computed here; the plots are checked to b
 """
 
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -168,9 +168,13 @@ def test_empty_run_and_bad_input(tmp_path, capsys):
         report.load(str(tmp_path / "garbage.json"))
 
 
-def test_module_entry_point(run_json, tmp_path):
+def test_module_entry_point(run_json, tmp_path, monkeypatch):
+    """What `python -m fastbert.bench report ...` runs (in-process: a new interpreter costs seconds)."""
     out = tmp_path / "cli" / "RESULTS.md"
-    proc = subprocess.run([sys.executable, "-m", "fastbert.bench", "report", str(run_json), "--out", str(out),
-                           "--no-plots"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(sys, "argv", ["fastbert.bench", "report", str(run_json), "--out", str(out),
+                                      "--no-plots"])
+    monkeypatch.delitem(sys.modules, "fastbert.bench.__main__", raising=False)  # run it fresh
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("fastbert.bench", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 0
     assert out.exists() and "## Speedup of fastbert" in out.read_text()
