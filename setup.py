@@ -13,6 +13,42 @@ import shutil
 from setuptools import setup
 
 
+def _links_libstdcxx_dynamically(cxx):
+    """True when `cxx` links a shared library against the shared libstdc++ (readelf NEEDED)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "t.cpp"), os.path.join(tmp, "t.so")
+        with open(src, "w") as f:
+            f.write("#include <string>\nstd::string f(int x) { if (x) throw x; return \"a\"; }\n")
+        subprocess.run([*cxx.split(), "-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True,
+                       timeout=60)
+        out = subprocess.run(["readelf", "-d", lib], check=True, capture_output=True, text=True,
+                             timeout=60).stdout
+    return "libstdc++" in out
+
+
+def _pick_cxx():
+    """Keep C++ exceptions working across the torch boundary: an extension that links libstdc++
+    statically (seen with a wrapper g++ whose own lib dir has only libstdc++.a) segfaults whenever an
+    op raises (TORCH_CHECK). If $CXX does that and the system g++ does not, build with the system g++."""
+    if os.name == "nt" or os.environ.get("FASTBERT_KEEP_CXX") == "1":
+        return
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        if _links_libstdcxx_dynamically(cxx):
+            return
+        for alt in ("/usr/bin/g++", "/usr/bin/c++"):
+            if os.path.exists(alt) and _links_libstdcxx_dynamically(alt):
+                print(f"fastbert setup: {cxx} links libstdc++ statically; building with {alt}")
+                os.environ["CXX"] = alt
+                os.environ["CC"] = alt.replace("g++", "gcc").replace("c++", "cc")
+                return
+    except Exception as exc:  # noqa: BLE001  (no readelf, no compiler: leave the choice to torch)
+        print(f"fastbert setup: compiler check skipped ({type(exc).__name__}: {exc})")
+
+
 def _extensions():
     """fastbert._C: csrc/*.cpp always; with a CUDA torch and nvcc also the torch-free kernels
     csrc/cuda/*.cu and their torch glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA). FASTBERT_NO_CUDA=1
@@ -28,6 +64,7 @@ def _extensions():
     glue = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpp:
         return [], {}
+    _pick_cxx()
     cxx = ["-O3", "-std=c++17"]
     if os.name != "nt":
         cxx.append("-fopenmp")

@@ -57,7 +57,7 @@ struct EmbedParams {
 struct EmbedBackwardParams {
   EmbedParams fwd;                // the forward's inputs; fwd.out unused
   const void* grad = nullptr;     // [T, N]
-  void* dx = nullptr;             // [T, N] acc type: dL/d(sum before LN), when LN or dropout
+  void* dx = nullptr;             // [T, N] table dtype: dL/d(sum before LN), when LN or dropout
   void* ln_partial = nullptr;     // [n_chunks, 2, N] acc type, per-chunk sums of g*xhat and g
   int64_t n_chunks = 0;
   void* grad_ln_w = nullptr;      // [N] table dtype

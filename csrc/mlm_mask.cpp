@@ -47,18 +47,26 @@ void mlm_rows(const MlmParams& p) {
   const SpecialSet special(p.special, p.n_special, p.vocab);
   const bool simple = p.word_starts == nullptr && p.max_predictions < 0;
   at::parallel_for(0, p.rows, 1, [&](int64_t b0, int64_t b1) {
-    if (simple) {  // one pass: each token on its own
+    if (simple) {  // one pass: each token on its own; parameters in locals (no reloads after stores)
+      const uint64_t seed = p.seed, offset = p.offset, choose = p.choose_threshold;
+      uint8_t* chosen_out = p.chosen;
       uint64_t group = ~uint64_t(0);
       Philox4 quad{};
       for (int64_t t = b0 * S; t < b1 * S; ++t) {
         const uint64_t g = static_cast<uint64_t>(t) >> 2;  // choose_word(t), one Philox call per 4 tokens
         if (g != group) {
-          quad = philox_at(p.seed, p.offset, g);
+          quad = philox_at(seed, offset, g);
           group = g;
         }
         const int64_t id = ids[t];
-        const bool chosen = !special.has(id) && philox_word(quad, t & 3) < p.choose_threshold;
-        write_token(p, t, id, chosen, out, labels);
+        const bool chosen = !special.has(id) && philox_word(quad, t & 3) < choose;
+        if (chosen) {
+          write_token(p, t, id, true, out, labels);
+        } else {
+          chosen_out[t] = 0;
+          out[t] = static_cast<index_t>(id);
+          labels[t] = static_cast<index_t>(p.ignore_index);
+        }
       }
       return;
     }

@@ -63,7 +63,8 @@ __device__ __forceinline__ void gather_pack(const EmbedParams& p, int64_t id, in
 }
 
 // Pointers: tok [V, N], pos [P, N], seg [G, N], ln_w/ln_b [N], out [T, N] of T; mean/rstd [T] of A.
-// Shared memory (LN only): kWarps rows of N accumulators.
+// Shared memory (LN only): kWarps rows of N accumulators, element j of pack v at xs[j * nv + v] so
+// that the 32 lanes of a warp touch 32 consecutive words (no bank conflicts).
 template <typename T, int VEC, bool LN>
 __global__ void __launch_bounds__(kWarps * 32) embed_forward_kernel(const EmbedParams p) {
   using A = typename Acc<T>::type;
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32) embed_forward_kernel(const EmbedP
     if (LN) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        xs[v * VEC + j] = x[j];
+        xs[j * nv + v] = x[j];
         sum += x[j];
       }
     } else {
@@ -113,7 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32) embed_forward_kernel(const EmbedP
   for (int64_t v = lane; v < nv; v += 32) {  // each lane reads back the packs it wrote
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const A d = xs[v * VEC + j] - mean;
+      const A d = xs[j * nv + v] - mean;
       sq += d * d;
     }
   }
@@ -128,14 +129,15 @@ __global__ void __launch_bounds__(kWarps * 32) embed_forward_kernel(const EmbedP
     const P wv = w[v], bv = b[v];
     A y[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) y[j] = (xs[v * VEC + j] - mean) * rstd * to_acc(wv.v[j]) + to_acc(bv.v[j]);
+    for (int j = 0; j < VEC; ++j) y[j] = (xs[j * nv + v] - mean) * rstd * to_acc(wv.v[j]) + to_acc(bv.v[j]);
     store(v, y);
   }
 }
 
-// dx [T, N] (A) from grad [T, N] (T) through dropout and LayerNorm; per-block partial sums of
-// g*xhat and g over kLnRowsPerChunk rows into ln_partial [chunks, 2, N] (A). Shared memory (LN):
-// kWarps x 2 x N accumulators, each column owned by one lane of each warp (no atomics).
+// dx [T, N] (T, rounded like eager's LayerNorm backward output) from grad [T, N] (T) through
+// dropout and LayerNorm; per-block partial sums of g*xhat and g over kLnRowsPerChunk rows into
+// ln_partial [chunks, 2, N] (A). Shared memory (LN): kWarps x 2 x N accumulators, each column owned
+// by one lane of each warp (no atomics), element j of pack v at [j * nv + v] (no bank conflicts).
 template <typename T, int VEC, bool LN>
 __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const EmbedBackwardParams q) {
   using A = typename Acc<T>::type;
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
   if (LN) {
     for (int64_t v = lane; v < nv; v += 32) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) pw[v * VEC + j] = pb[v * VEC + j] = A(0);
+      for (int j = 0; j < VEC; ++j) pw[j * nv + v] = pb[j * nv + v] = A(0);
     }
   }
   const A scale = static_cast<A>(p.drop_scale);
@@ -158,7 +160,7 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
   const int64_t t1 = t0 + kLnRowsPerChunk < p.tokens ? t0 + kLnRowsPerChunk : p.tokens;
   for (int64_t t = t0 + warp; t < t1; t += kWarps) {
     const P* g = reinterpret_cast<const P*>(q.grad) + t * nv;
-    A* dx = static_cast<A*>(q.dx) + t * N;
+    P* dx = static_cast<P*>(q.dx) + t * nv;
     int64_t id, pid, sid;
     const bool ok = row_ids(p, t, &id, &pid, &sid) == kOk;  // checked by the forward; never read out of range
     KeepMask mask;
@@ -174,8 +176,10 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
       for (int64_t v = lane; v < nv; v += 32) {
         A gd[VEC];
         load_g(v, gd);
+        P o;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) dx[v * VEC + j] = ok ? gd[j] : A(0);
+        for (int j = 0; j < VEC; ++j) o.v[j] = Cast<T>::from(ok ? gd[j] : A(0));
+        dx[v] = o;
       }
       continue;
     }
@@ -189,8 +193,8 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A xhat = (x[j] - mu) * rs;
-        pw[v * VEC + j] += gd[j] * xhat;
-        pb[v * VEC + j] += gd[j];
+        pw[j * nv + v] += gd[j] * xhat;
+        pb[j * nv + v] += gd[j];
         const A dxhat = gd[j] * to_acc(wv.v[j]);
         s1 += dxhat;
         s2 += dxhat * xhat;
@@ -204,11 +208,13 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
       load_g(v, gd);
       gather_pack<T, VEC>(p, id, pid, sid, v, x);
       const P wv = w[v];
+      P o;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A xhat = (x[j] - mu) * rs;
-        dx[v * VEC + j] = rs * (gd[j] * to_acc(wv.v[j]) - s1 - xhat * s2);
+        o.v[j] = Cast<T>::from(rs * (gd[j] * to_acc(wv.v[j]) - s1 - xhat * s2));
       }
+      dx[v] = o;
     }
   }
   if (!LN) return;
@@ -216,10 +222,11 @@ __global__ void __launch_bounds__(kWarps * 32) embed_backward_dx_kernel(const Em
   A* partial = static_cast<A*>(q.ln_partial) + static_cast<int64_t>(blockIdx.x) * 2 * N;
   const A* base = reinterpret_cast<const A*>(smem_raw);
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const int64_t at = (n % VEC) * nv + n / VEC;  // the [j * nv + v] slot of column n
     A sw = 0, sb = 0;
     for (int k = 0; k < kWarps; ++k) {
-      sw += base[k * 2 * N + n];
-      sb += base[k * 2 * N + N + n];
+      sw += base[k * 2 * N + at];
+      sb += base[k * 2 * N + N + at];
     }
     partial[n] = sw;
     partial[N + n] = sb;
@@ -244,6 +251,10 @@ __global__ void ln_param_grad_kernel(const typename Acc<T>::type* partial, int64
 
 // One warp per sorted position i; the warp at the start of a run of equal keys sums the run's rows
 // src[perm[j]] (in sorted, i.e. stable token, order) and writes out[key]. src [T, N] (S), out [R, N].
+// Columns go in blocks of 32 * kPacks packs; within a block each lane keeps kPacks packs of
+// accumulators in registers and, row after row, issues kPacks independent loads.
+constexpr int kPacks = 8;
+
 template <typename S, typename T, int VEC>
 __global__ void segment_rows_sum_kernel(const S* src, const int64_t* keys, const int64_t* perm, int64_t n_rows,
                                         int64_t N, int64_t R, int64_t padding_idx, T* out) {
@@ -256,19 +267,37 @@ __global__ void segment_rows_sum_kernel(const S* src, const int64_t* keys, const
   int64_t end = i + 1;
   while (end < n_rows && keys[end] == key) ++end;
   const int64_t nv = N / VEC;
-  for (int64_t v = lane; v < nv; v += 32) {
-    A acc[VEC];
+  using PS = Pack<S, VEC>;
+  using PT = Pack<T, VEC>;
+  for (int64_t v0 = 0; v0 < nv; v0 += 32 * kPacks) {
+    A acc[kPacks][VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = A(0);
-    for (int64_t k = i; k < end; ++k) {
-      const Pack<S, VEC> x = reinterpret_cast<const Pack<S, VEC>*>(src)[perm[k] * nv + v];
+    for (int u = 0; u < kPacks; ++u) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += to_acc(x.v[j]);
+      for (int j = 0; j < VEC; ++j) acc[u][j] = A(0);
     }
-    Pack<T, VEC> o;
+    for (int64_t k = i; k < end; ++k) {
+      const PS* row = reinterpret_cast<const PS*>(src) + perm[k] * nv;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = Cast<T>::from(acc[j]);
-    reinterpret_cast<Pack<T, VEC>*>(out)[key * nv + v] = o;
+      for (int u = 0; u < kPacks; ++u) {
+        const int64_t v = v0 + lane + 32 * u;
+        if (v < nv) {
+          const PS x = row[v];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[u][j] += to_acc(x.v[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPacks; ++u) {
+      const int64_t v = v0 + lane + 32 * u;
+      if (v < nv) {
+        PT o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o.v[j] = Cast<T>::from(acc[u][j]);
+        reinterpret_cast<PT*>(out)[key * nv + v] = o;
+      }
+    }
   }
 }
 

@@ -84,14 +84,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding
   const auto empty = at::empty({0}, a.tok.options());
   at::Tensor grad_w = empty, grad_b = empty, dx, partial;
   const void* src = g.data_ptr();
-  bool src_is_acc = false;
+  const bool src_is_acc = false;
   if (ln || p.dropout) {
     EmbedBackwardParams q;
     q.fwd = p;
     q.fwd.mean = const_cast<void*>(m.data_ptr());
     q.fwd.rstd = const_cast<void*>(r.data_ptr());
     q.grad = g.data_ptr();
-    dx = at::empty({T, N}, acc_opts);
+    dx = at::empty({T, N}, a.tok.options());  // table dtype, as eager's LayerNorm backward
     q.dx = dx.data_ptr();
     if (ln) {
       q.n_chunks = (T + kLnRowsPerChunk - 1) / kLnRowsPerChunk;
@@ -105,7 +105,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding
     embed_backward_dx_cuda(q, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     src = dx.data_ptr();
-    src_is_acc = true;
   }
   at::Tensor gt = empty, gp = empty, gs = empty;
   if (need_token) {
