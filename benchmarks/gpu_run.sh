@@ -99,9 +99,9 @@ fi
 
 # --- build -------------------------------------------------------------------------------------
 { echo "== nvidia-smi"; nvidia-smi 2>&1; echo "== nvcc"; nvcc --version 2>&1 | tail -2; } >>"$OUT/build.log"
-run_stage build 180 200 "$OUT/build.log" -- \
+run_stage build 180 150 "$OUT/build.log" -- \
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-run_stage info 60 200 "$OUT/build.log" -- "$PY" -m fastbert.info
+run_stage info 60 150 "$OUT/build.log" -- "$PY" -m fastbert.info
 
 # --- tests on CUDA -------------------------------------------------------------------------------
 XDIST=()
@@ -169,6 +169,7 @@ if os.path.exists(md):
         print(text.strip()[:3000])
     else:
         print(text[:start].strip())
+        print()
         print(text[start:end if end > 0 else None].strip()[:7000])
 PYEOF
 ls -la "$OUT"
