@@ -157,7 +157,9 @@ CUDA_GRID = [
 
 
 def _grid(device):
-    return GRID if device == "cpu" else GRID + CUDA_GRID
+    """The interpreter covers GRID; CUDA re-checks a few of its awkward cases (S = 1, 17, odd head
+    dims, fp32) plus CUDA_GRID, keeping the number of compiled specialisations small."""
+    return GRID if device == "cpu" else [GRID[i] for i in (0, 5, 14, 15)] + CUDA_GRID
 
 
 CASES = [pytest.param(d, *c, id=f"{d}-B{c[0]}-H{c[1]}-S{c[2]}-D{c[3]}-{str(c[4])[6:]}")
@@ -195,11 +197,12 @@ def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
     for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
         _record(dtype, "varlen", name, _check(f"varlen {name}", g, w, lp, dtype))
 
-    # padded and varlen agree on the valid rows (padded grads with dO = 0 on padding queries)
-    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=0, atol=1e-6)
+    # padded and varlen agree on the valid rows (padded grads with dO = 0 on padding queries); the
+    # compiled masked and varlen paths may round differently by an ulp of the dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=tol, atol=tol)
     dout0 = dout.masked_fill(mask[:, :, None, None], 0)
     got0 = _kernel_run(q, k, v, dout0, key_padding_mask=mask, scale=scale)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
     for g_v, g_p in zip(got_v[1:], got0[1:]):
         torch.testing.assert_close(g_v, _pack(g_p, lengths), rtol=tol, atol=tol)
 
@@ -448,18 +451,23 @@ def _aot_one(job):
 
 
 def _aot_jobs():
-    """Every config (bf16 head dim 64, varlen; the fp32-only configs in fp32 with tf32x3), plus the
-    head-dim-128 default of each kernel with D 80 padded to 128, a mask and dropout; small kernels."""
+    """Every config (bf16 varlen at head dim 64, or 128 for the D-128-only ones; the fp32-only
+    configs in fp32 with tf32x3), plus the head-dim-128 default of each kernel with D 80 padded to
+    128, a mask and dropout; the two small kernels."""
     jobs = []
-    base = dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, HAS_MASK=False, DROPOUT=False)
     for arch in (80, 90):
         for kname, kind, configs in (("_attn_fwd", "fwd", A.FWD_CONFIGS),
                                      ("_attn_bwd_dkdv", "dkdv", A.DKDV_CONFIGS),
                                      ("_attn_bwd_dq", "dq", A.DQ_CONFIGS)):
-            for c in configs:
-                fp32 = not A.keep(c, kind, 64, 512, False)
-                jobs.append((kname, "fp32" if fp32 else "bf16",
-                             dict(**base, DOT_PREC="tf32x3" if fp32 else "ieee", **c.kwargs), arch,
+            for c in configs:  # each config at a head dim (64, else 128) and dtype it is kept for
+                if A.keep(c, kind, 64, 512, False):
+                    dims, dtype, prec = (64, 64), "bf16", "ieee"
+                elif A.keep(c, kind, 128, 512, False):
+                    dims, dtype, prec = (128, 128), "bf16", "ieee"
+                else:
+                    dims, dtype, prec = (64, 64), "fp32", "tf32x3"
+                jobs.append((kname, dtype, dict(HEAD_DIM=dims[0], BLOCK_D=dims[1], MODE=2, HAS_MASK=False,
+                                                DROPOUT=False, DOT_PREC=prec, **c.kwargs), arch,
                              c.num_warps, c.num_stages))
             c = [c for c in configs if A.keep(c, kind, 128, 512, False)][0]
             jobs.append((kname, "fp16", dict(HEAD_DIM=80, BLOCK_D=128, MODE=1, HAS_MASK=True, DROPOUT=True,

@@ -15,7 +15,8 @@ generator, so torch.manual_seed and activation checkpointing reproduce the mask.
 
 Implementation: the Triton kernel (kernels/attention.py) for CUDA tensors (and for CPU tensors
 under FASTBERT_BACKEND=triton with TRITON_INTERPRET=1), head_dim a multiple of 8 up to 128 (32, 64,
-80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls in IEEE fp32 unless torch allows tf32). With
+80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls as tf32x3, about fp32 accuracy, or plain tf32 when
+torch.backends.cuda.matmul.allow_tf32 is set). With
 FASTBERT_BACKEND=auto, a head_dim the kernel does not support falls back to the reference. Elsewhere
 the reference (fastbert.reference.ops.attention).
 """
