@@ -56,9 +56,19 @@ def _provider(item):
     return ""
 
 
+_COLLECTED = []  # node ids of the benchmarks in this session, in run order
+_REPORTED = set()  # node ids that reached a result (passed, skipped or failed)
+
+
 def pytest_collection_modifyitems(session, config, items):
     # stable: keeps file and parameter order, moves torch.compile baselines to the end
     items.sort(key=lambda item: "compile" in _provider(item).lower())
+
+
+def pytest_collection_finish(session):
+    # after every plugin's deselection (-k, -m)
+    _COLLECTED[:] = [item.nodeid for item in session.items
+                     if "benchmark" in getattr(item, "fixturenames", ())]
 
 
 def _timing_enabled(config):
@@ -171,6 +181,8 @@ _NOT_MEASURED = []  # benchmarks that were skipped or failed, with the reason, f
 
 
 def pytest_runtest_logreport(report):
+    if report.when == "call" or report.skipped or report.failed:
+        _REPORTED.add(report.nodeid)
     if report.skipped and report.when in ("setup", "call"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
@@ -184,7 +196,12 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["not_measured"] = list(_NOT_MEASURED)
+    # the run was interrupted (timeout, Ctrl-C) before these started
+    # (one interrupted mid-way is in the results with fewer rounds)
+    have = {b.get("fullname") for b in output_json.get("benchmarks", [])}
+    not_reached = [{"test": nodeid, "status": "not reached", "reason": "the run was interrupted before it"}
+                   for nodeid in _COLLECTED if nodeid not in _REPORTED and nodeid not in have]
+    output_json["not_measured"] = list(_NOT_MEASURED) + not_reached
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
