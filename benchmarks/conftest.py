@@ -10,9 +10,9 @@
 * CPU threads: FASTBERT_BENCH_THREADS if set, else 1 for --benchmark-disable smoke runs.
 * A time budget (FASTBERT_BENCH_BUDGET_S, seconds from session start; unset means none): once spent,
   the remaining benchmarks are skipped with that reason, so a run under `timeout` still ends
-  normally and writes its JSON. Benchmarks whose provider is a torch.compile baseline (slow to
-  compile) run last, so the budget cuts those first. `bench_budget.require(s)` skips a test that
-  needs at least s seconds when fewer are left.
+  normally and writes its JSON. Order: bench_model.py first (the headline numbers), then the per-op
+  files, and every torch.compile baseline (slow to compile) last, so the budget cuts those first.
+  `bench_budget.require(s)` skips a test that needs at least s seconds when fewer are left.
 """
 
 import os
@@ -61,8 +61,13 @@ _REPORTED = set()  # node ids that reached a result (passed, skipped or failed)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # stable: keeps file and parameter order, moves torch.compile baselines to the end
-    items.sort(key=lambda item: "compile" in _provider(item).lower())
+    # stable sort: the whole-model benchmarks (the headline numbers) first, then the per-op ones, and
+    # the torch.compile baselines (slow to compile) last; file and parameter order otherwise
+    def key(item):
+        model = os.path.basename(str(getattr(item, "path", getattr(item, "fspath", "")))) == "bench_model.py"
+        return ("compile" in _provider(item).lower(), not model)
+
+    items.sort(key=key)
 
 
 def pytest_collection_finish(session):
