@@ -4,6 +4,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from fastbert.train import finetune, pretrain
 from fastbert.train.data import CorpusError
@@ -18,9 +19,18 @@ def checkpoint(tmp_path_factory):
     argv = ["--corpus", str(root / "corpus.txt"),
             "--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
             "--vocab-size", "1000", "--batch", "8", "--max-steps", "2", "--no-progress", "--out",
-            str(root / "run")]
+            str(root / "run"), "--threads", "1"]
+    n = torch.get_num_threads()
     assert pretrain.main(argv) == 0
+    torch.set_num_threads(n)
     return str(root / "run")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def test_scores_against_hand_computation():
@@ -36,7 +46,7 @@ def test_scores_against_hand_computation():
 def test_finetune_runs_and_reports(checkpoint, task, tmp_path, capsys):
     args = finetune.build_parser().parse_args(["--checkpoint", checkpoint, "--task", task, "--epochs", "1",
                                                "--max-steps", "4", "--batch", "8", "--seq-len", "64",
-                                               "--out", str(tmp_path / "ft")])
+                                               "--threads", "1", "--out", str(tmp_path / "ft")])
     res = finetune.run(args)
     last = res["history"][-1]
     assert 0.0 <= last["accuracy"] <= 1.0 and 0.0 <= last["macro_f1"] <= 1.0

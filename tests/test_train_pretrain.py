@@ -14,7 +14,16 @@ from fastbert.train.vocab import SPECIALS
 # a model small enough for CPU CI: 1 layer, hidden 32; on CPU (bit-identical resume is a CPU promise),
 # test_pretrain_on_cuda covers the device
 TINY = ["--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
-        "--vocab-size", "2000", "--batch", "8", "--no-progress", "--log-every", "1", "--device", "cpu"]
+        "--vocab-size", "2000", "--batch", "8", "--no-progress", "--log-every", "1", "--device", "cpu",
+        "--threads", "1"]  # one thread: these models are too small to gain from more, and a busy CI
+# machine makes intra-op threads wait on each other
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
