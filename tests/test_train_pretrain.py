@@ -236,3 +236,14 @@ def test_bert_pytorch_corpus_and_vocab(cache, tmp_path):
     res = pretrain.run(args)
     assert res["step"] == 3 and res["vocab"].kind == "word" and len(res["vocab"]) == len(vocab)
     assert res["config"].vocab_size == len(vocab)
+
+
+def test_activation_checkpointing_same_training(cache, tmp_path):
+    """Recomputing the blocks in backward (RNG state restored, so dropout too) changes no number."""
+    common = ["--max-steps", "3", "--layers", "2", "--dropout", "0.1", "--save-every", "100"]
+    plain = _run(common, cache[0], tmp_path / "plain")
+    ckpt = _run(common + ["--checkpoint-activations"], cache[0], tmp_path / "ckpt")
+    for a, b in zip(plain["history"], ckpt["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for (k, p), q in zip(plain["model"].state_dict().items(), ckpt["model"].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
