@@ -207,3 +207,20 @@ class TestBadInput:
             BertConfig(10, preset="roberta")
         with pytest.raises(ValueError, match="not divisible"):
             fastbert.BERT(10, hidden=30, attn_heads=4)
+
+
+def test_gradients_match_bert_pytorch_including_padding_rows():
+    vocab = 90
+    theirs = bp.BERT(vocab, 64, 2, 4).double().eval()  # eval: no dropout; autograd still works
+    ours = fastbert.BERT(vocab, 64, 2, 4).double().eval()
+    ours.load_state_dict(theirs.state_dict())
+    x, seg = random_batch(vocab, 3, 21)
+    w = torch.randn(3, 21, 64, dtype=torch.float64)
+    (theirs(x, seg) * w).sum().backward()
+    ours.unpad = False
+    (ours(x, seg) * w).sum().backward()
+    their_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, their_grads[name].grad, atol=1e-9, rtol=1e-7), name
+    assert torch.all(ours.embedding.token.weight.grad[0] == 0)  # padding_idx rows get no gradient
+    assert torch.all(ours.embedding.segment.weight.grad[0] == 0)

@@ -24,7 +24,6 @@ Ids outside their table raise ValueError on every device.
 """
 
 import torch
-import torch.nn.functional as F
 
 from fastbert import _ext
 from fastbert.ops._backend import backend
@@ -35,19 +34,10 @@ _OP = "embedding_gather"
 
 def _reference(input_ids, token_weight, position_weight, segment_ids, segment_weight, position_ids,
                ln_weight, ln_bias, eps, dropout_p, padding_idx, segment_padding_idx):
-    if padding_idx is None and segment_padding_idx is None:
-        return ref.embed(input_ids, token_weight, position_weight, segment_ids, segment_weight,
-                         position_ids=position_ids, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
-                         dropout_p=dropout_p)
-    seq = input_ids.shape[1]
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=input_ids.device)
-    x = F.embedding(input_ids, token_weight, padding_idx) + position_weight[position_ids]
-    if segment_ids is not None:
-        x = x + F.embedding(segment_ids, segment_weight, segment_padding_idx)
-    if ln_weight is not None:
-        x = ref.layer_norm(x, ln_weight, ln_bias, eps)
-    return F.dropout(x, dropout_p) if dropout_p > 0 else x
+    return ref.embed(input_ids, token_weight, position_weight, segment_ids, segment_weight,
+                     position_ids=position_ids, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
+                     dropout_p=dropout_p, padding_idx=padding_idx,
+                     segment_padding_idx=segment_padding_idx)
 
 
 def _use_op(input_ids) -> bool:

@@ -138,6 +138,8 @@ class Embedding(nn.Module):
             ln_bias=None if norm is None else norm.b_2,
             eps=self.cfg.layer_norm_eps,
             dropout_p=self.cfg.emb_dropout if self.training else 0.0,
+            padding_idx=self.token.padding_idx,
+            segment_padding_idx=self.segment.padding_idx,
         )
 
 

@@ -82,18 +82,20 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
 
 
 def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None,
-          position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0):
+          position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0, *,
+          padding_idx=None, segment_padding_idx=None):
     """token[ids] + position[pos] + segment[seg], then optional LayerNorm and dropout.
 
     input_ids [B, S] int; token_weight [V, N]; position_weight [P, N] (rows 0..S-1 used unless
     position_ids [B, S] or [S] is given); segment_ids [B, S] int with segment_weight [G, N].
+    padding_idx / segment_padding_idx: rows that get no gradient, as nn.Embedding(padding_idx=...).
     """
     seq = input_ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(seq, device=input_ids.device)
-    x = token_weight[input_ids] + position_weight[position_ids]
+    x = F.embedding(input_ids, token_weight, padding_idx) + position_weight[position_ids]
     if segment_ids is not None:
-        x = x + segment_weight[segment_ids]
+        x = x + F.embedding(segment_ids, segment_weight, segment_padding_idx)
     if ln_weight is not None:
         x = layer_norm(x, ln_weight, ln_bias, eps)
     if dropout_p > 0.0:
