@@ -29,9 +29,10 @@ tensor-core products: about fp32 accuracy) unless torch.backends.cuda.matmul.all
 "tf32", about 1e-3 relative error); fp16/bf16 dots take the tensor cores with fp32 accumulation.
 
 Dropout: counter-based Philox (tl.philox, 10 rounds) keyed by a 64-bit seed; counters are
-(key position j, query position i, b * H + h, offset) with positions inside the sequence, so the
-forward, both backward kernels, dropout_keep_mask() and padded/varlen runs of the same batch draw
-the same keep bits. keep_ij = (philox >> 1) >= floor(p * 2^31). dropout_p = 0 compiles without RNG.
+(key quad j // 4, query position i, b * H + h, offset) with positions inside the sequence, and one
+call's four output words serve four neighbouring keys, so the forward, both backward kernels,
+dropout_keep_mask() and padded/varlen runs of the same batch draw the same keep bits.
+keep_ij = (word >> 1) >= floor(p * 2^31). dropout_p = 0 compiles without RNG.
 """
 
 import os
@@ -156,13 +157,20 @@ def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
-def _keep(seed, rng_offset, bh, rows, cols, thresh):
-    """Dropout keep bits for query positions rows and key positions cols (broadcast to a tile)."""
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
+def _keep(seed, rng_offset, bh, rows, cols, col0, thresh):
+    """Dropout keep bits [R, C] for query positions rows [R] and key positions cols [C] = col0 +
+    arange(C), col0 a multiple of 4. One Philox call (counters: key quad j // 4, query position,
+    b * H + h, offset) gives four 32-bit words, used by keys 4c, 4c + 2, 4c + 1, 4c + 3 (the
+    order the joins below interleave them); keep = (word >> 1) >= floor(p * 2^31)."""
+    R: tl.constexpr = rows.shape[0]
+    C: tl.constexpr = cols.shape[0]
+    quads = col0 // 4 + tl.arange(0, C // 4)
+    c0 = (quads[None, :] + rows[:, None] * 0).to(tl.uint32)  # [R, C/4]
+    c1 = (rows[:, None] + quads[None, :] * 0).to(tl.uint32)
     c2 = (c0 * 0 + bh).to(tl.uint32)
     c3 = (c0 * 0 + rng_offset).to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [R, C])  # [R, C/4, 2, 2] -> [R, C]
     return (r >> 1).to(tl.int32, bitcast=True) >= thresh
 
 
@@ -193,7 +201,7 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], cols[None, :], drop_thresh), p, 0.0)
+        p = tl.where(_keep(seed, rng_offset, bh, offs_m, cols, start_n, drop_thresh), p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -297,7 +305,7 @@ def _attn_bwd_pre(O, DO, DELTA, sob, sos, soh, sdb, sds, sdh, slb, slh, SEQINFO,
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows, offs_m, offs_n,
-               offs_d, sqs, sds, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+               key0, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
                LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     rows = start_m + offs_m  # query positions [BLOCK_M]
@@ -315,7 +323,7 @@ def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_r
         p_t = tl.where(kpad[:, None], 0.0, p_t)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM] = (dO V^T)^T
     if DROPOUT:
-        keep_t = _keep(seed, rng_offset, bh, rows[None, :], offs_n[:, None], drop_thresh)
+        keep_t = tl.trans(_keep(seed, rng_offset, bh, rows, offs_n, key0, drop_thresh))
         pz_t = tl.where(keep_t, p_t * drop_scale, 0.0)
         dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
     else:
@@ -366,12 +374,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
         m_full = (n_rows // BLOCK_M) * BLOCK_M
         for start_m in range(0, m_full, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows,
-                                offs_m, offs_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
+                                offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
                                 drop_thresh, drop_scale, False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
                                 DOT_PREC)
         if m_full < n_rows:
             dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, m_full, n_rows,
-                                offs_m, offs_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
+                                offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
                                 drop_thresh, drop_scale, True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
                                 DOT_PREC)
         live = offs_n < k_len
@@ -404,7 +412,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, of
         p = tl.where(valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
     if DROPOUT:
-        keep = _keep(seed, rng_offset, bh, offs_m[:, None], cols[None, :], drop_thresh)
+        keep = _keep(seed, rng_offset, bh, offs_m, cols, start_n, drop_thresh)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -470,7 +478,7 @@ def _keep_mask_kernel(OUT, H, SEQ, seed, rng_offset, drop_thresh,
     bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, rng_offset, bh, rows[:, None], cols[None, :], drop_thresh)
+    keep = _keep(seed, rng_offset, bh, rows, cols, pid_n * BLOCK_N, drop_thresh)
     ptrs = OUT + bh.to(tl.int64) * SEQ * SEQ + rows[:, None] * SEQ + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < SEQ) & (cols[None, :] < SEQ))
 
