@@ -100,7 +100,7 @@ def build_parser(p=None):
                    "neither --max-steps nor --epochs is given); counted from the first step")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on "
                    "CUDA, fp32 on CPU)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
     t.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP under torchrun")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -368,7 +368,9 @@ def run(args):
             torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
         _log(rank, f"resumed from {ckpt_path} at step {step}")
         del ckpt
-    forward = torch.compile(wrapped) if args.compile else wrapped
+    if args.compile:  # the encoder, in place (state dict keys unchanged), shapes dynamic: batches vary
+        model.bert.compile(dynamic=True)
+    forward = wrapped
     amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype),
                enabled=dtype != "fp32")
     special = (vocab.unk_id, vocab.cls_id, vocab.sep_id, vocab.mask_id)
