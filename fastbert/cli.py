@@ -1,7 +1,7 @@
 """The `fastbert` command: vocab, pretrain, finetune.
 
     fastbert vocab --corpus FILE [--vocab-size 8000] [--out vocab.txt]
-    fastbert pretrain [options]      (no options: embedded corpus, mini model, about 2 minutes)
+    fastbert pretrain [options]      (no options: embedded corpus, small model, about 2 minutes)
     fastbert finetune --checkpoint CKPT [--train FILE] [--task sequence|token]
 
 `fastbert <command> -h` lists each command's options.
@@ -14,7 +14,7 @@ import sys
 def _vocab(argv):
     from fastbert.train.data import CorpusError
     from fastbert.train.pretrain import DEFAULT_CORPUS
-    from fastbert.train.vocab import VocabError, read_vocab, train_vocab
+    from fastbert.train.vocab import SPECIALS, VocabError, read_vocab, train_vocab
 
     p = argparse.ArgumentParser(prog="fastbert vocab", description="Train a WordPiece vocabulary with the "
                                 "tokenizers library, or convert a bert_pytorch WordVocab pickle / vocab.txt.")
@@ -29,8 +29,8 @@ def _vocab(argv):
         if args.src:
             v = read_vocab(args.src, lowercase=not args.cased)
         else:
-            if args.vocab_size <= len("xxxxx"):
-                raise VocabError(f"--vocab-size {args.vocab_size} is too small")
+            if args.vocab_size <= len(SPECIALS):
+                raise VocabError(f"--vocab-size {args.vocab_size} leaves no room beside the special tokens")
             v = train_vocab(args.corpus, args.vocab_size, args.min_frequency, lowercase=not args.cased)
         v.save(args.out)
     except (CorpusError, VocabError) as e:
