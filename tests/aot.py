@@ -50,7 +50,7 @@ def _ptx_target(ptx):
 
 def compile_for(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, name=""):
     fn = kernel
-    while not hasattr(fn, "arg_names"):  # unwrap @triton.autotune / @triton.heuristics
+    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune / heuristics
         fn = fn.fn
     sig = dict(signature)
     for key in constexprs:
