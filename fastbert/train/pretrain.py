@@ -314,6 +314,7 @@ def run(args):
         shard = cached_shard(corpus, vocab, cache, fmt, progress=False)
     micro = args.accum * world
     pairs = args.pairs if args.pairs != "auto" else ("sentence" if fmt == "tab" else "packed")
+    args._pairs = pairs
     data = PretrainData(shard, args.seq_len, args.batch, micro, args.seed, vocab.cls_id, vocab.sep_id,
                         segments=(1, 2) if cfg.preset == "bert_pytorch" else (0, 1), pairs=pairs)
     spe = data.steps_per_epoch
@@ -367,6 +368,14 @@ def run(args):
         if device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
         _log(rank, f"resumed from {ckpt_path} at step {step}")
+        old = ckpt.get("args", {})
+        now = {"corpus": os.path.abspath(corpus), "seq_len": args.seq_len, "seed": args.seed, "pairs": pairs,
+               "global_batch": data.global_batch}
+        changed = {k: (old.get(k), v) for k, v in now.items() if k in old and old[k] != v}
+        if changed:
+            _log(rank, "warning: the data options differ from the checkpoint's, so the data order is not "
+                       "the one the run would have seen: "
+                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         del ckpt
     if args.compile:  # the encoder, in place (state dict keys unchanged), shapes dynamic: batches vary
         model.bert.compile(dynamic=True)
@@ -550,7 +559,9 @@ def _save(args, ckpt_dir, step, model, optimizer, scheduler, scaler, cfg, vocab,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "config": asdict(cfg), "vocab": vocab.to_dict(), "vocab_fingerprint": vocab.fingerprint(),
                  "rng": {"cpu": cpu_states, "cuda": cuda_states},
-                 "args": {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}}
+                 "args": {**{k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)},
+                          "corpus": os.path.abspath(args.corpus), "pairs": getattr(args, "_pairs", None),
+                          "global_batch": args.batch * args.accum * world}}
         save_checkpoint(ckpt_dir, step, state, keep=args.keep)
     _barrier(world)
 
