@@ -63,10 +63,31 @@ def _backward(ctx, dy):
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerBiasGelu(torch.autograd.Function):
+    """The custom op's forward and backward without the dispatcher (tens of microseconds of host
+    time per call). Eager mode uses this; torch.compile traces the custom ops."""
+
+    @staticmethod
+    def forward(x, bias, approximate):
+        return _k.bias_gelu_fwd(x, bias, approximate, validate=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, dbias = _k.bias_gelu_bwd(dy, x, bias, ctx.approximate)
+        return dx, dbias, None
+
+
 def bias_gelu(x, bias, approximate="none"):
     if approximate not in ref.GELU_FORMS:
         raise ValueError(f"bias_gelu approximate={approximate!r}; expected one of {ref.GELU_FORMS}")
     if not use_triton(x):
         return ref.bias_gelu(x, bias, approximate)
     _k.check_inputs(x, bias, approximate)
-    return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate)
+    return _EagerBiasGelu.apply(x, bias, approximate)

@@ -80,13 +80,13 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, weight.dtype, bias.dtype)
 
 
-def _backward(ctx, dy, ds, _dmean, _drstd):
+def _backward(ctx, dy, ds, _dmean, _drstd, bwd=None):
     s, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(s)
     dsum_out = ds if ctx.has_residual and ds is not None else None
-    dsum, dx, dw, db = torch.ops.fastbert.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, seed,
-                                                         ctx.unbiased, ctx.dropout_p)
+    bwd = bwd or torch.ops.fastbert.layer_norm_bwd
+    dsum, dx, dw, db = bwd(dy, dsum_out, s, weight, mean, rstd, seed, ctx.unbiased, ctx.dropout_p)
     x_dtype, r_dtype, _, b_dtype = ctx.dtypes
     dres = dsum.to(r_dtype) if ctx.has_residual else None
     dx = (dx if ctx.dropout_p > 0.0 else dsum).to(x_dtype)
@@ -94,6 +94,30 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_bwd(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p):
+    return _k.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased, dropout_p, seed)
+
+
+class _EagerLayerNorm(torch.autograd.Function):
+    """The custom op's forward and backward without the dispatcher (tens of microseconds of host
+    time per call, more than the kernel at BERT sizes). Eager mode uses this; torch.compile traces
+    the custom ops."""
+
+    @staticmethod
+    def forward(x, weight, bias, residual, seed, eps, unbiased, dropout_p):
+        return _k.layer_norm_fwd(x, weight, bias, eps, residual, unbiased, dropout_p, seed,
+                                 validate=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    @staticmethod
+    def backward(ctx, dy, ds, dmean, drstd):
+        return _backward(ctx, dy, ds, dmean, drstd, bwd=_kernel_bwd)
 
 
 def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropout_p=0.0):
@@ -107,6 +131,9 @@ def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropo
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    y, s, _, _ = torch.ops.fastbert.layer_norm_fwd(x, weight, bias, residual, seed, float(eps),
-                                                   variant == "bert_pytorch", float(dropout_p))
+    args = (x, weight, bias, residual, seed, float(eps), variant == "bert_pytorch", float(dropout_p))
+    if torch.compiler.is_compiling():
+        y, s, _, _ = torch.ops.fastbert.layer_norm_fwd(*args)
+    else:
+        y, s, _, _ = _EagerLayerNorm.apply(*args)
     return y if residual is None else (y, s)
