@@ -7,7 +7,6 @@ FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
   reference  the pure-PyTorch reference everywhere.
 """
 
-import functools
 import os
 
 import torch
@@ -22,13 +21,19 @@ def backend() -> str:
     return name
 
 
-@functools.cache
-def triton_available() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+_TRITON = _probe_triton()  # a constant, so torch.compile traces use_triton without warnings
+
+
+def triton_available() -> bool:
+    return _TRITON
 
 
 def interpreting() -> bool:

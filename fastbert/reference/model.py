@@ -256,17 +256,23 @@ class Encoder(nn.Module):
         if input_ids.shape[1] > cfg.max_position:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
                              f"({cfg.max_position})")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if segment_ids is not None and segment_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"segment ids must be int64/int32, got {segment_ids.dtype}")
+        if segment_ids is not None and segment_ids.shape != input_ids.shape:
+            raise ValueError(f"segment ids shape {tuple(segment_ids.shape)} != input ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if torch.compiler.is_compiling():  # value checks would break the graph; embed checks ids too
+            return
+        # one host sync for all four bounds
+        bounds = torch.stack([*torch.aminmax(input_ids)] + (
+            [*torch.aminmax(segment_ids.to(input_ids.dtype))] if segment_ids is not None else []))
+        bounds = bounds.tolist()
+        lo, hi = bounds[0], bounds[1]
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token id out of range: ids span [{lo}, {hi}], vocab_size is "
                              f"{cfg.vocab_size}")
         if segment_ids is not None:
-            if segment_ids.shape != input_ids.shape:
-                raise ValueError(f"segment ids shape {tuple(segment_ids.shape)} != input ids shape "
-                                 f"{tuple(input_ids.shape)}")
-            if segment_ids.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"segment ids must be int64/int32, got {segment_ids.dtype}")
-            lo, hi = int(segment_ids.min()), int(segment_ids.max())
+            lo, hi = bounds[2], bounds[3]
             if lo < 0 or hi >= cfg.type_vocab_size:
                 raise ValueError(f"segment id out of range: ids span [{lo}, {hi}], the segment "
                                  f"table has {cfg.type_vocab_size} rows")
