@@ -48,14 +48,21 @@ def _ptx_target(ptx):
     return re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
 
 
-def compile_for(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, name=""):
+def compile_for(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, name="", divisible=None):
+    """divisible: None compiles without specialisation; an iterable of integer argument names
+    compiles as a launch does when every pointer and those integers are multiples of 16 (the
+    specialisation that vectorises loads; pass () for pointers only)."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune / heuristics
         fn = fn.fn
     sig = dict(signature)
     for key in constexprs:
         sig[key] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    attrs = None
+    if divisible is not None:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+                 if arg in signature and (signature[arg].startswith("*") or arg in divisible)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]

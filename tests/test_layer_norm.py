@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -350,31 +349,12 @@ BWD_SIG = {"DY": "*bf16", "DS": "*bf16", "S": "*bf16", "W": "*fp32", "MEAN": "*f
 
 
 def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
-    """Like tests/aot.compile_for, plus the 16-divisibility specialisation the launcher gets at run
-    time for every pointer and for the integer arguments in `divisible` (N % 16 == 0 vectorises;
-    odd N does not, so both are compiled). Returns (registers, spill bytes st+ld, shared bytes)."""
-    import triton
-    from aot import _ptx_target, _ptxas
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """tests/aot.compile_for with the 16-divisibility specialisation a launch gets (N % 16 == 0
+    vectorises, odd N does not: both are compiled). Returns (registers, spill bytes, shared bytes)."""
+    from aot import compile_for
 
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if name in signature and (signature[name].startswith("*") or name in divisible)}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": 1})
-    ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={_ptx_target(ptx)}", path, "-o",
-                              os.path.join(d, "k.o")], capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return regs, spills, int(k.metadata.shared)
+    r = compile_for(kernel, signature, constexprs, arch, num_warps, num_stages=1, divisible=divisible)
+    return r.registers, r.spill_stores + r.spill_loads, r.shared
 
 
 def ln_aot_variants():
