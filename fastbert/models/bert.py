@@ -30,11 +30,7 @@ class Encoder(ReferenceEncoder):
         self.unpad = unpad
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
-        self.check_inputs(input_ids, segment_ids)
-        if segment_ids is None:
-            segment_ids = torch.zeros_like(input_ids)
-        pad = self.key_padding_mask(input_ids, attention_mask)
-        x = self.embedding(input_ids, segment_ids, position_ids)  # [B, S, N]
+        x, pad = self.embed(input_ids, segment_ids, attention_mask, position_ids)  # [B, S, N]
         unpad = self.unpad if self.unpad != "auto" else use_triton(x)
         if pad is None or not unpad:
             for block in self.transformer_blocks:

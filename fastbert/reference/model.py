@@ -277,12 +277,16 @@ class Encoder(nn.Module):
                 raise ValueError(f"segment id out of range: ids span [{lo}, {hi}], the segment "
                                  f"table has {cfg.type_vocab_size} rows")
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+    def embed(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+        """Checked inputs -> (embeddings [B, S, N], key padding mask [B, S] or None)."""
         self.check_inputs(input_ids, segment_ids)
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
         pad = self.key_padding_mask(input_ids, attention_mask)
-        x = self.embedding(input_ids, segment_ids, position_ids)  # [B, S, N]
+        return self.embedding(input_ids, segment_ids, position_ids), pad
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+        x, pad = self.embed(input_ids, segment_ids, attention_mask, position_ids)  # [B, S, N]
         for block in self.transformer_blocks:
             x = block(x, pad)
         return x
