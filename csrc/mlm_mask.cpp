@@ -124,7 +124,15 @@ void mlm_rows(const MlmParams& p) {
 template <typename index_t>
 void check_ids(const at::Tensor& ids, int64_t vocab) {
   const auto* x = ids.data_ptr<index_t>();
-  for (int64_t t = 0; t < ids.numel(); ++t) {
+  const int64_t n = ids.numel();
+  if (n == 0) return;
+  index_t lo = x[0], hi = x[0];
+  for (int64_t t = 1; t < n; ++t) {  // branch-free min/max first; the slow loop only on failure
+    lo = std::min(lo, x[t]);
+    hi = std::max(hi, x[t]);
+  }
+  if (lo >= 0 && static_cast<int64_t>(hi) < vocab) return;
+  for (int64_t t = 0; t < n; ++t) {
     TORCH_CHECK_VALUE(x[t] >= 0 && x[t] < vocab, "input_ids out of range: id ", static_cast<int64_t>(x[t]),
                       " at flat position ", t, " is outside [0, ", vocab, ")");
   }
