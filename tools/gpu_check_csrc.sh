@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check of the C++/CUDA ops (one call on a GPU machine): build fastbert._C with its CUDA
 # kernels, check that C++ errors reach Python, run the op tests and the op benchmarks.
-# Usage: bash csrc/gpu_check.sh OUTDIR
+# Usage: bash tools/gpu_check_csrc.sh OUTDIR
 set -u -o pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,8 +20,8 @@ repro() {
   local bad=0
   for c in "mlm vocab 0 (mlm_args check)" "mlm bad id (check_ids)" "embed 1-D ids (embed_args)" \
            "embed bad id (check_ids_cpu)"; do
-    python3 csrc/gpu_repro.py "$c" 2>&1 | tail -4 || true
-    python3 csrc/gpu_repro.py "$c" >/dev/null 2>&1 || bad=1
+    python3 tools/csrc_error_check.py "$c" 2>&1 | tail -4 || true
+    python3 tools/csrc_error_check.py "$c" >/dev/null 2>&1 || bad=1
   done
   return $bad
 }
