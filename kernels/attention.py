@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import allocator, cdiv, next_power_of_2
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
@@ -490,11 +492,11 @@ MODE_DENSE, MODE_MASKED, MODE_VARLEN = 0, 1, 2
 
 
 def _block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _seq_bucket(n):
-    return min(max(16, triton.next_power_of_2(max(int(n), 1))), 8192)
+    return min(max(16, next_power_of_2(max(int(n), 1))), 8192)
 
 
 def _dot_prec(x):
@@ -508,17 +510,6 @@ def _dot_prec(x):
 def _drop_params(dropout_p):
     thresh = min(int(dropout_p * 2**31), 2**31 - 1)
     return thresh, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
-
-
-def _poison():
-    return os.environ.get("FASTBERT_POISON", "0") == "1"
-
-
-def _new(shape, like, dtype=None):
-    dtype = dtype or like.dtype
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _head_strides(x):
@@ -548,8 +539,9 @@ def _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
     batch, heads, rows, dim, lse_shape, (slb, slh) = _geometry(q, mode)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
-    out = _new(q.shape, q)
-    lse = _new(lse_shape, q, torch.float32)
+    new = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
+    out = new(q.shape, q.dtype, q.device)
+    lse = new(lse_shape, torch.float32, q.device)
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_(), lse.fill_(float("inf"))
     seed, offset = _rng_args(rng)
@@ -559,7 +551,7 @@ def _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
     smb = mask.stride(0) if mask is not None else 0
     block_d = _block_d(dim)
     bucket = _seq_bucket(max_seqlen)
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, seqinfo_t, mask_t, *_head_strides(q), *_head_strides(k),
                     *_head_strides(v), *_head_strides(out), slb, slh, smb,
                     heads, rows if mode != MODE_VARLEN else 0, bucket, scale * LOG2E, seed, offset, thresh,
@@ -574,7 +566,8 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
         batch = seqinfo.numel() - 1
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = _new(q.shape, q), _new(q.shape, q), _new(q.shape, q)
+    new = allocator()
+    dq, dk, dv = (new(q.shape, q.dtype, q.device) for _ in range(3))
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _rng_args(rng)
@@ -585,9 +578,9 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
     block_d = _block_d(dim)
     bucket = _seq_bucket(max_seqlen)
     seq_arg = rows if mode != MODE_VARLEN else 0
-    delta = _new(lse_shape, q, torch.float32)
+    delta = new(lse_shape, torch.float32, q.device)
     pre_bm = 64
-    _attn_bwd_pre[(triton.cdiv(max_seqlen, pre_bm), batch * heads)](
+    _attn_bwd_pre[(cdiv(max_seqlen, pre_bm), batch * heads)](
         out, dout, delta, *_head_strides(out), *_head_strides(dout), slb, slh, seqinfo_t, mask_t, smb,
         heads, seq_arg,
         HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, BLOCK_M=pre_bm)
@@ -596,9 +589,9 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
               seed, offset, thresh, drop_scale)
     meta = dict(HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
                 DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
-    grid_n = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), batch * heads)  # noqa: E731
+    grid_n = lambda m: (cdiv(max_seqlen, m["BLOCK_N"]), batch * heads)  # noqa: E731
     _attn_bwd_dkdv[grid_n](q, k, v, dout, dk, dv, lse, delta, seqinfo_t, mask_t, *common, **meta)
-    grid_m = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid_m = lambda m: (cdiv(max_seqlen, m["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_bwd_dq[grid_m](q, k, v, dout, dq, lse, delta, seqinfo_t, mask_t, *common, **meta)
     return dq, dk, dv
 
@@ -693,7 +686,7 @@ def dropout_keep_mask(rng, dropout_p, batch, heads, seqlen, device="cpu"):
     out = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.int8, device=device)
     if out.numel():
         bm = 32
-        grid = (triton.cdiv(seqlen, bm), triton.cdiv(seqlen, bm), batch * heads)
+        grid = (cdiv(seqlen, bm), cdiv(seqlen, bm), batch * heads)
         _keep_mask_kernel[grid](out, heads, seqlen, seed, offset, thresh, BLOCK_M=bm, BLOCK_N=bm)
     return out.bool()
 

@@ -20,11 +20,12 @@ order (so the result is the same run to run) and casts to the parameter dtype.
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._host import allocator, cdiv, next_power_of_2
 
 MAX_HIDDEN = 8192
 MIN_BLOCK = 256
@@ -39,7 +40,7 @@ def ln_settings(n, device=None):
     so that a tile holds >= TILE elements and each thread about 8 of them (16 at n > 4096, where
     16 warps is the limit). Elsewhere (the interpreter, whose cost is ~20 ms per program) tiles of
     32 rows; the kernel code is the same, and the tests also run the CUDA configs in the interpreter."""
-    block_n = max(triton.next_power_of_2(n), MIN_BLOCK)
+    block_n = max(next_power_of_2(n), MIN_BLOCK)
     if device is not None and torch.device(device).type != "cuda":
         return 32, block_n, 4
     block_m = max(1, TILE // block_n)
@@ -73,13 +74,6 @@ def bwd_programs(tiles, device, num_warps=8):
         per_sm = max(1, 65536 // (REGS_ESTIMATE * 32 * num_warps))
         return max(1, min(tiles, per_sm * sm_count(device.index or 0)))
     return max(1, min(tiles, 4))
-
-
-def _alloc(shape, dtype, device):
-    """Outputs are NaN-poisoned when FASTBERT_POISON=1 so that unwritten elements fail the tests."""
-    if os.environ.get("FASTBERT_POISON", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check_float(name, t):
@@ -313,7 +307,7 @@ def column_sums(part, out0, out1):
     """out0[c] = part[0].sum(0)[c], out1[c] = part[1].sum(0)[c] (fp32 accumulation, fixed order)."""
     _, g, n = part.shape
     block_g, block_c, warps = COLSUM_CONFIG
-    _column_sum_kernel[(triton.cdiv(n, block_c), 2)](part, out0, out1, g, n, BLOCK_G=block_g,
+    _column_sum_kernel[(cdiv(n, block_c), 2)](part, out0, out1, g, n, BLOCK_G=block_g,
                                                      BLOCK_C=block_c, num_warps=warps)
     return out0, out1
 
@@ -322,7 +316,7 @@ def column_sum(part, out):
     """out[c] = part.sum(0)[c] for part [G, N] fp32 (one plane of the kernel above)."""
     g, n = part.shape
     block_g, block_c, warps = COLSUM_CONFIG
-    _column_sum_kernel[(triton.cdiv(n, block_c), 1)](part, out, out, g, n, BLOCK_G=block_g,
+    _column_sum_kernel[(cdiv(n, block_c), 1)](part, out, out, g, n, BLOCK_G=block_g,
                                                      BLOCK_C=block_c, num_warps=warps)
     return out
 
@@ -344,6 +338,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
     m = x.numel() // n
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     store_sum = residual is not None or has_dropout
+    _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     y = _alloc(x.shape, out_dtype, x.device)
     s = _alloc(x.shape if store_sum else (0,), out_dtype, x.device)
     mean = _alloc(x.shape[:-1], torch.float32, x.device)
@@ -351,7 +346,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
     if m == 0:
         return y, s, mean, rstd
     block_m, block_n, warps = config or ln_settings(n, x.device)
-    _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _ln_fwd_kernel[(cdiv(m, block_m),)](
         x, x if residual is None else residual, weight, bias, y, s if store_sum else y, mean, rstd,
         seed if has_dropout else mean, m, n, float(eps), float(dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
@@ -375,15 +370,16 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
     if dsum_out is not None:
         dsum_out = dsum_out.contiguous()
     has_dropout = dropout_p > 0.0
+    _alloc = allocator()
     dsum = _alloc(s.shape, s.dtype, s.device)
     dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
     if m == 0:
         return (dsum, dx, torch.zeros(n, dtype=weight.dtype, device=weight.device),
                 torch.zeros(n, dtype=bias_dtype, device=weight.device))
     block_m, block_n, warps = config or ln_settings(n, s.device)
-    g = programs or bwd_programs(triton.cdiv(m, block_m), s.device, warps)
-    rows_per_program = triton.cdiv(triton.cdiv(m, g), block_m) * block_m
-    g = triton.cdiv(m, rows_per_program)
+    g = programs or bwd_programs(cdiv(m, block_m), s.device, warps)
+    rows_per_program = cdiv(cdiv(m, g), block_m) * block_m
+    g = cdiv(m, rows_per_program)
     part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
     _ln_bwd_kernel[(g,)](
         dy, dy if dsum_out is None else dsum_out, s, weight, mean, rstd, dsum,
