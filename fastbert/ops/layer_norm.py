@@ -21,7 +21,6 @@ Bad input on the Triton path raises ValueError naming the problem before any ker
 from typing import Optional  # custom_op schema inference: Optional[Tensor] works on every torch
 
 import torch
-import torch.nn.functional as F
 
 from fastbert.reference import ops as ref
 
@@ -123,9 +122,7 @@ def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropo
     if variant not in ref.LN_VARIANTS:
         raise ValueError(f"layer_norm variant {variant!r}; expected one of {ref.LN_VARIANTS}")
     if not use_triton(x):
-        if dropout_p > 0.0:
-            x = F.dropout(x, dropout_p)
-        return ref.layer_norm(x, weight, bias, eps, residual=residual, variant=variant)
+        return ref.layer_norm(x, weight, bias, eps, residual=residual, variant=variant, dropout_p=dropout_p)
     _k.check_inputs(x, weight, bias, residual, variant, dropout_p)
     seed = None
     if dropout_p > 0.0:

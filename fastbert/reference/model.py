@@ -109,9 +109,9 @@ class LayerNorm(nn.Module):
         self.variant = variant
         self.ops = ops
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, dropout_p=0.0):
         return self.ops.layer_norm(x, self.a_2, self.b_2, self.eps, residual=residual,
-                                   variant=self.variant)
+                                   variant=self.variant, dropout_p=dropout_p)
 
 
 class Embedding(nn.Module):
@@ -198,16 +198,20 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        # a dropout followed by a residual add and a LayerNorm runs inside the norm op (one fused
+        # kernel on the Triton path; F.dropout then the norm in the reference, the same RNG draws
+        # in the same order as a separate nn.Dropout)
         norm1, norm2 = self.input_sublayer.norm, self.output_sublayer.norm
         drop = self.dropout
+        p = drop.p if self.training else 0.0
         if self.cfg.preset == "bert_pytorch":  # pre-LN
             a = self.attention(norm1(x), key_padding_mask, cu_seqlens, max_seqlen)
-            y, h = norm2(drop(a), residual=x)  # h = x + drop(a), y = norm2(h)
+            y, h = norm2(a, residual=x, dropout_p=p)  # h = x + drop(a), y = norm2(h)
             h = h + drop(self.feed_forward(y))
             return drop(h)
         a = self.attention(x, key_padding_mask, cu_seqlens, max_seqlen)  # post-LN
-        h, _ = norm1(drop(a), residual=x)
-        y, _ = norm2(drop(self.feed_forward(h)), residual=h)
+        h, _ = norm1(a, residual=x, dropout_p=p)
+        y, _ = norm2(self.feed_forward(h), residual=h, dropout_p=p)
         return y
 
 

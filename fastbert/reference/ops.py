@@ -14,15 +14,18 @@ LN_VARIANTS = ("standard", "bert_pytorch")
 GELU_FORMS = ("none", "tanh")
 
 
-def layer_norm(x, weight, bias, eps, residual=None, variant="standard"):
-    """LayerNorm over the last dim, optionally of (x + residual).
+def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropout_p=0.0):
+    """LayerNorm over the last dim, optionally of (dropout(x) + residual).
 
     variant "standard": w * (s - mean) / sqrt(var_biased + eps) + b   (torch.nn.LayerNorm, HF BERT)
     variant "bert_pytorch": w * (s - mean) / (std_unbiased + eps) + b (bert_pytorch's LayerNorm)
-    Returns y, or (y, s) with s = x + residual when residual is given (the pre-LN residual stream).
+    dropout_p > 0 applies F.dropout to x first (training; pass 0.0 in eval).
+    Returns y, or (y, s) with s = dropout(x) + residual when residual is given (the residual stream).
     """
     if variant not in LN_VARIANTS:
         raise ValueError(f"layer_norm variant {variant!r}; expected one of {LN_VARIANTS}")
+    if dropout_p > 0.0:
+        x = F.dropout(x, dropout_p)
     s = x if residual is None else x + residual
     mean = s.mean(-1, keepdim=True)
     if variant == "standard":

@@ -1,0 +1,153 @@
+"""The whole fast encoder on its fused path against the reference encoder (same weights).
+
+tests/test_model.py checks fastbert against bert_pytorch and transformers on the default CPU path
+(the reference ops). This file runs the path CUDA tensors take: the Triton LayerNorm (with fused
+dropout + residual), bias+GELU and attention kernels, and the unpadded varlen encoder. On CUDA the
+compiled kernels run; without CUDA the kernels run in the Triton interpreter (conftest sets
+TRITON_INTERPRET=1, the `triton_backend` fixture routes CPU tensors to them). Tiny models keep the
+interpreter fast: 2 layers, hidden 32, 2 heads (head dim 16), batches with padding.
+Tolerances: fp32 outputs 2e-5; gradients 1e-4 of the largest gradient of each tensor (at least 1e-6
+absolute: the key bias's true gradient is zero, softmax ignores a per-query constant).
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.reference.model import BertConfig
+from fastbert.reference.model import Encoder as ReferenceEncoder
+from fastbert.train.heads import PretrainModel
+
+CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
+VOCAB, HIDDEN, LAYERS, HEADS = 100, 32, 2, 2
+
+
+@pytest.fixture(autouse=True)
+def fused(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    yield
+
+
+def config(preset, dropout=0.0):
+    if preset == "hf":
+        return BertConfig.hf(VOCAB, HIDDEN, LAYERS, HEADS, 2 * HIDDEN, dropout=dropout, attn_dropout=dropout,
+                             emb_dropout=dropout)
+    return BertConfig.bert_pytorch(VOCAB, HIDDEN, LAYERS, HEADS, dropout=dropout, attn_dropout=dropout,
+                                   emb_dropout=dropout)
+
+
+def pair(preset, dropout=0.0, unpad="auto"):
+    """(reference encoder, fast encoder) with the same random weights, on DEVICE."""
+    cfg = config(preset, dropout)
+    ref = ReferenceEncoder(cfg)
+    with torch.no_grad():  # biases and norms off their init values, so every parameter matters
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fast = fastbert.Encoder(cfg, unpad=unpad)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref.to(DEVICE), fast.to(DEVICE)
+
+
+def batch(preset, rows=4, seq=13, seed=None):
+    """Right-padded ids (every row keeps >= 1 token, one row full), segments and, for hf, the mask."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+    lengths = torch.randint(1, seq + 1, (rows,), generator=g)
+    lengths[0] = seq
+    real = torch.arange(seq)[None, :] < lengths[:, None]
+    ids = torch.randint(1, VOCAB, (rows, seq), generator=g) * real
+    second = torch.arange(seq)[None, :] >= (lengths[:, None] + 1) // 2
+    if preset == "hf":
+        seg, mask = second.long(), real.long()
+    else:
+        seg, mask = (1 + second.long()) * real, None
+    return tuple(None if t is None else t.to(DEVICE) for t in (ids, seg, mask, real))
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+@pytest.mark.parametrize("unpad", [True, False])
+def test_eval_output_matches_reference(preset, unpad):
+    ref, fast = pair(preset, unpad=unpad)
+    ids, seg, mask, real = batch(preset)
+    ref.eval()
+    fast.eval()
+    with torch.no_grad():
+        want = ref(ids, seg, mask)
+        got = fast(ids, seg, mask)
+    assert got.shape == want.shape
+    assert (got - want)[real].abs().max() <= 2e-5
+    if unpad:
+        assert torch.all(got[~real] == 0), "the unpadded path leaves zeros at padding positions"
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_training_gradients_match_reference(preset):
+    """Train mode with dropout 0: the fused forward and backward give the reference's gradients."""
+    ref, fast = pair(preset)
+    ids, seg, mask, real = batch(preset)
+    w = torch.randn(*ids.shape, HIDDEN, device=DEVICE) * real[..., None]  # loss on real tokens only
+    ref.train()
+    fast.train()
+    (ref(ids, seg, mask) * w).sum().backward()
+    (fast(ids, seg, mask) * w).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        g = ref_params[name].grad
+        if g is None:
+            continue
+        assert p.grad is not None, name
+        err = float((p.grad - g).abs().max())
+        assert err <= 1e-4 * max(float(g.abs().max()), 1e-2), (name, err)
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_training_with_dropout_is_seeded_and_finite(preset):
+    """Fused dropout (attention probabilities, LayerNorm's dropout + residual, embeddings): the same
+    seed gives the same outputs and gradients, another seed other ones, and eval mode none."""
+    _, fast = pair(preset, dropout=0.1)
+    ids, seg, mask, real = batch(preset, seed=1)
+
+    def run(seed):
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = fast(ids, seg, mask)
+        out.square().sum().backward()
+        return out.detach(), fast.transformer_blocks[0].attention.linear_layers[0].weight.grad.clone()
+
+    fast.train()
+    out1, grad1 = run(5)
+    out2, grad2 = run(5)
+    out3, _ = run(6)
+    assert torch.isfinite(out1).all() and torch.isfinite(grad1).all()
+    assert torch.equal(out1, out2) and torch.equal(grad1, grad2)
+    assert not torch.equal(out1[real], out3[real])
+    fast.eval()
+    with torch.no_grad():
+        clean = fast(ids, seg, mask)
+    assert not torch.allclose(out1[real], clean[real])
+
+
+def test_pretrain_model_loss_matches_reference_path(monkeypatch):
+    """The pretraining model (sparse MLM head + NSP) on the fused encoder: same losses and accuracy
+    counts as with the reference ops."""
+    cfg = config("hf")
+    torch.manual_seed(0)
+    model = PretrainModel(cfg).to(DEVICE).eval()
+    ids, seg, mask, real = batch("hf", seed=2)
+    flat_real = real.reshape(-1).nonzero().squeeze(1)
+    pos = flat_real[torch.randperm(flat_real.numel(), device=DEVICE)[:7]].sort().values
+    labels = ids.reshape(-1).index_select(0, pos)
+    with torch.no_grad():
+        fused = model(ids, seg, pos, labels)
+        monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+        reference = model(ids, seg, pos, labels)
+    mlm, correct, nsp = fused
+    mlm_ref, correct_ref, nsp_ref = reference
+    assert torch.isfinite(mlm) and abs(float(mlm) - float(mlm_ref)) <= 1e-4 * max(1.0, abs(float(mlm_ref)))
+    assert int(correct) == int(correct_ref)
+    assert (nsp - nsp_ref).abs().max() <= 2e-5
