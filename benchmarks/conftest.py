@@ -10,8 +10,9 @@
 * CPU threads: FASTBERT_BENCH_THREADS if set, else 1 for --benchmark-disable smoke runs.
 * A time budget (FASTBERT_BENCH_BUDGET_S, seconds from session start; unset means none): once spent,
   the remaining benchmarks are skipped with that reason, so a run under `timeout` still ends
-  normally and writes its JSON. Order: bench_model.py first (the headline numbers), then the per-op
-  files, and every torch.compile baseline (slow to compile) last, so the budget cuts those first.
+  normally and writes its JSON. Order: the headline numbers first (the pretraining step, then
+  bench_model.py's training steps, peak memory and inference), then the per-op files, and every
+  torch.compile baseline (slow to compile) last, so the budget cuts those first.
   `bench_budget.require(s)` skips a test that needs at least s seconds when fewer are left.
 """
 
@@ -60,14 +61,21 @@ _COLLECTED = []  # node ids of the benchmarks in this session, in run order
 _REPORTED = set()  # node ids that reached a result (passed, skipped or failed)
 
 
-def pytest_collection_modifyitems(session, config, items):
-    # stable sort: the whole-model benchmarks (the headline numbers) first, then the per-op ones, and
-    # the torch.compile baselines (slow to compile) last; file and parameter order otherwise
-    def key(item):
-        model = os.path.basename(str(getattr(item, "path", getattr(item, "fspath", "")))) == "bench_model.py"
-        return ("compile" in _provider(item).lower(), not model)
+# the headline numbers, in the order they run: the pretraining step (issue 6's acceptance), the
+# model training step, peak training memory, then the rest of bench_model.py
+HEADLINE = ("bench_data.py::test_pretrain_step", "bench_model.py::test_model[train",
+            "bench_model.py::test_train_peak_memory", "bench_model.py::")
 
-    items.sort(key=key)
+
+def _priority(item):
+    nodeid = item.nodeid.replace("benchmarks/", "")
+    return next((i for i, prefix in enumerate(HEADLINE) if nodeid.startswith(prefix)), len(HEADLINE))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # stable sort: the headline benchmarks first (HEADLINE order), then the per-op ones, and the
+    # torch.compile baselines (slow to compile) last; file and parameter order otherwise
+    items.sort(key=lambda item: ("compile" in _provider(item).lower(), _priority(item)))
 
 
 def pytest_collection_finish(session):
