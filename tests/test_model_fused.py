@@ -5,7 +5,7 @@ tests/test_model.py checks fastbert against bert_pytorch and transformers on the
 dropout + residual), bias+GELU and attention kernels, and the unpadded varlen encoder. On CUDA the
 compiled kernels run; without CUDA the kernels run in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1, the `triton_backend` fixture routes CPU tensors to them). Tiny models keep the
-interpreter fast: 2 layers, hidden 32, 2 heads (head dim 16), batches with padding.
+interpreter fast: 2 layers, hidden 64, 2 heads (head dim 32, a tuned size), batches with padding.
 Tolerances: fp32 outputs 2e-5; gradients 1e-4 of the largest gradient of each tensor (at least 1e-6
 absolute: the key bias's true gradient is zero, softmax ignores a per-query constant).
 """
@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
-VOCAB, HIDDEN, LAYERS, HEADS = 100, 32, 2, 2
+VOCAB, HIDDEN, LAYERS, HEADS = 100, 64, 2, 2
 
 
 @pytest.fixture(autouse=True)
