@@ -60,6 +60,14 @@ def reference(input_ids, token_weight, position_weight, segment_ids=None, segmen
     return x
 
 
+def assert_grad_close(got, want, name):
+    """fp32 gradients that are sums over many tokens (table rows, LayerNorm weight and bias): the
+    summation order differs from the reference's, so the absolute tolerance scales with the largest
+    gradient (its rounding error grows with the number of terms), not with each element."""
+    atol = 1e-5 * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=name)
+
+
 def _grads(fn, ids, kw, grad_out, **extra):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in kw.items() if v.is_floating_point()}
     args = {**kw, **leaves}
@@ -108,7 +116,7 @@ def test_backward_fp32(device, ln, position_ids):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert set(grads) == set(ref_grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert_grad_close(grads[name], ref_grads[name], name)
     assert grads["token_weight"][0].abs().max() == 0  # padding row: no gradient
     assert grads["segment_weight"][0].abs().max() == 0
 
@@ -120,7 +128,7 @@ def test_backward_without_padding_idx_matches_indexing(device):
     _, grads = _grads(ops.embed, ids, kw, grad_out)
     _, ref_grads = _grads(reference, ids, kw, grad_out)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert_grad_close(grads[name], ref_grads[name], name)
     assert grads["token_weight"][0].abs().max() > 0
 
 
@@ -177,7 +185,7 @@ def test_dropout(device):
     _, got = _grads(ops.embed, ids, kw, grad_out, dropout_p=p, generator=torch.Generator().manual_seed(7))
     _, want = _grads(ref_dropped, ids, kw, grad_out)
     for name in got:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert_grad_close(got[name], want[name], name)
 
 
 @pytest.mark.parametrize("device", _devices_with_op())
@@ -190,7 +198,7 @@ def test_backward_deterministic(device):
         assert torch.equal(first[name], second[name]), name
     loose = _grads(ops.embed, ids, kw, grad_out, deterministic=False)[1]
     for name in first:
-        torch.testing.assert_close(loose[name], first[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert_grad_close(loose[name], first[name], name)
 
 
 @pytest.mark.skipif(not CUDA_OP, reason="needs CUDA and fastbert._C built with CUDA kernels")
