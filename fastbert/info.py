@@ -1,8 +1,9 @@
 """`python -m fastbert.info`: versions, the compiled extension's state, and each op's implementation.
 
 An ops module may define implementation(device: str) -> str to describe itself; otherwise the Triton
-ops report "triton" where fastbert.ops._backend would choose it and the C++ ops "C++ (fastbert._C)"
-when the extension registered them.
+ops report "triton" where fastbert.ops._backend would choose it (elsewhere their native torch form,
+or "reference" under FASTBERT_BACKEND=reference) and the C++ ops "C++ (fastbert._C)" when the
+extension registered them.
 """
 
 import importlib
@@ -15,6 +16,11 @@ from fastbert import _ext
 from fastbert.ops import _backend
 
 TRITON_OPS = ("layer_norm", "bias_gelu", "attention")
+NATIVE = {  # what a Triton op runs off the Triton path under FASTBERT_BACKEND=auto
+    "layer_norm": "torch (F.layer_norm)",
+    "bias_gelu": "torch (F.gelu)",
+    "attention": "torch (SDPA; varlen: ref)",
+}
 CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}
 
 
@@ -36,7 +42,10 @@ def implementation(op, device):
         note = ""
     if op in TRITON_OPS:
         try:
-            chosen = "triton" if _backend.use_triton(_Probe(device)) else "reference"
+            if _backend.use_triton(_Probe(device)):
+                chosen = "triton"
+            else:
+                chosen = "reference" if _backend.use_reference() else NATIVE[op]
         except RuntimeError as exc:
             return f"error: {exc}"
         return chosen + note
@@ -63,10 +72,10 @@ def report():
         f"fastbert._C {'loaded' if _ext.available() else 'NOT loaded: ' + str(_ext.load_error)}"
         + (f" (CUDA kernels: {'yes' if _ext.has_cuda() else 'no'})" if _ext.available() else ""),
         "",
-        f"{'op':<12} {'cpu':<28} cuda",
+        f"{'op':<12} {'cpu':<30} cuda",
     ]
     for op in (*TRITON_OPS, *CPP_OPS):
-        lines.append(f"{op:<12} {implementation(op, 'cpu'):<28} {implementation(op, 'cuda')}")
+        lines.append(f"{op:<12} {implementation(op, 'cpu'):<30} {implementation(op, 'cuda')}")
     return "\n".join(lines)
 
 

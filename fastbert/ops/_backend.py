@@ -1,10 +1,13 @@
 """Which implementation an op uses: the one place that looks at the device.
 
 FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
-  auto       Triton kernels for CUDA tensors when Triton imports, the reference otherwise.
+  auto       Triton kernels for CUDA tensors when Triton imports; otherwise (CPU tensors, or a size
+             a kernel does not take) the op's "native" form: torch's own fused ops where one
+             computes the same function (F.layer_norm, F.gelu, F.scaled_dot_product_attention),
+             the reference where none does.
   triton     Triton kernels on any device: on CPU tensors this needs TRITON_INTERPRET=1 set before
              fastbert is imported (the interpreter runs the kernels on the CPU).
-  reference  the pure-PyTorch reference everywhere.
+  reference  the pure-PyTorch reference everywhere (fastbert.reference.ops, the tests' ground truth).
 """
 
 import os
@@ -54,3 +57,8 @@ def use_triton(x: torch.Tensor) -> bool:
             )
         return x.device.type == "cpu"
     return False
+
+
+def use_reference() -> bool:
+    """True when FASTBERT_BACKEND=reference: ops off the Triton path run the reference itself."""
+    return backend() == "reference"

@@ -9,15 +9,17 @@ Where fastbert.ops.use_triton(x) (CUDA tensors; CPU under FASTBERT_BACKEND=trito
 TRITON_INTERPRET=1) this runs kernels/bias_gelu.py through the custom ops fastbert::bias_gelu_fwd /
 fastbert::bias_gelu_bwd (register_fake and register_autograd: no graph break under torch.compile;
 the backward recomputes gelu' from the saved pre-activation x and the bias, so the activation is
-not kept twice). Elsewhere the reference, fastbert.reference.ops.bias_gelu. Bad input on the
+not kept twice). Elsewhere the native form F.gelu(x + bias) (FASTBERT_BACKEND=reference: the
+reference, fastbert.reference.ops.bias_gelu). Bad input on the
 Triton path raises ValueError naming the problem before any kernel is compiled.
 """
 
 import torch
+import torch.nn.functional as F
 
 from fastbert.reference import ops as ref
 
-from ._backend import triton_available, use_triton
+from ._backend import triton_available, use_reference, use_triton
 
 if triton_available():
     from fastbert.kernels import bias_gelu as _k
@@ -84,7 +86,9 @@ def bias_gelu(x, bias, approximate="none"):
     if approximate not in ref.GELU_FORMS:
         raise ValueError(f"bias_gelu approximate={approximate!r}; expected one of {ref.GELU_FORMS}")
     if not use_triton(x):
-        return ref.bias_gelu(x, bias, approximate)
+        if use_reference():
+            return ref.bias_gelu(x, bias, approximate)
+        return F.gelu(x + bias, approximate=approximate)
     _k.check_inputs(x, bias, approximate)
     if torch.compiler.is_compiling():
         return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate)

@@ -14,17 +14,20 @@ Where fastbert.ops.use_triton(x) (CUDA tensors; CPU under FASTBERT_BACKEND=trito
 TRITON_INTERPRET=1) this runs kernels/layer_norm.py through the custom ops
 fastbert::layer_norm_fwd / fastbert::layer_norm_bwd (register_fake and register_autograd, so
 torch.compile traces them without a graph break; under autocast the kernel takes the mixed dtypes
-as they come and computes in fp32). Elsewhere the reference, fastbert.reference.ops.layer_norm.
+as they come and computes in fp32). Elsewhere the native form: F.dropout, the residual add and
+F.layer_norm (variant "standard", parameters in the input's dtype) or torch.std_mean (variant
+"bert_pytorch"); FASTBERT_BACKEND=reference runs fastbert.reference.ops.layer_norm instead.
 Bad input on the Triton path raises ValueError naming the problem before any kernel is compiled.
 """
 
 from typing import Optional  # custom_op schema inference: Optional[Tensor] works on every torch
 
 import torch
+import torch.nn.functional as F
 
 from fastbert.reference import ops as ref
 
-from ._backend import triton_available, use_triton
+from ._backend import triton_available, use_reference, use_triton
 
 if triton_available():
     from fastbert.kernels import layer_norm as _k
@@ -118,11 +121,33 @@ class _EagerLayerNorm(torch.autograd.Function):
         return _backward(ctx, dy, ds, dmean, drstd, bwd=_kernel_bwd)
 
 
+def _native_supports(x, weight, bias, residual):
+    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(bias, Tensor)
+            and x.dtype == weight.dtype == bias.dtype and x.dtype.is_floating_point
+            and (residual is None or (isinstance(residual, Tensor) and residual.dtype == x.dtype)))
+
+
+def _native(x, weight, bias, eps, residual, variant, dropout_p):
+    """The reference's math on torch's fused ops (one LayerNorm kernel, or one std_mean pass)."""
+    if dropout_p > 0.0:
+        x = F.dropout(x, dropout_p)
+    s = x if residual is None else x + residual
+    if variant == "standard":
+        y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    else:
+        std, mean = torch.std_mean(s, dim=-1, keepdim=True)  # unbiased std, as bert_pytorch
+        y = weight * (s - mean) / (std + eps) + bias
+    return y if residual is None else (y, s)
+
+
 def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropout_p=0.0):
     if variant not in ref.LN_VARIANTS:
         raise ValueError(f"layer_norm variant {variant!r}; expected one of {ref.LN_VARIANTS}")
     if not use_triton(x):
-        return ref.layer_norm(x, weight, bias, eps, residual=residual, variant=variant, dropout_p=dropout_p)
+        if use_reference() or not _native_supports(x, weight, bias, residual):
+            return ref.layer_norm(x, weight, bias, eps, residual=residual, variant=variant,
+                                  dropout_p=dropout_p)
+        return _native(x, weight, bias, eps, residual, variant, dropout_p)
     _k.check_inputs(x, weight, bias, residual, variant, dropout_p)
     seed = None
     if dropout_p > 0.0:
