@@ -204,3 +204,65 @@ def test_cpu_cuda_bit_identical(dtype, options):
     gen = torch.Generator(device="cuda").manual_seed(3)
     first = call(ids.cuda(), gen)
     assert not torch.equal(first[1], call(ids.cuda(), gen)[1])
+
+
+# ---- the op against its written rules (csrc/philox.h, csrc/mlm_common.h), in plain Python -------
+M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC 2011) on Python ints: 4 counter words, 2 key words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M32, p1 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0, c1, c2, c3
+
+
+def _spec_mlm_mask(ids, special, vocab, mask_id, ignore, seed, offset, t_choose, t_mask, t_rand):
+    """mlm_mask's simple path (no word starts, no cap) from its documented rules."""
+    def words(position):
+        counter = (position & M32, position >> 32, offset & M32, offset >> 32)
+        return _philox4x32_10(counter, (seed & M32, seed >> 32))
+
+    non_special = [v for v in range(vocab) if v not in special]
+    out, labels = [], []
+    for t, token in enumerate(ids):
+        chosen = token not in special and words(t // 4)[t % 4] < t_choose
+        if not chosen:
+            out.append(token)
+            labels.append(ignore)
+            continue
+        _, w1, w2, _ = words(t | 1 << 63)
+        if w1 < t_mask:
+            out.append(mask_id)
+        elif w1 < t_mask + t_rand:
+            out.append(non_special[(w2 * len(non_special)) >> 32])
+        else:
+            out.append(token)
+        labels.append(token)
+    return out, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("rows,seq", [(3, 67), (1, 5), (5, 128)])
+def test_cpu_op_follows_the_philox_rules(dtype, rows, seq):
+    """Every token of the CPU op equals the rules evaluated in plain Python (the CUDA kernel is held
+    to the CPU op bit for bit by test_cpu_cuda_bit_identical). Odd lengths cover the tokens that do
+    not fill a Philox group of 4; a high choose rate makes the replacement rules run often."""
+    vocab, mask_id, ignore = 211, 4, -100
+    special = (0, 1, 2, 3, 4)
+    g = torch.Generator().manual_seed(rows * 1000 + seq)
+    ids = torch.randint(0, vocab, (rows, seq), generator=g, dtype=torch.int64).to(dtype)
+    seed, offset = 0x1234_5678_9ABC_DEF0 + seq, 0x0FED_CBA9 * rows
+    t_choose, t_mask, t_rand = int(0.6 * 2**32), int(0.5 * 2**32), int(0.3 * 2**32)
+    out, labels, chosen = torch.ops.fastbert.mlm_mask(
+        ids, torch.tensor(special), None, vocab, mask_id, ignore, seed, offset, t_choose, t_mask, t_rand, -1)
+    want_out, want_labels = _spec_mlm_mask(ids.reshape(-1).tolist(), set(special), vocab, mask_id, ignore,
+                                           seed, offset, t_choose, t_mask, t_rand)
+    assert out.reshape(-1).tolist() == want_out
+    assert labels.reshape(-1).tolist() == want_labels
+    assert chosen.reshape(-1).tolist() == [lab != ignore for lab in want_labels]
+    assert 0.4 < chosen.float().mean() < 0.8
