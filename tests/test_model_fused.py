@@ -173,3 +173,32 @@ def test_torch_compile_matches_eager():
     assert grads_c.keys() == grads_e.keys()
     for name, g in grads_e.items():
         assert (grads_c[name] - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max())), name
+
+
+def test_saved_activations_scale_with_real_tokens():
+    """What the fused path keeps for the backward (issue 7's memory claim): no [S x S] attention
+    matrix (nor any tensor with two sequence-length dims), and, per real token and layer, at most
+    q, k, v, the attention output, the block input, both norms' sums, the FFN input (8 x N values)
+    plus the FFN pre-activation and activation (2 x FFN), with two rows of headroom for the
+    embedding and the per-row statistics. Padding positions cost nothing: the layers run unpadded."""
+    seq = 48  # differs from HIDDEN and the FFN width, so a [.., S, S] tensor is recognisable
+    _, fast = pair("hf", dropout=0.1)
+    fast.train()
+    ids, seg, mask, real = batch("hf", rows=4, seq=seq, seed=3)
+    params = {p.untyped_storage().data_ptr() for p in fast.parameters()}
+    saved = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fast(ids, seg, mask)
+    assert all(shape.count(seq) < 2 for shape, _ in saved.values()), sorted(saved.values())
+    tokens = int(real.sum())
+    assert tokens < 0.8 * real.numel()  # the batch has padding
+    ffn = config("hf").intermediate
+    budget = (LAYERS * (8 * HIDDEN + 2 * ffn) + 2 * HIDDEN) * 4 * tokens  # fp32 bytes
+    total = sum(nbytes for _, nbytes in saved.values())
+    assert total <= budget, (total, budget)
