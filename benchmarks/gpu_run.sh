@@ -11,7 +11,8 @@
 # gets min(its own limit, what the budget leaves after reserving time for the stages after it).
 # A stage that fails or times out does not stop the later ones; statuses are printed at the end.
 # OUTDIR receives at most 8 files (the device tool returns no more):
-#   build.log (pip build, nvidia-smi, python -m fastbert.info), tests.log, junit.xml,
+#   build.log (pip build, nvidia-smi, python -m fastbert.info), tests.log (both test stages),
+#   junit.xml (the CUDA test files),
 #   bench.log, bench.json, RESULTS.md, throughput_vs_seq.png, roofline.png
 # Knobs: GPU_RUN_BUDGET_S, GPU_RUN_TEST_WORKERS (pytest-xdist workers for tests/, default 4, 0 = off),
 #   FASTBERT_BENCH_ROUNDS (timed rounds per benchmark, default 15), PYTHON (default python3).
@@ -104,15 +105,27 @@ run_stage build 180 150 "$OUT/build.log" -- \
 run_stage info 60 150 "$OUT/build.log" -- "$PY" -m fastbert.info
 
 # --- tests on CUDA -------------------------------------------------------------------------------
+# The files that run CUDA code first, the ones whose results matter most on top (whole model, csrc
+# CPU == CUDA identity, kernels against the reference); the CPU-only files (data, training loops,
+# reference ops, report), which CI runs on every change, come after the benchmarks in stage
+# tests-cpu with whatever budget is left. One attention config per kernel
+# (FASTBERT_ATTN_AUTOTUNE=0): the tests check results, not speed, and autotuning every test shape
+# would spend the stage compiling.
 XDIST=()
 if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
   XDIST=(-n "$WORKERS" --dist loadfile)
 fi
+GPU_TESTS=(tests/test_model_fused.py tests/test_embed.py tests/test_mlm_mask.py tests/test_attention.py
+           tests/test_layer_norm.py tests/test_bias_gelu.py
+           tests/test_train_heads.py::test_linear_cross_entropy_bf16_autocast
+           tests/test_train_pretrain.py::test_pretrain_on_cuda tests/test_dispatch.py tests/test_csrc_nvcc.py)
+CPU_TESTS=()
+for f in tests/test_*.py; do
+  case " ${GPU_TESTS[*]} " in *" $f "*) ;; *) CPU_TESTS+=("$f") ;; esac
+done
 : >"$OUT/tests.log"
-# one attention config per kernel (FASTBERT_ATTN_AUTOTUNE=0): the tests check results, not speed,
-# and autotuning every shape would spend the stage compiling
 run_stage tests 150 120 "$OUT/tests.log" -- env FASTBERT_ATTN_AUTOTUNE=0 \
-  "$PY" -m pytest tests/ -q -rfEs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml"
+  "$PY" -m pytest "${GPU_TESTS[@]}" -q -rfEs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml"
 
 # --- benchmarks ----------------------------------------------------------------------------------
 : >"$OUT/bench.log"
@@ -125,6 +138,11 @@ run_stage bench 240 30 "$OUT/bench.log" -- \
 # --- report --------------------------------------------------------------------------------------
 run_stage report 30 0 "$OUT/bench.log" -- \
   "$PY" -m fastbert.bench report "$OUT/bench.json" --out "$OUT/RESULTS.md" --plots "$OUT"
+
+# --- the CPU-only test files, with what is left ---------------------------------------------------
+echo "== tests-cpu: ${CPU_TESTS[*]}" >>"$OUT/tests.log"
+run_stage tests-cpu 120 0 "$OUT/tests.log" -- \
+  "$PY" -m pytest "${CPU_TESTS[@]}" -q -rfEs -p no:cacheprovider "${XDIST[@]}"
 
 # --- summary -------------------------------------------------------------------------------------
 echo
@@ -153,6 +171,13 @@ if os.path.exists(junit):
         print("tests: junit.xml unreadable:", exc)
 else:
     print("tests: no junit.xml")
+log = os.path.join(out, "tests.log")
+if os.path.exists(log):  # pytest's closing line of each test stage
+    import re
+
+    for line in open(log, errors="replace"):
+        if re.match(r"^=*\s*\d+ (passed|failed|error)", line.strip()) or (line.startswith("== tests") and ": rc=" in line):
+            print("  " + line.strip())
 bench = os.path.join(out, "bench.json")
 if os.path.exists(bench):
     try:
