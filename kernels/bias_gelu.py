@@ -19,6 +19,10 @@ compiled and in the interpreter, which has no libdevice:
   math.erf in float64); evaluated in fp32 the max abs error is 1.5e-7 over the real line.
   tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|), which never overflows.
 
+Dropout (optional, training): out = gelu(z) * keep / (1 - p) with the keep-mask of layer_norm's
+kernels (a PCG hash of (seed, row * N + col), so the backward regenerates it from the seed; nothing
+is stored); dx = dy * keep / (1 - p) * gelu'(z).
+
 Backward: recomputes z from the saved pre-activation x and the bias (the activation is not
 stored), dx = dy * gelu'(z), dbias = sum over rows of dx. dbias is reduced without atomics: the
 grid is (G, column tiles); program (g, j) walks row tiles g, g + G, g + 2G, ..., accumulates in an
@@ -32,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._host import allocator, cdiv, next_power_of_2
-from .layer_norm import column_sum, sm_count
+from .layer_norm import _keep, _pcg, column_sum, sm_count
 
 GELU_FORMS = ("none", "tanh")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,6 +62,7 @@ def gelu_configs():
 
 
 PROGRAMS_PER_SM = 4  # 4 warps x <= 113 registers (AOT table): 4 programs fit on an SM at once
+# (the dropout backward at N % 16 != 0 takes up to 157 registers: 3 fit; BERT widths are multiples of 16)
 
 
 def bwd_programs(row_tiles, col_tiles, device):
@@ -156,12 +161,15 @@ def _gelu_grad(z, TANH: tl.constexpr):
 def _bias_gelu_fwd_kernel(
     X,  # [M, N] pre-activation without bias
     B,  # [N] bias
-    OUT,  # [M, N] gelu(x + bias)
+    OUT,  # [M, N] gelu(x + bias), dropped out when HAS_DROPOUT
+    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
     M,
     N,
+    dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,7 +178,11 @@ def _bias_gelu_fwd_kernel(
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
-    tl.store(OUT + offs, _gelu(z, TANH).to(OUT.dtype.element_ty), mask=mask)
+    y = _gelu(z, TANH)
+    if HAS_DROPOUT:
+        keep = _keep(_pcg(tl.load(SEED).to(tl.uint32)), offs, dropout_p)
+        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
+    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -180,13 +192,18 @@ def _bias_gelu_bwd_kernel(
     B,  # [N] bias
     DX,  # [M, N] out: dy * gelu'(x + bias)
     DB_PART,  # [G, N] fp32 out: per-row-program partial sums of dx
+    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
     M,
     N,
+    dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TANH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if HAS_DROPOUT:
+        seed = _pcg(tl.load(SEED).to(tl.uint32))
     g_programs = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -198,18 +215,29 @@ def _bias_gelu_bwd_kernel(
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:  # the forward's mask, regenerated from the seed
+            dy = tl.where(_keep(seed, offs, dropout_p), dy / (1.0 - dropout_p), 0.0)
         dx = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         acc += dx
     tl.store(DB_PART + pid * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True):
-    """Launch the forward. x [..., N] contiguous, bias [N]. Returns gelu(x + bias) [..., N] in x's dtype.
+def _dropout_seed(dropout_p, seed):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"bias_gelu: dropout_p {dropout_p} outside [0, 1)")
+    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() != 1):
+        raise ValueError("bias_gelu: dropout_p > 0 needs a one-element int64 seed tensor")
+
+
+def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropout_p=0.0, seed=None):
+    """Launch the forward. x [..., N] contiguous, bias [N]. Returns gelu(x + bias) [..., N] in x's dtype,
+    dropped out with probability dropout_p (seed: int64 [1] on x's device, needed when dropout_p > 0).
     config (BLOCK_M, BLOCK_N, num_warps) overrides gelu_settings (tests); validate=False skips the
     input checks (fastbert.ops has run them already)."""
     if validate:
         check_inputs(x, bias, approximate)
+        _dropout_seed(dropout_p, seed)
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
@@ -218,14 +246,16 @@ def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True):
         return out
     block_m, block_n, warps = config or gelu_settings(n, x.device)
     grid = (cdiv(m, block_m), cdiv(n, block_n))
-    _bias_gelu_fwd_kernel[grid](x, bias, out, m, n, BLOCK_M=block_m, BLOCK_N=block_n,
-                                TANH=approximate == "tanh", num_warps=warps)
+    has_dropout = dropout_p > 0.0
+    _bias_gelu_fwd_kernel[grid](x, bias, out, seed if has_dropout else bias, m, n, float(dropout_p),
+                                BLOCK_M=block_m, BLOCK_N=block_n, TANH=approximate == "tanh",
+                                HAS_DROPOUT=has_dropout, num_warps=warps)
     return out
 
 
-def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None):
-    """Launch the backward. dy, x [..., N]; bias [N]. Returns (dx [..., N] in x's dtype, dbias [N] in
-    bias's dtype)."""
+def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, dropout_p=0.0, seed=None):
+    """Launch the backward. dy, x [..., N]; bias [N]; dropout_p and seed as in the forward.
+    Returns (dx [..., N] in x's dtype, dbias [N] in bias's dtype)."""
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     dy = dy.contiguous()
@@ -237,7 +267,10 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None):
     col_tiles = cdiv(n, block_n)
     g = programs or bwd_programs(cdiv(m, block_m), col_tiles, x.device)
     db_part = _alloc((g, n), torch.float32, x.device)
-    _bias_gelu_bwd_kernel[(g, col_tiles)](dy, x, bias, dx, db_part, m, n, BLOCK_M=block_m,
-                                          BLOCK_N=block_n, TANH=approximate == "tanh", num_warps=warps)
+    has_dropout = dropout_p > 0.0
+    _bias_gelu_bwd_kernel[(g, col_tiles)](dy, x, bias, dx, db_part, seed if has_dropout else bias, m, n,
+                                          float(dropout_p), BLOCK_M=block_m, BLOCK_N=block_n,
+                                          TANH=approximate == "tanh", HAS_DROPOUT=has_dropout,
+                                          num_warps=warps)
     # second, deterministic reduction of the G partial rows (fixed order), cast to bias's dtype
     return dx, column_sum(db_part, _alloc((n,), bias.dtype, x.device))

@@ -121,6 +121,32 @@ if DEVICES:
                 assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, form, k, e)
 
     @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("form", FORMS)
+    def test_dropout_public_op(device, form):
+        """ops.bias_gelu(..., dropout_p): keep rate near 1 - p, kept values gelu(z) / (1 - p), the
+        same mask for the same seed, and gradients those of the reference through that mask."""
+        rows, hidden, p = 64, 96, 0.25
+        x, b, dy = _inputs(rows, hidden, torch.float32, device)
+        torch.manual_seed(3)
+        got = _forward_backward(lambda xx, bb: ops.bias_gelu(xx, bb, form, dropout_p=p), x, b, dy,
+                                torch.float32)
+        clean = ref.bias_gelu(x.double(), b.double(), form)
+        kept = got["y"] != 0
+        rate = kept.float().mean().item()
+        assert abs(rate - (1 - p)) < 0.05, rate
+        keep = kept.double()
+        truth = _forward_backward(lambda xx, bb: ref.bias_gelu(xx, bb, form) * keep / (1 - p), x, b, dy,
+                                  torch.float64)
+        for k, e in _errors(got, truth).items():
+            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
+        assert (got["y"].double() - clean / (1 - p))[kept].abs().max() <= 1e-5 * clean.abs().max()
+        torch.manual_seed(3)
+        again = ops.bias_gelu(x, b, form, dropout_p=p)
+        assert torch.equal(again, got["y"]), "the same seed drew another mask"
+        other = ops.bias_gelu(x, b, form, dropout_p=p)
+        assert not torch.equal(other, got["y"]), "two calls drew the same dropout mask"
+
+    @pytest.mark.parametrize("device", DEVICES)
     def test_deterministic_bias_grad(device):
         x, b, dy = _inputs(129, 1000, torch.float32, device)
         runs = [_forward_backward(lambda xx, bb: ops.bias_gelu(xx, bb), x, b, dy, torch.float32)
@@ -132,8 +158,10 @@ if DEVICES:
         x, b, _ = _inputs(3, 64, torch.float32, device)
         x.requires_grad_()
         b.requires_grad_()
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
         for form in FORMS:
-            torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, form))
+            torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, None, form, 0.0))
+            torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, (x, b, seed, form, 0.2))
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_torch_compile_fullgraph(device):
@@ -207,6 +235,12 @@ def test_launcher_rejects_bad_input():
         K.bias_gelu_fwd(x, b, "erf")
     with pytest.raises(TypeError, match="bias must be a tensor"):
         K.bias_gelu_fwd(x, 1.0)
+    with pytest.raises(ValueError, match="dropout_p 1.0 outside"):
+        K.bias_gelu_fwd(x, b, dropout_p=1.0, seed=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seed tensor"):
+        K.bias_gelu_fwd(x, b, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p -0.1 outside"):
+        ops.bias_gelu(x, b, dropout_p=-0.1)
 
 
 if not INTERP and not CUDA:
@@ -224,9 +258,10 @@ if not INTERP and not CUDA:
 
 # ---- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------------
 
-FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "M": "i32", "N": "i32"}
-BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32", "M": "i32",
-           "N": "i32"}
+FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "SEED": "*i64", "M": "i32", "N": "i32",
+           "dropout_p": "fp32"}
+BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32", "SEED": "*i64",
+           "M": "i32", "N": "i32", "dropout_p": "fp32"}
 
 
 def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
@@ -240,16 +275,17 @@ def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
 
 def gelu_aot_variants():
     """Every launch config: each (BLOCK_M, BLOCK_N, warps) of gelu_configs(), both GELU forms, N
-    divisible by 16 or not, forward and backward."""
+    divisible by 16 or not, with and without dropout, forward and backward."""
     out = []
     for block_m, block_n, warps in K.gelu_configs():
         for tanh in (False, True):
             for div in ((), ("N",)):
-                tag = f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} " \
-                      f"{'N%16=0' if div else 'N odd'}"
-                consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh)
-                out.append((f"gelu_fwd {tag}", K._bias_gelu_fwd_kernel, FWD_SIG, consts, warps, div))
-                out.append((f"gelu_bwd {tag}", K._bias_gelu_bwd_kernel, BWD_SIG, consts, warps, div))
+                for drop in (False, True):
+                    tag = f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} " \
+                          f"{'N%16=0' if div else 'N odd'}{' drop' if drop else ''}"
+                    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, HAS_DROPOUT=drop)
+                    out.append((f"gelu_fwd {tag}", K._bias_gelu_fwd_kernel, FWD_SIG, consts, warps, div))
+                    out.append((f"gelu_bwd {tag}", K._bias_gelu_bwd_kernel, BWD_SIG, consts, warps, div))
     return out
 
 

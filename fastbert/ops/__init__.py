@@ -1,7 +1,7 @@
 """fastbert's ops: the one place that picks the implementation per device.
 
-    layer_norm(x, weight, bias, eps, residual=None, variant="standard"|"bert_pytorch")
-    bias_gelu(x, bias, approximate="none"|"tanh")
+    layer_norm(x, weight, bias, eps, residual=None, variant="standard"|"bert_pytorch", *, dropout_p=0.0)
+    bias_gelu(x, bias, approximate="none"|"tanh", *, dropout_p=0.0)
     attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)

@@ -174,8 +174,11 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout if cfg.preset == "bert_pytorch" else 0.0)
 
     def forward(self, x):
-        h = self.ops.bias_gelu(F.linear(x, self.w_1.weight), self.w_1.bias, self.cfg.gelu)
-        return self.w_2(self.dropout(h))
+        # the dropout runs inside the bias+GELU op (fused on the Triton path; the same F.dropout
+        # call as nn.Dropout elsewhere)
+        p = self.dropout.p if self.training else 0.0
+        h = self.ops.bias_gelu(F.linear(x, self.w_1.weight), self.w_1.bias, self.cfg.gelu, dropout_p=p)
+        return self.w_2(h)
 
 
 class Sublayer(nn.Module):

@@ -46,9 +46,11 @@ def gelu(x, approximate="none"):
     raise ValueError(f"gelu approximate={approximate!r}; expected one of {GELU_FORMS}")
 
 
-def bias_gelu(x, bias, approximate="none"):
-    """gelu(x + bias), bias broadcast over the last dim. x [..., N], bias [N]."""
-    return gelu(x + bias, approximate)
+def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):
+    """gelu(x + bias), bias broadcast over the last dim, then F.dropout when dropout_p > 0.
+    x [..., N], bias [N]."""
+    y = gelu(x + bias, approximate)
+    return F.dropout(y, dropout_p) if dropout_p > 0.0 else y
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
