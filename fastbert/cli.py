@@ -17,7 +17,10 @@ def _vocab(argv):
     from fastbert.train.vocab import SPECIALS, VocabError, read_vocab, train_vocab
 
     p = argparse.ArgumentParser(prog="fastbert vocab", description="Train a WordPiece vocabulary with the "
-                                "tokenizers library, or convert a bert_pytorch WordVocab pickle / vocab.txt.")
+                                "tokenizers library, or convert a bert_pytorch WordVocab pickle / vocab.txt. "
+                                "The trainer breaks count ties in hash order (huggingface/tokenizers#1794): "
+                                "two trainings on the same text can differ in a few tokens, so keep the "
+                                "file and pass it with --vocab to reproduce a run.")
     p.add_argument("--corpus", nargs="+", default=[DEFAULT_CORPUS], help="text files (default: embedded)")
     p.add_argument("--from", dest="src", help="convert this bert_pytorch pickle or vocab.txt instead")
     p.add_argument("--vocab-size", type=int, default=8000)
