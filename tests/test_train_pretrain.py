@@ -216,6 +216,7 @@ def test_pretrain_on_cuda(cache, tmp_path, preset):
     assert sum(r["loss"] for r in hist[-5:]) / 5 < hist[0]["loss"] - 0.3
     assert all(r["tflops"] > 0 for r in hist)
     assert next(res["model"].parameters()).device.type == "cuda"
+    assert all(impl in ("triton", "C++ (fastbert._C)") for impl in res["ops"].values()), res["ops"]
 
 
 def test_bert_pytorch_corpus_and_vocab(cache, tmp_path):

@@ -47,6 +47,8 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
     "tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
     "base": (12, 768, 12), "large": (24, 1024, 16),
 }
+OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -399,6 +401,10 @@ def run(args):
                f"{data.n_examples} {data.pairs} pairs, {spe} steps/epoch of {data.global_batch} "
                f"sequences (seq_len {args.seq_len}) | "
                + (f"max steps {max_steps}" if max_steps else f"time limit {args.time_limit:.0f}s"))
+    from fastbert.info import implementation
+
+    ops_used = {op: implementation(op, device.type) for op in OPS}
+    _log(rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
     from tqdm import tqdm
 
     bar = tqdm(total=max_steps, initial=step, unit="step", desc="pretrain", dynamic_ncols=True,
@@ -528,7 +534,7 @@ def run(args):
             print(f"done: {step} steps in {train_s:.0f}s; loss {first['loss']:.3f} -> {last['loss']:.3f}, "
                   f"mlm acc {last['mlm_acc']:.3f}, nsp acc {last['nsp_acc']:.3f}; checkpoints in {ckpt_dir}")
     _barrier(world)
-    return {"step": step, "history": history, "model": model, "vocab": vocab, "config": cfg}
+    return {"step": step, "history": history, "model": model, "vocab": vocab, "config": cfg, "ops": ops_used}
 
 
 class _null:
