@@ -225,3 +225,26 @@ def test_pretrain_model_under_autocast():
         for name, p in model.named_parameters():
             assert p.grad is None or torch.isfinite(p.grad).all(), name
     assert abs(losses[1] - losses[0]) <= 0.02 * abs(losses[0]), losses
+
+
+def test_activation_checkpointing_reproduces_dropout():
+    """--checkpoint-activations recomputes each block in the backward: the fused ops must draw the same
+    dropout masks again (their seeds come from torch's generators, which checkpoint restores), so the
+    gradients equal those of the run without checkpointing."""
+    from fastbert.train.pretrain import _enable_activation_checkpointing
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)  # the same weights both times
+        _, fast = pair("bert_pytorch", dropout=0.1)
+        if checkpointed:
+            _enable_activation_checkpointing(fast)
+        fast.train()
+        ids, seg, mask, real = batch("bert_pytorch", seed=6)
+        torch.manual_seed(11)
+        (fast(ids, seg, mask) * real[..., None]).square().sum().backward()
+        grads.append({n: p.grad for n, p in fast.named_parameters() if p.grad is not None})
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys()
+    for name, g in plain.items():
+        assert torch.allclose(recomputed[name], g, rtol=1e-5, atol=1e-6), name
