@@ -74,6 +74,22 @@ inline void gather_row(const EmbedParams& p, int64_t t, acc_t* x) {
   }
 }
 
+// sum over i < n of f(i) with 8 partial sums (lanes), so the compiler vectorises the loop (a single
+// running sum cannot be reordered); the order depends only on n, not on the thread count.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, F f) {
+  constexpr int kLanes = 8;
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += f(i + l);
+  }
+  acc_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  for (; i < n; ++i) total += f(i);
+  return total;
+}
+
 template <typename scalar_t>
 void forward_impl(const EmbedParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -89,11 +105,9 @@ void forward_impl(const EmbedParams& p) {
     for (int64_t t = begin; t < end; ++t) {
       gather_row<scalar_t, acc_t>(p, t, x.data());
       if (w) {
-        acc_t sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += x[n];
-        const acc_t mean = sum / N;
-        acc_t sq = 0;
-        for (int64_t n = 0; n < N; ++n) sq += (x[n] - mean) * (x[n] - mean);
+        const acc_t* xs = x.data();
+        const acc_t mean = lane_sum<acc_t>(N, [xs](int64_t n) { return xs[n]; }) / N;
+        const acc_t sq = lane_sum<acc_t>(N, [xs, mean](int64_t n) { return (xs[n] - mean) * (xs[n] - mean); });
         const acc_t rstd = acc_t(1) / std::sqrt(sq / N + static_cast<acc_t>(p.eps));
         mean_out[t] = mean;
         rstd_out[t] = rstd;
@@ -187,18 +201,17 @@ std::vector<at::Tensor> backward_impl(EmbedArgs& a, const at::Tensor& grad, cons
           }
           gather_row<scalar_t, acc_t>(p, t, x.data());
           const acc_t mu = mp[t], rs = rp[t];
-          acc_t s1 = 0, s2 = 0;
           for (int64_t n = 0; n < N; ++n) {
             const acc_t xhat = (x[n] - mu) * rs;
             x[n] = xhat;
             pw[n] += gd[n] * xhat;
             pw[N + n] += gd[n];
-            const acc_t dxhat = gd[n] * static_cast<acc_t>(w[n]);
-            s1 += dxhat;
-            s2 += dxhat * xhat;
           }
-          s1 /= N;
-          s2 /= N;
+          const acc_t* xh = x.data();
+          const acc_t* gg = gd.data();
+          const acc_t s1 = lane_sum<acc_t>(N, [gg, w](int64_t n) { return gg[n] * static_cast<acc_t>(w[n]); }) / N;
+          const acc_t s2 =
+              lane_sum<acc_t>(N, [gg, w, xh](int64_t n) { return gg[n] * static_cast<acc_t>(w[n]) * xh[n]; }) / N;
           for (int64_t n = 0; n < N; ++n) {
             d[n] = rs * (gd[n] * static_cast<acc_t>(w[n]) - s1 - x[n] * s2);
           }
