@@ -171,3 +171,29 @@ def run(benchmark, fn, device, bytes_moved=None, flops=None, tokens=None, rounds
 def devices():
     """Devices to benchmark on: CUDA when present, else CPU."""
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def kernel_time(benchmark, fn, bytes_moved):
+    """CUDA only: device time per call from triton.testing.do_bench (back-to-back launches, L2
+    flushed between them), which hides the host-side launch overhead that the synchronised rounds
+    of run() include. Recorded as gpu_us, gpu_gbps and gpu_roofline_frac in extra_info."""
+    if not torch.cuda.is_available():
+        return
+    import triton
+
+    us = triton.testing.do_bench(fn, warmup=5, rep=40) * 1e3
+    info = benchmark.extra_info
+    info["gpu_us"] = us
+    info["gpu_gbps"] = bytes_moved / us / 1e3
+    copy_gbps = roofline("cuda")[0]
+    if copy_gbps:
+        info["gpu_roofline_frac"] = info["gpu_gbps"] / copy_gbps
+
+
+def skip_interpreted(provider, op):
+    """Skip fastbert's Triton provider without CUDA: the interpreter would run it, never timed."""
+    if provider == "fastbert" and not torch.cuda.is_available():
+        import pytest
+
+        pytest.skip(f"fastbert's {op} is a Triton kernel; without CUDA it would run in the "
+                    "interpreter, which is never timed")

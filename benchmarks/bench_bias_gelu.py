@@ -19,7 +19,7 @@ triton.testing.do_bench, without the host launch overhead that run()'s synchroni
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import devices, roofline, run
+from _util import devices, kernel_time, run, skip_interpreted
 
 import fastbert.ops as ops
 
@@ -70,44 +70,21 @@ def _bytes(n, backward):
     return (5 if backward else 2) * ROWS * n * e
 
 
-def _gpu_time(benchmark, fn, bytes_moved):
-    """CUDA only: device time per call from triton.testing.do_bench (back-to-back launches, L2
-    flushed between them), which hides the host-side launch overhead that the synchronised rounds
-    of run() include. Recorded as gpu_us, gpu_gbps and gpu_roofline_frac in extra_info."""
-    if not CUDA:
-        return
-    import triton
-
-    us = triton.testing.do_bench(fn, warmup=5, rep=40) * 1e3
-    info = benchmark.extra_info
-    info["gpu_us"] = us
-    info["gpu_gbps"] = bytes_moved / us / 1e3
-    copy_gbps = roofline("cuda")[0]
-    if copy_gbps:
-        info["gpu_roofline_frac"] = info["gpu_gbps"] / copy_gbps
-
-
-def _skip_interpreter(provider):
-    if provider == "fastbert" and not CUDA:
-        pytest.skip("fastbert's bias+GELU is a Triton kernel; without CUDA it would run in the "
-                    "interpreter, which is never timed")
-
-
 @pytest.mark.parametrize("n,form", CASES)
 @pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
 def test_bias_gelu_forward(benchmark, provider, n, form):
     benchmark.group = f"bias_gelu forward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
-    _skip_interpreter(provider)
+    skip_interpreted(provider, "bias+GELU")
     step, nbytes = _step(provider, n, form, False), _bytes(n, False)
     run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    _gpu_time(benchmark, step, nbytes)
+    kernel_time(benchmark, step, nbytes)
 
 
 @pytest.mark.parametrize("n,form", CASES)
 @pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
 def test_bias_gelu_forward_backward(benchmark, provider, n, form):
     benchmark.group = f"bias_gelu forward+backward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
-    _skip_interpreter(provider)
+    skip_interpreted(provider, "bias+GELU")
     step, nbytes = _step(provider, n, form, True), _bytes(n, True)
     run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    _gpu_time(benchmark, step, nbytes)
+    kernel_time(benchmark, step, nbytes)
