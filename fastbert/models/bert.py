@@ -29,7 +29,10 @@ class Encoder(ReferenceEncoder):
         super().__init__(cfg)
         self.unpad = unpad
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
+                token_type_ids=None):
+        """As the reference encoder's forward; token_type_ids is transformers' name for segment_ids."""
+        segment_ids = self.segments(segment_ids, token_type_ids)
         x, pad = self.embed(input_ids, segment_ids, attention_mask, position_ids)  # [B, S, N]
         unpad = self.unpad if self.unpad != "auto" else use_triton(x)
         if pad is None or not unpad:

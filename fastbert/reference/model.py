@@ -284,6 +284,15 @@ class Encoder(nn.Module):
                 raise ValueError(f"segment id out of range: ids span [{lo}, {hi}], the segment "
                                  f"table has {cfg.type_vocab_size} rows")
 
+    @staticmethod
+    def segments(segment_ids, token_type_ids):
+        """segment_ids (bert_pytorch's name) or token_type_ids (transformers'), not both."""
+        if token_type_ids is None:
+            return segment_ids
+        if segment_ids is not None:
+            raise ValueError("pass segment_ids or token_type_ids (the same input), not both")
+        return token_type_ids
+
     def embed(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
         """Checked inputs -> (embeddings [B, S, N], key padding mask [B, S] or None)."""
         self.check_inputs(input_ids, segment_ids)
@@ -292,7 +301,11 @@ class Encoder(nn.Module):
         pad = self.key_padding_mask(input_ids, attention_mask)
         return self.embedding(input_ids, segment_ids, position_ids), pad
 
-    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
+                token_type_ids=None):
+        """input_ids [B, S]; segment_ids (alias token_type_ids) [B, S]; attention_mask [B, S] with 0 at
+        padding; position_ids [S] or [B, S] -> [B, S, N]."""
+        segment_ids = self.segments(segment_ids, token_type_ids)
         x, pad = self.embed(input_ids, segment_ids, attention_mask, position_ids)  # [B, S, N]
         for block in self.transformer_blocks:
             x = block(x, pad)
