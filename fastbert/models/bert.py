@@ -5,7 +5,9 @@ so each op runs its fused kernel where one applies. When the batch has padding a
 its Triton kernel, the encoder unpads once after the embedding: all layers run on the packed
 [T, N] valid tokens (varlen attention), and the output is scattered back to [B, S, N] with zeros at
 padding positions (bert_pytorch computes values there that no loss reads; pass unpad=False to get
-them).
+them). Unpadding reads the count of real tokens back to the host (one sync per forward: the shapes
+depend on it); the packed form (Encoder.forward_packed, batches from fastbert.train.packing) has fixed
+shapes and no sync at all.
 """
 
 import torch
@@ -44,7 +46,7 @@ class Encoder(ReferenceEncoder):
         index = valid.reshape(-1).nonzero().squeeze(1)  # [T] flat positions of real tokens
         lengths = valid.sum(1, dtype=torch.int32)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B+1]
-        max_seqlen = int(lengths.max())
+        max_seqlen = seq  # a bound, not the longest length: reading that back would sync the host
         h = x.reshape(batch * seq, hidden).index_select(0, index)  # [T, N]
         for block in self.transformer_blocks:
             h = block(h, None, cu_seqlens, max_seqlen)

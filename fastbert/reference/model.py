@@ -268,9 +268,11 @@ class Encoder(nn.Module):
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment ids shape {tuple(segment_ids.shape)} != input ids shape "
                              f"{tuple(input_ids.shape)}")
-        if torch.compiler.is_compiling():  # value checks would break the graph; embed checks ids too
+        if torch.compiler.is_compiling() or input_ids.device.type != "cpu":
+            # value checks would break the graph, and on a GPU they would cost a device-to-host sync
+            # per step; the embed op checks every id on every device
             return
-        # one host sync for all four bounds
+        # the bounds of ids and segments in one read (free on the CPU)
         bounds = torch.stack([*torch.aminmax(input_ids)] + (
             [*torch.aminmax(segment_ids.to(input_ids.dtype))] if segment_ids is not None else []))
         bounds = bounds.tolist()
@@ -310,3 +312,39 @@ class Encoder(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, pad)
         return x
+
+    def forward_packed(self, input_ids, segment_ids, position_ids, cu_seqlens, max_seqlen):
+        """The encoder on a packed batch: every sequence's tokens back to back, no padding layout.
+
+        input_ids, segment_ids, position_ids [T] (positions counted inside each sequence);
+        cu_seqlens int32 [R+1] = (0, l0, l0+l1, ..., T), non-decreasing (zero-length sequences
+        allowed, so R can be fixed); max_seqlen an int >= every length. Each sequence attends only to
+        itself (varlen attention). Returns [T, N]. With fixed T, R and max_seqlen every tensor has the
+        same shape on every step, and nothing here reads a value back to the host: the ids are
+        checked where the batch is built (fastbert.train.packing checks them on the CPU).
+        """
+        cfg = self.config
+        tokens = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else None
+        for name, t in (("input_ids", input_ids), ("segment_ids", segment_ids),
+                        ("position_ids", position_ids)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"packed {name} must be an int64/int32 tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() != 1 or t.shape[0] != tokens:
+                raise ValueError(f"packed {name} must be [T] with T = {tokens}, got shape {tuple(t.shape)}")
+        if tokens == 0:
+            raise ValueError("empty packed batch: T = 0 tokens")
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
+                or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
+            raise ValueError(f"cu_seqlens must be an int32 tensor [R+1] with R >= 1, got "
+                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                             f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+        if (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                or not 0 < max_seqlen <= cfg.max_position):
+            raise ValueError(f"max_seqlen must be an int in [1, {cfg.max_position}] (the position "
+                             f"table), got {max_seqlen!r}")
+        x = self.embedding(input_ids[None], segment_ids[None], position_ids[None])  # [1, T, N]
+        h = x[0]  # [T, N]
+        for block in self.transformer_blocks:
+            h = block(h, None, cu_seqlens, max_seqlen)
+        return h

@@ -1,0 +1,252 @@
+"""Packed static batches (fastbert.train.packing, Encoder.forward_packed) against the padded path.
+
+The padded path is the ground truth: the same examples, masked the same way, as a right-padded
+[B, S] batch through PretrainModel. The packed step must give the same loss sums, hit counts and
+gradients, on the CPU path and on the fused path (Triton kernels, interpreted without a GPU), with
+every tensor the same shape whatever the examples' lengths, no host sync and no graph break under
+torch.compile(fullgraph=True). Tiny models keep the interpreter fast.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastbert.ops import mlm_mask
+from fastbert.reference.model import BertConfig
+from fastbert.train.heads import PretrainModel
+from fastbert.train.packing import (
+    IGNORE_INDEX,
+    PackedPretrain,
+    PackedPretrainData,
+    pack_rows,
+    plan_packs,
+    slots_needed,
+)
+
+CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+VOCAB, HIDDEN, LAYERS, HEADS = 97, 64, 2, 2
+CLS, SEP, MASK = 2, 3, 4
+fused_only = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=["native", "fused"])
+def path(request, monkeypatch):
+    """The CPU path (torch's ops, reference varlen attention) or the fused path (Triton kernels)."""
+    if request.param == "fused":
+        if not (CUDA or INTERP):
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+        if not CUDA:
+            monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    return request.param
+
+
+def config(preset):
+    kw = dict(dropout=0.0, attn_dropout=0.0, emb_dropout=0.0, max_position=64)
+    if preset == "hf":
+        return BertConfig.hf(VOCAB, HIDDEN, LAYERS, HEADS, 2 * HIDDEN, **kw)
+    return BertConfig.bert_pytorch(VOCAB, HIDDEN, LAYERS, HEADS, **kw)
+
+
+def model(preset, seed=0):
+    torch.manual_seed(seed)
+    m = PretrainModel(config(preset))
+    with torch.no_grad():  # biases and norms off their init values, so every parameter matters
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def examples(rows, width, preset, rng, min_len=5):
+    """Right-padded [CLS] A [SEP] B [SEP] rows of random lengths, their segments and NSP labels."""
+    lengths = rng.integers(min_len, width + 1, rows)
+    ids = np.zeros((rows, width), dtype=np.int64)
+    seg = np.zeros((rows, width), dtype=np.int64)
+    s0, s1 = (0, 1) if preset == "hf" else (1, 2)
+    for r, n in enumerate(lengths):
+        a = int(rng.integers(1, n - 3))  # tokens of A
+        ids[r, :n] = rng.integers(5, VOCAB, n)
+        ids[r, 0], ids[r, a + 1], ids[r, n - 1] = CLS, SEP, SEP
+        seg[r, :n] = s0
+        seg[r, a + 2:n] = s1
+    return ids, seg, rng.integers(0, 2, rows), lengths
+
+
+def masked(ids, seed):
+    """fastbert.ops.mlm_mask on the padded rows: (masked ids, labels with 0 at unmasked tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out, labels = mlm_mask(torch.from_numpy(ids), VOCAB, MASK, 0, (CLS, SEP, MASK), mask_prob=0.3,
+                           generator=g)
+    return out.numpy(), labels.numpy()
+
+
+def padded_losses(m, ids, seg, nxt, labels):
+    """The padded path, as fastbert pretrain runs it: sparse MLM head on the masked positions, NSP."""
+    ids, seg, nxt, labels = (torch.from_numpy(np.asarray(a)).to(DEVICE) for a in (ids, seg, nxt, labels))
+    pos = (labels.reshape(-1) != 0).nonzero().squeeze(1)
+    mlm_sum, mlm_hits, nsp = m(ids, seg, pos, labels.reshape(-1).index_select(0, pos))
+    nsp_sum = torch.nn.functional.nll_loss(nsp.float(), nxt, reduction="sum")
+    return mlm_sum, mlm_hits, nsp_sum, (nsp.argmax(1) == nxt).sum()
+
+
+def grads(m):
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_pack_layout():
+    """Each example sits whole at its cu_seqlens offset with its own segments, positions, [CLS] index
+    and NSP label; padding runs are at most max_seqlen; unused slots are zero-length / ignored."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    ids, seg, nxt, lengths = examples(7, 23, "hf", rng)
+    tokens, slots, preds = int(lengths.sum()) + 41, 12, 9
+    labels = np.where(rng.random(ids.shape) < 0.05, ids, 0) * (ids > 4)
+    p = pack_rows(ids, seg, nxt, tokens=tokens, max_seqs=slots, max_seqlen=23, max_predictions=preds,
+                  mlm_labels=labels)
+    assert p.shapes == {"input_ids": (tokens,), "segment_ids": (tokens,), "position_ids": (tokens,),
+                        "cu_seqlens": (slots + 1,), "cls_index": (slots,), "nsp_labels": (slots,),
+                        "mlm_positions": (preds,), "mlm_labels": (preds,)}
+    cu = p.cu_seqlens.tolist()
+    assert cu[0] == 0 and cu[-1] == tokens and all(b >= a for a, b in zip(cu, cu[1:]))
+    assert p.cu_seqlens.dtype == torch.int32
+    for r, n in enumerate(lengths):
+        lo = cu[r]
+        assert cu[r + 1] - lo == n
+        assert p.input_ids[lo:lo + n].tolist() == ids[r, :n].tolist()
+        assert p.segment_ids[lo:lo + n].tolist() == seg[r, :n].tolist()
+        assert p.position_ids[lo:lo + n].tolist() == list(range(n))
+        assert int(p.cls_index[r]) == lo and int(p.input_ids[lo]) == CLS
+        assert int(p.nsp_labels[r]) == nxt[r]
+    runs = np.diff(cu[len(lengths):])
+    assert runs.sum() == 41 and runs.max() <= 23  # the padding, in runs, then zero-length slots
+    assert (p.input_ids[int(lengths.sum()):] == 0).all()
+    assert (p.nsp_labels[len(lengths):] == IGNORE_INDEX).all()
+    n = int((labels != 0).sum())
+    assert p.n_masked == n and p.n_examples == 7 and p.n_tokens == int(lengths.sum())
+    flat = p.input_ids[p.mlm_positions[:n]]
+    assert torch.equal(flat, p.mlm_labels[:n]) and (p.mlm_labels[n:] == IGNORE_INDEX).all()
+
+
+def test_plan_packs_covers_every_example_within_budget():
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    lengths = rng.integers(1, 33, 300)
+    for slots in (9, 64):  # sequence slots binding, then the token budget
+        packs = plan_packs(lengths, tokens=128, max_seqs=slots, max_seqlen=32)
+        seen = np.sort(np.concatenate(packs))
+        assert np.array_equal(seen, np.arange(300))
+        for p in packs:
+            assert lengths[p].sum() <= 128 and slots_needed(lengths[p], 128, 32) <= slots
+    # token-bound: no more packs than filling them in order (next fit), and at most one in 20 wasted
+    next_fit, room = 1, 128
+    for n in lengths:
+        if n > room:
+            next_fit, room = next_fit + 1, 128
+        room -= n
+    assert len(packs) <= next_fit
+    assert len(packs) <= 1.05 * lengths.sum() / 128 + 1
+
+
+def test_bad_input_raises():
+    rng = np.random.default_rng(0)
+    ids, seg, nxt, lengths = examples(4, 16, "hf", rng)
+    kw = dict(tokens=64, max_seqs=8, max_seqlen=16, max_predictions=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_rows(ids, seg, nxt, **{**kw, "tokens": int(lengths.sum()) - 1})
+    with pytest.raises(ValueError, match="slots"):
+        pack_rows(ids, seg, nxt, **{**kw, "max_seqs": 4, "tokens": int(lengths.sum()) + 16})
+    with pytest.raises(ValueError, match="token id out of range"):
+        pack_rows(ids, seg, nxt, **kw, vocab_size=5)
+    with pytest.raises(ValueError, match="max_predictions"):
+        pack_rows(ids, seg, nxt, **kw, mlm_labels=ids)
+    with pytest.raises(ValueError, match="lengths"):
+        plan_packs([3, 40], tokens=64, max_seqs=4, max_seqlen=32)
+    enc = model("hf").bert
+    p = pack_rows(ids, seg, nxt, **kw)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        enc.forward_packed(p.input_ids, p.segment_ids, p.position_ids, p.cu_seqlens, 100)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        enc.forward_packed(p.input_ids, p.segment_ids, p.position_ids, p.cu_seqlens.long(), 16)
+    with pytest.raises(ValueError, match=r"position_ids must be \[T\]"):
+        enc.forward_packed(p.input_ids, p.segment_ids, p.position_ids[:-1], p.cu_seqlens, 16)
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_packed_equals_padded(preset, path):
+    """Loss sums, hit counts and every parameter gradient of a packed step equal the padded path's
+    on the same masked examples (two packs' worth: one padded batch, split over two packs)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    ids, seg, nxt, lengths = examples(6, 19, preset, rng)
+    ids, labels = masked(ids, int(rng.integers(0, 2**31)))
+    m = model(preset).to(DEVICE).train()
+    padded = padded_losses(m, ids, seg, nxt, labels)
+    (padded[0] + padded[2]).backward()
+    padded = [t.detach() for t in padded]
+    want = grads(m)
+    m.zero_grad(set_to_none=True)
+    step = PackedPretrain(m)
+    got = [torch.zeros((), device=DEVICE) for _ in range(4)]
+    for rows in (slice(0, 3), slice(3, 6)):  # two packs, gradients accumulated
+        p = pack_rows(ids[rows], seg[rows], nxt[rows], tokens=64, max_seqs=6, max_seqlen=19,
+                      max_predictions=20, mlm_labels=labels[rows], vocab_size=VOCAB).to(DEVICE)
+        out = step(*p.inputs())
+        (out[0] + out[2]).backward()
+        got = [a + b.detach() for a, b in zip(got, out)]
+    for name, a, b in zip(("mlm", "mlm hits", "nsp", "nsp hits"), got, padded):
+        assert abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(b))), (name, float(a), float(b))
+    have = grads(m)
+    assert have.keys() == want.keys()
+    for name, g in want.items():
+        err = float((have[name] - g).abs().max())
+        assert err <= 1e-4 * max(float(g.abs().max()), 1e-2), (name, err)
+
+
+class _Shard:
+    """A tokenized corpus in memory with the attributes PretrainData reads (documents of sentences)."""
+
+    def __init__(self, rng, docs=12):
+        sizes = rng.integers(2, 9, docs)  # sentences per document
+        lens = rng.integers(2, 14, int(sizes.sum()))  # tokens per sentence
+        self.tokens = rng.integers(5, VOCAB, int(lens.sum())).astype(np.uint16)
+        self.sent_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        self.doc_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.n_sentences, self.n_documents = len(lens), docs
+        self.meta = {"source": "memory"}
+
+
+def test_packed_pretrain_data():
+    """The pipeline's packs hold the epoch's examples, each whole and once, as PretrainData builds
+    them (same tokens, segments, NSP label), masked on the CPU within the fixed prediction slots."""
+    from fastbert.train.data import PretrainData
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    data = PretrainData(_Shard(rng), seq_len=32, batch_size=2, seed=3, cls_id=CLS, sep_id=SEP,
+                        segments=(0, 1), pairs="sentence")
+    packed = PackedPretrainData(data, tokens=96, max_seqs=12, max_predictions=24, vocab_size=VOCAB,
+                                mask_id=MASK, special_ids=(CLS, SEP, MASK), micro_batches=2,
+                                type_vocab_size=2)
+    a_start, la, b_start, lb, is_next, _ = data.plan(1)
+    want = {}
+    for i in range(len(la)):
+        row = data.collate(a_start[i:i + 1], la[i:i + 1], b_start[i:i + 1], lb[i:i + 1], is_next[i:i + 1])
+        n = int(la[i] + lb[i] + 3)
+        key = tuple(row["input_ids"][0, :n].tolist())
+        want[key] = want.get(key, []) + [(tuple(row["segment_ids"][0, :n].tolist()), int(is_next[i]))]
+    seen = 0
+    for step in range(packed.steps_per_epoch):
+        for p in packed.step_batches(1, step):
+            assert p.shapes["input_ids"] == (96,) and p.shapes["cu_seqlens"] == (13,)
+            assert 0 < p.n_masked <= 24 and (p.mlm_labels[p.n_masked:] == IGNORE_INDEX).all()
+            ids = p.input_ids.clone()
+            ids[p.mlm_positions[:p.n_masked]] = p.mlm_labels[:p.n_masked]  # undo the masking
+            assert not set(p.mlm_labels[:p.n_masked].tolist()) & {0, CLS, SEP, MASK}
+            cu = p.cu_seqlens.tolist()
+            for r in range(p.n_examples):
+                key = tuple(ids[cu[r]:cu[r + 1]].tolist())
+                entry = (tuple(p.segment_ids[cu[r]:cu[r + 1]].tolist()), int(p.nsp_labels[r]))
+                assert entry in want.get(key, []), (step, r)
+                want[key].remove(entry)
+                seen += 1
+    left = packed.plan(1)[packed.steps_per_epoch * 2:]  # the packs past the epoch's last step
+    assert seen + sum(len(p) for p in left) == len(la)
