@@ -1,0 +1,19 @@
+"""fastbert inside transformers models.
+
+Importing this package registers the attention implementation "fastbert" with transformers'
+AttentionInterface and AttentionMaskInterface (idempotent), so
+
+    AutoModel.from_pretrained(path, attn_implementation="fastbert")
+    BertModel._from_config(config, attn_implementation="fastbert")
+    model.set_attn_implementation("fastbert")
+
+run fastbert.ops.attention (see fastbert.hf.attention), and patch_hf/unpatch_hf fuse the rest of a
+BERT/RoBERTa model in place (see fastbert.hf.patch).
+"""
+
+from .attention import NAME, fastbert_attention, fastbert_mask, register
+from .patch import is_patched, patch_hf, unpatch_hf
+
+register()
+
+__all__ = ["NAME", "fastbert_attention", "fastbert_mask", "is_patched", "patch_hf", "register", "unpatch_hf"]

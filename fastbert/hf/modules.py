@@ -1,0 +1,220 @@
+"""Fused forwards for transformers' BERT-family modules, as subclasses of the stock classes.
+
+patch_hf swaps a module's __class__ to the subclass here (FastBertSelfOutput for BertSelfOutput, ...),
+so the module stays an instance of the stock class (transformers' output capture matches with
+isinstance), keeps its parameters and state_dict keys, and pickles by reference to this module
+(torch.save/load, copy.deepcopy). unpatch_hf swaps the stock class back.
+
+Each fused forward checks its submodules at call time and takes the stock forward (super().forward)
+when one is not a plain nn.Linear / nn.LayerNorm / nn.Embedding / nn.Dropout (a PEFT/LoRA wrapper, a
+quantized layer), so their effect is never lost:
+  *SelfOutput, *Output   LayerNorm(dropout(dense(h)) + input) -> fastbert.ops.layer_norm(dense(h), ...,
+                         residual=input, dropout_p=p): dropout, residual add and LayerNorm in one op
+  *Intermediate          act(dense(h)) -> fastbert.ops.bias_gelu(h @ W^T, b) for the GELU forms gelu,
+                         gelu_python (erf), gelu_new, gelu_fast, gelu_pytorch_tanh (tanh)
+  *Embeddings            word + position + token type, LayerNorm, dropout -> fastbert.ops.embed
+                         (inputs_embeds, or a cache offset with RoBERTa, take the stock path)
+  *Encoder               unpads once: a padded batch runs every layer on the [1, T, hidden] real tokens
+                         with varlen attention and is scattered back to [B, S, hidden] (zeros at padding)
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import activations
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.models.bert import modeling_bert
+from transformers.models.roberta import modeling_roberta
+
+from fastbert import ops
+
+from .attention import NAME, _collector, packed_cu_seqlens, wants_attentions
+
+
+def _plain(module, kind):
+    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _dropout_p(module, dropout):
+    if not module.training:
+        return 0.0
+    return float(dropout.p) if type(dropout) is nn.Dropout else None
+
+
+def _gelu_forms():
+    forms = {}
+    for name, form in (("GELUActivation", "none"), ("NewGELUActivation", "tanh"),
+                       ("FastGELUActivation", "tanh"), ("GELUTanh", "tanh"), ("PytorchGELUTanh", "tanh")):
+        cls = getattr(activations, name, None)
+        if isinstance(cls, type):
+            forms[cls] = form
+    return forms
+
+
+_GELU = _gelu_forms()
+
+
+def gelu_form(act):
+    """"none" / "tanh" when act is one of transformers' GELU modules fastbert.ops.bias_gelu computes."""
+    return _GELU.get(type(act))
+
+
+class _AddNormMixin:
+    """forward(hidden_states, input_tensor) = LayerNorm(dropout(dense(hidden_states)) + input_tensor)."""
+
+    def forward(self, hidden_states, input_tensor):
+        ln, p = self.LayerNorm, _dropout_p(self, self.dropout)
+        if (p is None or not _plain(self.dense, nn.Linear) or not _plain(ln, nn.LayerNorm)
+                or ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1):
+            return super().forward(hidden_states, input_tensor)
+        x = self.dense(hidden_states)
+        y, _ = ops.layer_norm(x.contiguous(), ln.weight, ln.bias, ln.eps, residual=input_tensor.contiguous(),
+                              dropout_p=p)
+        return y
+
+
+class _BiasGeluMixin:
+    """forward(hidden_states) = gelu(dense(hidden_states)): matmul without bias, then bias + GELU fused."""
+
+    def forward(self, hidden_states):
+        form = gelu_form(self.intermediate_act_fn)
+        dense = self.dense
+        if form is None or not _plain(dense, nn.Linear) or dense.bias is None:
+            return super().forward(hidden_states)
+        return ops.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, form)
+
+
+class _ZeroRowGrad(torch.autograd.Function):
+    """Identity on a table whose row `row` gets no gradient (nn.Embedding(padding_idx=row))."""
+
+    @staticmethod
+    def forward(ctx, weight, row):
+        ctx.row = row
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[ctx.row] = 0
+        return grad, None
+
+
+class _EmbedMixin:
+    """forward(input_ids, token_type_ids, position_ids, inputs_embeds, cache_length) in fastbert.ops.embed."""
+
+    _roberta_positions = False
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                cache_length=0, **kwargs):
+        p = _dropout_p(self, self.dropout)
+        word, pos_table, tt, ln = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings,
+                                   self.LayerNorm)
+        if (kwargs or p is None or inputs_embeds is not None or input_ids is None or input_ids.dim() != 2
+                or not all(_plain(m, nn.Embedding) for m in (word, pos_table, tt))
+                or not _plain(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None
+                or not (word.weight.dtype == pos_table.weight.dtype == tt.weight.dtype == ln.weight.dtype)
+                or (self._roberta_positions and position_ids is None and not isinstance(cache_length, int))):
+            return super().forward(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, cache_length=cache_length, **kwargs)
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            if self._roberta_positions:
+                position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx, cache_length)
+            else:
+                position_ids = self.position_ids[:, cache_length: seq + cache_length]
+        if token_type_ids is None:
+            if hasattr(self, "token_type_ids"):
+                buffered = self.token_type_ids.to(position_ids.device).expand(position_ids.shape[0], -1)
+                token_type_ids = torch.gather(buffered, 1, position_ids).expand(batch, seq)
+            else:
+                token_type_ids = torch.zeros_like(input_ids)
+        if position_ids.dim() == 2 and position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, seq)
+        pos_weight = pos_table.weight
+        if pos_table.padding_idx is not None and pos_weight.requires_grad:
+            pos_weight = _ZeroRowGrad.apply(pos_weight, pos_table.padding_idx)
+        return ops.embed(input_ids, word.weight, pos_weight, token_type_ids.expand(batch, seq), tt.weight,
+                         position_ids=position_ids, ln_weight=ln.weight, ln_bias=ln.bias, eps=ln.eps,
+                         dropout_p=p, padding_idx=word.padding_idx, segment_padding_idx=tt.padding_idx)
+
+
+def _scatter(h, index, batch, seq):
+    """[1, T, N] or [T, N] real tokens -> [B, S, N] with zeros at padding."""
+    h = h.reshape(-1, h.shape[-1])
+    return h.new_zeros(batch * seq, h.shape[-1]).index_copy(0, index, h).view(batch, seq, -1)
+
+
+class _UnpadEncoderMixin:
+    """forward(hidden_states, attention_mask, ...) with the layers on the real tokens only (varlen)."""
+
+    def _fastbert_unpad_applies(self, hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+        cfg = self.config
+        return (cfg._attn_implementation == NAME and not cfg.is_decoder and encoder_hidden_states is None
+                and cache is None and "past_key_values" not in kwargs and hidden_states.dim() == 3
+                and not torch.compiler.is_compiling() and not wants_attentions(cfg, kwargs))
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cache=None, use_cache=None, **kwargs):
+        stock = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, use_cache)
+        if not self._fastbert_unpad_applies(hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+            return super().forward(*stock, **kwargs)
+        batch, seq, hidden = hidden_states.shape
+        if attention_mask is None:
+            # a packed [1, T] batch (DataCollatorWithFlattening): boundaries from kwargs or position_ids
+            if batch != 1 or kwargs.get("cu_seq_lens_q") is not None:
+                return super().forward(*stock, **kwargs)  # the attention function reads cu_seq_lens_q
+            packed = None if kwargs.get("position_ids") is None else packed_cu_seqlens(kwargs["position_ids"])
+            if packed is None:
+                return super().forward(*stock, **kwargs)
+            cu, max_len = packed
+            return self._fastbert_layers(hidden_states, kwargs, cu, max_len)
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            return super().forward(*stock, **kwargs)
+        valid = attention_mask.reshape(-1)
+        lengths = attention_mask.sum(1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        total, max_len = (int(v) for v in torch.stack([cu[-1], lengths.max()]).tolist())  # the one host sync
+        if total == batch * seq:  # no padding: the dense layout as it is
+            return super().forward(hidden_states, None, *stock[2:], **kwargs)
+        index = torch.nonzero_static(valid, size=total).squeeze(1) if hasattr(torch, "nonzero_static") \
+            else valid.nonzero().squeeze(1)
+        packed = hidden_states.reshape(batch * seq, hidden).index_select(0, index).unsqueeze(0)  # [1, T, N]
+        collected = _collector()
+        captured = collected.get("hidden_states") if collected is not None else None
+        first = len(captured) if captured is not None else 0
+        out = self._fastbert_layers(packed, kwargs, cu, max_len).last_hidden_state
+        if captured is not None:  # hidden states the capture hooks took on the packed layout
+            for i in range(first, len(captured)):
+                if captured[i] is not None:
+                    captured[i] = hidden_states if i == 0 else _scatter(captured[i], index, batch, seq)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_scatter(out, index, batch, seq))
+
+    def _fastbert_layers(self, h, kwargs, cu, max_len):
+        kwargs = dict(kwargs, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+        kwargs.pop("position_ids", None)
+        for layer in self.layer:
+            h = layer(h, None, None, encoder_attention_mask=None, cache=None, **kwargs)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+
+
+# stock class -> fused subclass; module-level names so pickle finds them
+FUSED = {}
+_MIXINS = {"SelfOutput": _AddNormMixin, "Output": _AddNormMixin, "Intermediate": _BiasGeluMixin,
+           "Embeddings": _EmbedMixin, "Encoder": _UnpadEncoderMixin}
+ROLE = {}  # fused subclass -> "layer_norm" | "bias_gelu" | "embeddings" | "unpad"
+_ROLE_OF = {"SelfOutput": "layer_norm", "Output": "layer_norm", "Intermediate": "bias_gelu",
+            "Embeddings": "embeddings", "Encoder": "unpad"}
+
+for _prefix, _module in (("Bert", modeling_bert), ("Roberta", modeling_roberta)):
+    for _part, _mixin in _MIXINS.items():
+        _stock = getattr(_module, _prefix + _part, None)
+        if _stock is None:  # pragma: no cover - a transformers without this class
+            continue
+        _name = "Fast" + _prefix + _part
+        _attrs = {"__module__": __name__, "__qualname__": _name, "_fastbert_stock": _stock}
+        if _part == "Embeddings":
+            _attrs["_roberta_positions"] = hasattr(_stock, "create_position_ids_from_input_ids")
+        _cls = type(_name, (_mixin, _stock), _attrs)
+        globals()[_name] = _cls
+        FUSED[_stock] = _cls
+        ROLE[_cls] = _ROLE_OF[_part]

@@ -1,0 +1,511 @@
+"""fastbert inside transformers models: patch_hf / unpatch_hf and attn_implementation="fastbert".
+
+Every check compares a patched model with the stock transformers model of the same weights (a deepcopy
+made before patching), on fresh random ids with right padding, dropout 0, fp32. On padded batches the
+unpadded encoder returns zeros at padding positions where stock computes values no loss reads, so
+per-token outputs are compared at real tokens; losses, sequence-level logits and every parameter
+gradient are compared whole. Tolerance: 1e-5 relative to the largest magnitude of the stock tensor.
+The fused path (Triton kernels in the interpreter) runs on tiny models (hidden 32, 2 layers).
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import fastbert
+from fastbert.hf import is_patched, patch_hf, unpatch_hf
+
+VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ, BATCH = 64, 32, 2, 2, 64, 11, 3
+
+
+def config(family="bert", **kw):
+    cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+    args = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=FFN, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, type_vocab_size=2, pad_token_id=0 if family == "bert" else 1)
+    kw.setdefault("num_labels", 3)
+    args.update(kw)
+    return cls(**args)
+
+
+def lengths_for(batch, seq):
+    """Row 0 full, the others random lengths in [2, seq)."""
+    return [seq] + [int(n) for n in torch.randint(2, seq, (batch - 1,))]
+
+
+def padded_batch(cfg, batch=BATCH, seq=SEQ, lengths=None):
+    lengths = lengths or lengths_for(batch, seq)
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq))
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    ids[mask == 0] = cfg.pad_token_id
+    types = torch.randint(0, 2, (batch, seq)) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def labels_for(name, cfg, inputs):
+    mask = inputs["attention_mask"]
+    batch = mask.shape[0]
+    lengths = mask.sum(-1)
+    tokens = torch.randint(0, cfg.vocab_size, mask.shape).masked_fill(mask == 0, -100)
+    if name.endswith("ForPreTraining"):
+        return {"labels": tokens, "next_sentence_label": torch.randint(0, 2, (batch,))}
+    if name.endswith("ForMaskedLM"):
+        return {"labels": tokens}
+    if name.endswith("ForSequenceClassification") or name.endswith("ForMultipleChoice"):
+        return {"labels": torch.randint(0, 3 if "Sequence" in name else mask.shape[1], (batch,))}
+    if name.endswith("ForTokenClassification"):
+        return {"labels": torch.randint(0, 3, mask.shape).masked_fill(mask == 0, -100)}
+    if name.endswith("ForQuestionAnswering"):
+        start = (torch.rand(batch) * lengths).long()
+        return {"start_positions": start, "end_positions": torch.minimum(start + 1, lengths - 1)}
+    return {}
+
+
+def loss_of(out, inputs, weights):
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    h = out.last_hidden_state * inputs["attention_mask"][..., None]  # base model: a fixed projection
+    return (h * weights).sum() + out.pooler_output.sum() if out.pooler_output is not None else (h * weights).sum()
+
+
+def assert_close(ours, ref, what, tol=1e-5, atol=0.0):
+    """max |ours - ref| <= tol * max |ref| + atol."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    ours, ref = ours.detach(), ref.detach()
+    diff, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert diff <= tol * scale + atol, f"{what}: max error {diff:.3g}, {diff / max(scale, 1e-30):.3g} relative > {tol}"
+
+
+def primary(out):
+    for key in ("logits", "prediction_logits", "start_logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return key, getattr(out, key)
+    raise AssertionError(f"no output to compare in {type(out).__name__}")
+
+
+def compare_models(stock, patched, inputs, labels, tol=1e-5):
+    """Forward + backward of both; loss, outputs at real tokens and every gradient within tol."""
+    torch.manual_seed(0)
+    weights = torch.randn(HIDDEN)
+    outs = []
+    for model in (stock, patched):
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, **labels)
+        loss_of(out, inputs, weights).backward()
+        outs.append(out)
+    (ref, ours) = outs
+    assert_close(loss_of(ours, inputs, weights), loss_of(ref, inputs, weights), "loss", tol)
+    key, ref_logits = primary(ref)
+    ours_logits = getattr(ours, key)
+    if ref_logits.dim() >= 3 and ref_logits.shape[:2] == inputs["attention_mask"].shape:  # per token
+        keep = inputs["attention_mask"].bool()
+        assert_close(ours_logits[keep], ref_logits[keep], key, tol)
+    elif ref_logits.dim() == 2 and ref_logits.shape == inputs["attention_mask"].shape:  # QA start logits
+        keep = inputs["attention_mask"].bool()
+        assert_close(ours_logits[keep], ref_logits[keep], key, tol)
+    else:
+        assert_close(ours_logits, ref_logits, key, tol)
+    assert_grads_close(stock, patched, tol)
+
+
+def assert_grads_close(stock, patched, tol=1e-5):
+    stock_params = dict(stock.named_parameters())
+    # gradients that are zero in exact arithmetic (key bias, QA output bias: a softmax ignores a constant)
+    # are roundoff on both sides: an absolute 1e-6 of the model's largest gradient on top of 1e-5 relative
+    atol = 1e-6 * max(q.grad.abs().max().item() for q in stock_params.values() if q.grad is not None)
+    checked = 0
+    for name, p in patched.named_parameters():
+        q = stock_params[name]
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert_close(p.grad, q.grad, f"grad {name}", tol, atol)
+        checked += 1
+    assert checked > 10
+
+
+def stock_and_patched(cls, cfg, **patch_kw):
+    torch.manual_seed(1)
+    stock = cls(cfg)
+    patched = patch_hf(copy.deepcopy(stock), **patch_kw)
+    return stock, patched
+
+
+BERT_HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification",
+              "BertForTokenClassification", "BertForQuestionAnswering", "BertForMultipleChoice",
+              "BertForNextSentencePrediction"]
+ROBERTA_HEADS = ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+                 "RobertaForTokenClassification", "RobertaForQuestionAnswering", "RobertaForMultipleChoice"]
+
+
+def run_head(name):
+    family = "roberta" if name.startswith("Roberta") else "bert"
+    cfg = config(family, num_labels=2 if name.endswith("QuestionAnswering") else 3)
+    stock, patched = stock_and_patched(getattr(transformers, name), cfg)
+    stock.train()  # dropout is 0: train mode exercises the training forwards
+    patched.train()
+    if name.endswith("ForMultipleChoice"):
+        flat = padded_batch(cfg, batch=2 * 2)
+        inputs = {k: v.view(2, 2, -1) for k, v in flat.items()}
+        labels = {"labels": torch.randint(0, 2, (2,))}
+        compare_models(stock, patched, inputs, labels)
+        return
+    inputs = padded_batch(cfg)
+    if name.endswith("NextSentencePrediction"):
+        labels = {"labels": torch.randint(0, 2, (BATCH,))}
+    else:
+        labels = labels_for(name, cfg, inputs)
+    compare_models(stock, patched, inputs, labels)
+
+
+@pytest.mark.parametrize("name", BERT_HEADS + ROBERTA_HEADS)
+def test_every_head_matches_stock(name):
+    run_head(name)
+
+
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForMaskedLM",
+                                  "RobertaForTokenClassification", "BertForMultipleChoice"])
+def test_every_head_matches_stock_fused(name, triton_backend):
+    assert fastbert.ops.use_triton(torch.empty(1))
+    run_head(name)
+
+
+def test_question_answering_keeps_the_padded_layout():
+    cfg = config(num_labels=2)
+    stock, patched = stock_and_patched(transformers.BertForQuestionAnswering, cfg)
+    assert type(patched.bert.encoder) is transformers.models.bert.modeling_bert.BertEncoder
+    inputs = padded_batch(cfg)
+    with torch.no_grad():  # every position, padding included, as stock
+        assert_close(patched(**inputs).start_logits, stock(**inputs).start_logits, "start logits")
+
+
+def test_patch_keeps_class_params_and_keys():
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertForMaskedLM, cfg)
+    assert type(patched) is transformers.BertForMaskedLM
+    assert list(patched.state_dict()) == list(stock.state_dict())
+    for (n1, p1), (n2, p2) in zip(stock.named_parameters(), patched.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert patched.config._attn_implementation == "fastbert"
+    mb = transformers.models.bert.modeling_bert
+    layer = patched.bert.encoder.layer[0]
+    assert isinstance(layer.attention.output, mb.BertSelfOutput) and type(layer.attention.output) is not \
+        mb.BertSelfOutput
+    assert isinstance(patched.bert.embeddings, mb.BertEmbeddings)
+    assert is_patched(patched) and not is_patched(stock)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_padded_row_equals_sequence_alone(family):
+    cfg = config(family)
+    _, model = stock_and_patched(transformers.AutoModel.from_config(cfg).__class__, cfg)
+    model.eval()
+    inputs = padded_batch(cfg, batch=3, seq=13, lengths=[13, 5, 9])
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+        for b, n in enumerate([13, 5, 9]):
+            alone = model(input_ids=inputs["input_ids"][b:b + 1, :n],
+                          token_type_ids=inputs["token_type_ids"][b:b + 1, :n]).last_hidden_state
+            assert_close(out[b, :n], alone[0], f"row {b}")
+            assert not out[b, n:].any()  # the unpadded encoder scatters zeros to padding
+
+
+def test_unpad_false_keeps_padded_layout_and_stock_values():
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertModel, cfg, unpad=False)
+    inputs = padded_batch(cfg)
+    with torch.no_grad():
+        assert_close(patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state, "all positions")
+
+
+def packed(cfg, seqs, flash_kwargs):
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    return collator([{"input_ids": s.tolist()} for s in seqs])
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_packed_batch_runs_varlen_without_cross_contamination(flash_kwargs):
+    cfg = config()
+    stock, model = stock_and_patched(transformers.BertModel, cfg)
+    seqs = [torch.randint(3, VOCAB, (n,)) for n in (7, 3, 10)]
+    batch = packed(cfg, seqs, flash_kwargs)
+    assert batch["input_ids"].shape == (1, 20) and "attention_mask" not in batch
+    batch.pop("labels", None)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state[0]
+        start = 0
+        for s in seqs:
+            alone = stock(input_ids=s[None]).last_hidden_state[0]
+            assert_close(out[start:start + len(s)], alone, f"packed sequence at {start}")
+            start += len(s)
+    # the attention implementation alone (no patch_hf) honours the packing too
+    plain = copy.deepcopy(stock)
+    plain.set_attn_implementation("fastbert")
+    with torch.no_grad():
+        out2 = plain(**batch).last_hidden_state[0]
+    assert_close(out2[7:10], stock(input_ids=seqs[1][None]).last_hidden_state[0], "attention only")
+
+
+def test_attn_implementation_registered_and_mask_honoured(tmp_path):
+    import fastbert.hf  # noqa: F401 - registers "fastbert"
+
+    cfg = config()
+    torch.manual_seed(2)
+    stock = transformers.BertModel(cfg).eval()
+    stock.save_pretrained(tmp_path)
+    inputs = padded_batch(cfg, lengths=[SEQ, 4, 7])
+    with torch.no_grad():
+        ref = stock(**inputs).last_hidden_state
+        keep = inputs["attention_mask"].bool()
+        loaded = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="fastbert").eval()
+        built = transformers.BertModel._from_config(cfg, attn_implementation="fastbert").eval()
+        built.load_state_dict(stock.state_dict())
+        switched = copy.deepcopy(stock)
+        switched.set_attn_implementation("fastbert")
+        for model in (loaded, built, switched):
+            assert model.config._attn_implementation == "fastbert"
+            out = model(**inputs).last_hidden_state
+            # the whole padded layout equals sdpa's: the padding mask reached the attention
+            assert_close(out[keep], ref[keep], "attn_implementation='fastbert'")
+        # and a padded row equals the row alone (the mask was not silently dropped)
+        alone = switched(input_ids=inputs["input_ids"][1:2, :4],
+                         token_type_ids=inputs["token_type_ids"][1:2, :4]).last_hidden_state
+        assert_close(switched(**inputs).last_hidden_state[1, :4], alone[0], "row alone")
+
+
+def test_register_is_idempotent():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    import fastbert.hf as fhf
+
+    fhf.register()
+    fhf.register()
+    assert AttentionInterface._global_mapping["fastbert"] is fhf.fastbert_attention
+    assert AttentionMaskInterface._global_mapping["fastbert"] is fhf.fastbert_mask
+
+
+@pytest.mark.parametrize("cross_len", [None, 7, SEQ])
+def test_decoder_and_cross_attention_match_stock(cross_len):
+    kw = {"is_decoder": True}
+    if cross_len is not None:
+        kw["add_cross_attention"] = True
+    cfg = config(**kw)
+    stock, patched = stock_and_patched(transformers.BertLMHeadModel, cfg)
+    inputs = padded_batch(cfg)
+    labels = {"labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
+    if cross_len is not None:
+        torch.manual_seed(3)
+        inputs["encoder_hidden_states"] = torch.randn(BATCH, cross_len, HIDDEN)
+        enc_mask = torch.ones(BATCH, cross_len, dtype=torch.long)
+        enc_mask[1, cross_len // 2:] = 0
+        inputs["encoder_attention_mask"] = enc_mask
+    compare_models(stock, patched, inputs, labels)
+
+
+def test_decoder_with_cache_matches_stock():
+    cfg = config(is_decoder=True)
+    stock, patched = stock_and_patched(transformers.BertLMHeadModel, cfg)
+    stock.eval()
+    patched.eval()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        a = stock(ids, use_cache=True)
+        b = patched(ids, use_cache=True)
+        nxt = torch.randint(3, VOCAB, (2, 1))
+        a2 = stock(nxt, cache=a.cache, use_cache=True) if hasattr(a, "cache") else \
+            stock(nxt, past_key_values=a.past_key_values, use_cache=True)
+        b2 = patched(nxt, cache=b.cache, use_cache=True) if hasattr(b, "cache") else \
+            patched(nxt, past_key_values=b.past_key_values, use_cache=True)
+    assert_close(b.logits, a.logits, "prefill")
+    assert_close(b2.logits, a2.logits, "step")
+
+
+def test_output_hidden_states_and_attentions_as_stock():
+    cfg = config()
+    torch.manual_seed(4)
+    stock = transformers.BertModel._from_config(cfg, attn_implementation="eager").eval()
+    patched = patch_hf(copy.deepcopy(stock))
+    inputs = padded_batch(cfg)
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = stock(**inputs, output_hidden_states=True, output_attentions=True)
+        out = patched(**inputs, output_hidden_states=True, output_attentions=True)
+        assert len(out.attentions) == len(ref.attentions) == LAYERS
+        for a, b in zip(ref.attentions, out.attentions, strict=True):
+            assert_close(b, a, "attentions")
+        only_states = patched(**inputs, output_hidden_states=True)  # unpadded: scattered back
+        assert only_states.attentions is None
+    for outs in (out, only_states):
+        assert len(outs.hidden_states) == len(ref.hidden_states) == LAYERS + 1
+        assert_close(outs.hidden_states[0], ref.hidden_states[0], "embedding output")  # whole, as stock
+        for i, (a, b) in enumerate(zip(ref.hidden_states, outs.hidden_states, strict=True)):
+            assert b.shape == a.shape
+            assert_close(b[keep], a[keep], f"hidden_states[{i}]")
+    assert torch.equal(only_states.hidden_states[-1], only_states.last_hidden_state)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_checkpointing_matches_stock(fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg)
+    for m in (stock, patched):
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            m.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        assert all(layer.gradient_checkpointing for layer in m.bert.encoder.layer)
+    inputs = padded_batch(cfg)
+    compare_models(stock, patched, inputs, {"labels": torch.randint(0, 3, (BATCH,))})
+
+
+def compile_and_count(model, inputs):
+    """torch.compile(fullgraph=True) through a recording aot_eager backend: (output, op names)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ops = set()
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                ops.add(str(node.target))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out = compiled(**inputs)
+    return out, ops
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_compile_fullgraph(fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg)
+    patched.train()
+    stock.train()
+    inputs = padded_batch(cfg, batch=2, seq=8)
+    labels = torch.randint(0, 3, (2,))
+    out, ops = compile_and_count(patched, dict(inputs, labels=labels))  # fullgraph: a break raises
+    out.loss.backward()
+    ref = stock(**inputs, labels=labels)
+    ref.loss.backward()
+    assert_close(out.logits, ref.logits, "compiled logits")
+    assert_grads_close(stock, patched)
+    assert any("fastbert.embedding_gather" in o for o in ops), sorted(ops)
+    if fused:
+        for op in ("fastbert.layer_norm_fwd", "fastbert.bias_gelu_fwd", "fastbert.attention_fwd"):
+            assert any(op in o for o in ops), (op, sorted(ops))
+
+
+def test_persistence_and_undo(tmp_path):
+    cfg = config()
+    torch.manual_seed(5)
+    stock = transformers.BertForSequenceClassification(cfg).eval()
+    inputs = padded_batch(cfg)
+    with torch.no_grad():
+        ref = stock(**inputs).logits
+    patched = patch_hf(copy.deepcopy(stock))
+    with torch.no_grad():
+        want = patched(**inputs).logits
+    assert_close(want, ref, "patched")
+
+    clone = copy.deepcopy(patched)
+    buf = io.BytesIO()
+    torch.save(patched, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    patched.save_pretrained(tmp_path)
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert not is_patched(reloaded)  # a checkpoint is plain transformers; patch again after loading
+    assert set(reloaded.state_dict()) == set(stock.state_dict())
+    with torch.no_grad():
+        for model, what in ((clone, "deepcopy"), (loaded, "torch.load")):
+            assert is_patched(model), what
+            assert torch.equal(model(**inputs).logits, want), what
+        assert torch.equal(reloaded(**inputs).logits, ref)
+        assert torch.equal(patch_hf(reloaded)(**inputs).logits, want)
+
+    unpatch_hf(patched)
+    assert not is_patched(patched)
+    assert patched.config._attn_implementation == stock.config._attn_implementation
+    assert all(type(a) is type(b) for a, b in zip(stock.modules(), patched.modules(), strict=True))
+    with torch.no_grad():
+        assert torch.equal(patched(**inputs).logits, ref)  # bit-identical stock outputs
+
+
+class LoraLinear(nn.Linear):
+    """A stand-in for a PEFT wrapper: a subclass of nn.Linear that adds a low-rank update."""
+
+    def __init__(self, base):
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        self.a = nn.Parameter(torch.randn(4, base.in_features) * 0.1)
+        self.b = nn.Parameter(torch.randn(base.out_features, 4) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+
+def test_wrapped_linear_keeps_stock_path():
+    cfg = config()
+    torch.manual_seed(6)
+    stock = transformers.BertModel(cfg)
+    for layer in stock.encoder.layer:
+        layer.intermediate.dense = LoraLinear(layer.intermediate.dense)
+        layer.output.dense = LoraLinear(layer.output.dense)
+    patched = patch_hf(copy.deepcopy(stock))
+    inputs = padded_batch(cfg)
+    compare_models(stock, patched, inputs, {})
+    assert patched.encoder.layer[0].intermediate.dense.a.grad is not None
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"])
+def test_activations(act):
+    cfg = config(hidden_act=act)
+    stock, patched = stock_and_patched(transformers.BertForTokenClassification, cfg)
+    inputs = padded_batch(cfg)
+    compare_models(stock, patched, inputs, labels_for("ForTokenClassification", cfg, inputs))
+
+
+def test_flags_select_what_is_patched():
+    cfg = config()
+    _, patched = stock_and_patched(transformers.BertModel, cfg, attention=False, bias_gelu=False)
+    mb = transformers.models.bert.modeling_bert
+    assert patched.config._attn_implementation != "fastbert"
+    assert type(patched.encoder) is mb.BertEncoder  # unpad needs the fastbert attention
+    assert type(patched.encoder.layer[0].intermediate) is mb.BertIntermediate
+    assert type(patched.encoder.layer[0].output) is not mb.BertOutput
+    patch_hf(patched)  # re-patching applies the new flags
+    assert type(patched.encoder) is not mb.BertEncoder
+    assert patched.config._attn_implementation == "fastbert"
+    unpatch_hf(patched)
+    assert patched.config._attn_implementation == "sdpa"
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="patch_hf expects"):
+        patch_hf("bert")
+    with pytest.raises(ValueError, match="none of the BERT/RoBERTa modules"):
+        patch_hf(nn.Linear(3, 3))
+
+
+def test_import_fastbert_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastbert; assert 'transformers' not in sys.modules; "
+            "f = fastbert.patch_hf; assert 'transformers' in sys.modules; print(f.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "fastbert.hf.patch"
