@@ -26,7 +26,8 @@ def config(family="bert", **kw):
     cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
     args = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                 intermediate_size=FFN, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, type_vocab_size=2, pad_token_id=0 if family == "bert" else 1)
+                attention_probs_dropout_prob=0.0, type_vocab_size=2,
+                pad_token_id=0 if family == "bert" else 1)
     kw.setdefault("num_labels", 3)
     args.update(kw)
     return cls(**args)
@@ -71,7 +72,8 @@ def loss_of(out, inputs, weights):
     if getattr(out, "loss", None) is not None:
         return out.loss
     h = out.last_hidden_state * inputs["attention_mask"][..., None]  # base model: a fixed projection
-    return (h * weights).sum() + out.pooler_output.sum() if out.pooler_output is not None else (h * weights).sum()
+    pooled = 0.0 if out.pooler_output is None else out.pooler_output.sum()
+    return (h * weights).sum() + pooled
 
 
 def assert_close(ours, ref, what, tol=1e-5, atol=0.0):
@@ -79,7 +81,8 @@ def assert_close(ours, ref, what, tol=1e-5, atol=0.0):
     assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
     ours, ref = ours.detach(), ref.detach()
     diff, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
-    assert diff <= tol * scale + atol, f"{what}: max error {diff:.3g}, {diff / max(scale, 1e-30):.3g} relative > {tol}"
+    rel = diff / max(scale, 1e-30)
+    assert diff <= tol * scale + atol, f"{what}: max error {diff:.3g}, {rel:.3g} relative > {tol}"
 
 
 def primary(out):

@@ -148,7 +148,8 @@ def fastbert_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if wants_attentions(getattr(module, "config", None), kwargs):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, causal)
     exotic = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "sliding_window"))
-    mask_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+    mask_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                         and attention_mask.dim() == 2)
     if (causal or exotic or not mask_2d or query.shape != key.shape or key.shape != value.shape
             or (attention_mask is not None and torch.compiler.is_compiling() and not ops.use_triton(query))):
         # the CPU form of fastbert.ops.attention checks for all-padding rows with a host sync, which

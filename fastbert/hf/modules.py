@@ -114,12 +114,14 @@ class _EmbedMixin:
                 or not _plain(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None
                 or not (word.weight.dtype == pos_table.weight.dtype == tt.weight.dtype == ln.weight.dtype)
                 or (self._roberta_positions and position_ids is None and not isinstance(cache_length, int))):
-            return super().forward(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
-                                   inputs_embeds=inputs_embeds, cache_length=cache_length, **kwargs)
+            return super().forward(input_ids=input_ids, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                   cache_length=cache_length, **kwargs)
         batch, seq = input_ids.shape
         if position_ids is None:
             if self._roberta_positions:
-                position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx, cache_length)
+                position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx,
+                                                                       cache_length)
             else:
                 position_ids = self.position_ids[:, cache_length: seq + cache_length]
         if token_type_ids is None:
@@ -153,10 +155,12 @@ class _UnpadEncoderMixin:
                 and cache is None and "past_key_values" not in kwargs and hidden_states.dim() == 3
                 and not torch.compiler.is_compiling() and not wants_attentions(cfg, kwargs))
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                cache=None, use_cache=None, **kwargs):
-        stock = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache, use_cache)
-        if not self._fastbert_unpad_applies(hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
+        stock = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache,
+                 use_cache)
+        if not self._fastbert_unpad_applies(hidden_states, attention_mask, encoder_hidden_states, cache,
+                                            kwargs):
             return super().forward(*stock, **kwargs)
         batch, seq, hidden = hidden_states.shape
         if attention_mask is None:

@@ -71,8 +71,8 @@ def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddin
         if previous != NAME:
             model.set_attn_implementation(NAME)
             if model.config._attn_implementation != NAME:
-                warnings.warn(f"patch_hf: {type(model).__name__} did not accept attn_implementation={NAME!r}; "
-                              "its attention stays stock", stacklevel=2)
+                warnings.warn(f"patch_hf: {type(model).__name__} did not accept "
+                              f"attn_implementation={NAME!r}; its attention stays stock", stacklevel=2)
             else:
                 setattr(model, _PREV_ATTN, previous)
     return model
