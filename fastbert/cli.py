@@ -1,8 +1,9 @@
-"""The `fastbert` command: vocab, pretrain, finetune.
+"""The `fastbert` command (also `python -m fastbert`): vocab, pretrain, finetune.
 
     fastbert vocab --corpus FILE [--vocab-size 8000] [--out vocab.txt]
-    fastbert pretrain [options]      (no options: embedded corpus, small model, about 2 minutes)
+    fastbert pretrain [options]      (no options: embedded corpus, small model; see --help)
     fastbert finetune --checkpoint CKPT [--train FILE] [--task sequence|token]
+                      [--from-scratch | --compare-scratch] [--seeds S ...]
 
 `fastbert <command> -h` lists each command's options.
 """

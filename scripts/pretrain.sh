@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 set -euo pipefail
-python -m fastbert.pretrain "$@"
+python -m fastbert pretrain "$@"

@@ -16,6 +16,7 @@ from fastbert.train.data import (
     build_shard,
     cached_shard,
     detect_format,
+    heldout_documents,
     iter_documents,
     truncate_pair,
 )
@@ -230,6 +231,40 @@ def test_packed_pairs(small):
     assert len(p1[0]) == len(a_start) and not np.array_equal(np.sort(p1[1]), np.sort(la))
     with pytest.raises(ValueError, match="pairs"):
         PretrainData(shard, seq, 8, pairs="chunks")
+
+
+def test_heldout_documents():
+    held = heldout_documents(1172, 0.05)
+    assert held.sum() == 58  # floor(1172 * 0.05)
+    gaps = np.diff(np.nonzero(held)[0])
+    assert gaps.min() >= 19 and gaps.max() <= 21  # spread evenly, not a block at one end
+    assert not heldout_documents(10, 0.0).any() and not heldout_documents(10, 0.05).any()
+    with pytest.raises(ValueError, match="fraction"):
+        heldout_documents(10, 1.0)
+
+
+@pytest.mark.parametrize("pairs", ["sentence", "packed"])
+def test_heldout_split_keeps_documents_apart(small, pairs):
+    """Training pairs, including the random B of negative pairs, come only from training documents;
+    the held-out set only from held-out documents; together they cover the corpus."""
+    corpus, docs, vocab, shard = small
+    held = heldout_documents(shard.n_documents, 0.2)
+    train = PretrainData(shard, 64, 4, seed=1, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pairs=pairs,
+                         documents=~held)
+    test = PretrainData(shard, 64, 1, seed=0, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pairs=pairs,
+                        documents=held)
+    full = PretrainData(shard, 64, 4, seed=1, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pairs=pairs)
+    assert train.n_examples + test.n_examples == full.n_examples
+    for data, allowed in ((train, ~held), (test, held)):
+        for epoch in range(3):
+            a_start, la, b_start, lb, is_next, _ = data.plan(epoch)
+            for starts in (a_start, b_start):
+                sent = np.searchsorted(data.offs, starts, side="right") - 1
+                assert allowed[data.doc_of[sent]].all()
+    rows = sum(len(b["input_ids"]) for b in test.all_batches(16))
+    assert rows == test.n_examples  # every held-out pair, none left over
+    with pytest.raises(ValueError, match="documents has shape"):
+        PretrainData(shard, 64, 4, documents=held[:-1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

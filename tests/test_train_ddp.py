@@ -53,7 +53,7 @@ def test_two_gloo_processes_match_one(single, tmp_path, mode):
     common, root = single
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fastbert.pretrain", *common, "--out", str(tmp_path / "multi"), "--batch", "4",
+           "-m", "fastbert", "pretrain", *common, "--out", str(tmp_path / "multi"), "--batch", "4",
            "--log-json", str(tmp_path / "multi.jsonl"), "--threads", "1"]
     if mode == "fsdp":
         cmd.append("--fsdp")

@@ -69,3 +69,48 @@ def test_finetune_bad_input(checkpoint, tmp_path, capsys):
     assert finetune.main([]) == 2
     err = capsys.readouterr().err
     assert err.count("fastbert finetune: error:") == 3
+
+
+def test_from_scratch_reinitialises(checkpoint):
+    """--from-scratch: the checkpoint's config and vocabulary, fresh encoder weights (what a new
+    Encoder draws under the run's seed), the same classifier head as the pretrained run."""
+    args = finetune.build_parser().parse_args(["--checkpoint", checkpoint, "--seq-len", "64"])
+    task = finetune.prepare(args)
+    pre = finetune.build_classifier(task, 0, from_scratch=False)
+    fresh = finetune.build_classifier(task, 0, from_scratch=True)
+    assert pre.bert.config == fresh.bert.config == task.cfg
+    state = task.encoder_state
+    a, b = pre.bert.state_dict(), fresh.bert.state_dict()
+    assert a.keys() == b.keys() == state.keys()
+    for k in state:
+        assert torch.equal(a[k], state[k]), k
+    differ = [k for k in state if state[k].dim() == 2 and not torch.equal(b[k], state[k])]
+    matrices = [k for k in state if state[k].dim() == 2]
+    assert differ == matrices  # every weight matrix re-drawn
+    torch.manual_seed(0)
+    again = finetune.Classifier(task.cfg, len(task.names))
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    assert torch.equal(pre.classifier.weight, fresh.classifier.weight)
+
+
+def test_compare_scratch_prints_both(checkpoint, capsys):
+    assert finetune.main(["--checkpoint", checkpoint, "--compare-scratch", "--seeds", "0", "1",
+                          "--max-steps", "2", "--batch", "8", "--seq-len", "64", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained vs from scratch" in out
+    rows = [line.split("|") for line in out.splitlines() if line.strip().startswith(("0 |", "1 |", "mean"))]
+    assert [r[0].strip() for r in rows] == ["0", "1", "mean"]
+    for r in rows:
+        a, b, gain = (float(x) for x in r[1:])
+        assert gain == pytest.approx(a - b, abs=2e-3)
+
+
+def test_finetune_lr_options(checkpoint, capsys):
+    cfg = finetune.prepare(finetune.build_parser().parse_args(["--checkpoint", checkpoint])).cfg
+    assert finetune.default_lr(cfg.with_(hidden=768)) == pytest.approx(5e-5)
+    assert finetune.default_lr(cfg.with_(hidden=128)) > finetune.default_lr(cfg.with_(hidden=256))
+    assert finetune.main(["--checkpoint", checkpoint, "--lr", "0"]) == 2
+    assert finetune.main(["--checkpoint", checkpoint, "--from-scratch", "--compare-scratch"]) == 2
+    err = capsys.readouterr().err
+    assert "must be positive" in err and "--compare-scratch already runs --from-scratch" in err

@@ -27,6 +27,8 @@ Examples (PretrainData)
   torchrun each rank takes its own consecutive micro-batches, so the examples of a step do not
   depend on the number of processes. Collation is vectorised numpy; masking happens later on the
   batch's device (fastbert.ops.mlm_mask).
+  `documents` restricts a PretrainData to some documents (examples and negative B spans alike):
+  pretraining holds out `heldout_documents(n, fraction)` and evaluates on them (all_batches).
 """
 
 import gzip
@@ -200,6 +202,15 @@ class Shard:
         return [self.sentence(s) for s in range(self.doc_offsets[d], self.doc_offsets[d + 1])]
 
 
+def heldout_documents(n_documents, fraction):
+    """bool [n_documents]: floor(n_documents * fraction) documents spread evenly over the corpus
+    (document d when floor((d + 1) * fraction) > floor(d * fraction)); the same for every seed."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    d = np.arange(n_documents)
+    return np.floor((d + 1) * fraction) > np.floor(d * fraction)
+
+
 def truncate_pair(la, lb, total):
     """Longest-first truncation of two lengths to at most `total` together (vectorised)."""
     la2 = np.minimum(la, np.maximum(total // 2, total - lb))
@@ -220,7 +231,9 @@ class PretrainData:
     """
 
     def __init__(self, shard, seq_len, batch_size, micro_batches=1, seed=0, cls_id=2, sep_id=3,
-                 segments=(1, 2), group_window=64, pairs="sentence"):
+                 segments=(1, 2), group_window=64, pairs="sentence", documents=None):
+        """documents: bool [n_documents], the documents this set draws from, both its examples and
+        the random B sentences of its negative pairs (None: all)."""
         if seq_len < 8:
             raise ValueError(f"seq_len={seq_len} is too small (at least 8)")
         if pairs not in ("sentence", "packed"):
@@ -235,6 +248,14 @@ class PretrainData:
         self.doc_of = np.repeat(np.arange(len(sizes)), sizes)  # [n_sent] document of each sentence
         self.doc_end = docs[1:][self.doc_of]  # [n_sent] first sentence after its document
         has_next = np.arange(shard.n_sentences) + 1 < self.doc_end
+        if documents is None:
+            documents = np.ones(len(sizes), dtype=bool)
+        documents = np.asarray(documents, dtype=bool)
+        if documents.shape != (len(sizes),):
+            raise ValueError(f"documents has shape {documents.shape}; expected ({len(sizes)},)")
+        allowed = documents[self.doc_of]  # [n_sent]
+        self.pool = np.nonzero(allowed)[0]  # sentences that negative B spans may start at
+        self.n_docs_used = int(documents.sum())
         if pairs == "sentence":
             self.first = np.nonzero(has_next)[0]  # A's sentence
             self.count = np.ones_like(self.first)
@@ -250,6 +271,8 @@ class PretrainData:
             count = np.diff(np.append(first, shard.n_sentences))
             keep = (count >= 2) | has_next[first]  # a one-sentence chunk borrows the next sentence
             self.first, self.count = first[keep], count[keep]
+        inside = allowed[self.first]
+        self.first, self.count = self.first[inside], self.count[inside]
         if len(self.first) == 0:
             raise CorpusError(f"the corpus has no document with two sentences ({shard.meta['source']})")
         self.n_examples = len(self.first)
@@ -261,20 +284,21 @@ class PretrainData:
                               f"micro-batches); use a smaller batch")
 
     def _random_other(self, rng, a_sent):
-        """A random sentence of another document than each of a_sent's."""
-        total = len(self.lens)
-        rand = rng.integers(0, total, size=len(a_sent))
-        if self.shard.n_documents > 1:
+        """A random sentence of the pool (this set's documents) in another document than each of a_sent's."""
+        pool = self.pool
+        total = len(pool)
+        rand = pool[rng.integers(0, total, size=len(a_sent))]
+        if self.n_docs_used > 1:
             for _ in range(100):  # resample draws that fell into A's own document
                 bad = self.doc_of[rand] == self.doc_of[a_sent]
                 if not bad.any():
                     break
-                rand[bad] = rng.integers(0, total, size=int(bad.sum()))
-            # whatever is still in A's document moves to the start of the next document
+                rand[bad] = pool[rng.integers(0, total, size=int(bad.sum()))]
+            # whatever is still in A's document moves to the start of the next document of the pool
             bad = self.doc_of[rand] == self.doc_of[a_sent]
-            rand[bad] = self.doc_end[rand[bad]] % total
+            rand[bad] = pool[np.searchsorted(pool, self.doc_end[rand[bad]]) % total]
         else:  # one document: a random sentence that is not A's successor
-            rand = np.where(rand == a_sent + 1, (rand + 2) % total, rand)
+            rand = np.where(rand == a_sent + 1, pool[(np.searchsorted(pool, rand) + 2) % total], rand)
         return rand
 
     def _epoch_plan(self, epoch):
@@ -335,6 +359,14 @@ class PretrainData:
             out.append(self.collate(a_start[idx], la[idx], b_start[idx], lb[idx], is_next[idx]))
             out[-1]["micro_index"] = k
         return out
+
+    def all_batches(self, rows=32, epoch=0):
+        """Every example of one epoch's draw (all of them, no batch left over), sorted by length, in
+        batches of at most `rows`: for evaluation."""
+        a_start, la, b_start, lb, is_next, _ = self.plan(epoch)
+        order = np.argsort(la + lb, kind="stable")
+        return [self.collate(a_start[i], la[i], b_start[i], lb[i], is_next[i])
+                for i in np.array_split(order, -(-len(order) // rows))]
 
     def collate(self, a_start, la, b_start, lb, is_next):
         """[CLS] A [SEP] B [SEP] rows padded to the longest (rounded up to 8, at most seq_len)."""

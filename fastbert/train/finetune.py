@@ -19,6 +19,7 @@ import csv
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from fastbert.reference.model import BertConfig
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .data import CorpusError
+from .optim import param_groups, warmup_linear
 from .vocab import Vocab, VocabError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -120,9 +122,9 @@ def encode_tokens(vocab, sents, labels, seq_len, segments):
     return out
 
 
-def collate(items, device):
+def collate(items, device, pad_id=0):
     width = max(len(x[0]) for x in items)
-    ids = torch.zeros(len(items), width, dtype=torch.long)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     seg = torch.zeros_like(ids)
     token = isinstance(items[0][2], list)
     y = torch.full((len(items), width), -100, dtype=torch.long) if token else torch.zeros(len(items),
@@ -141,6 +143,7 @@ class Classifier(nn.Module):
     def __init__(self, cfg, n_labels, token=False, dropout=0.1):
         super().__init__()
         self.bert = Encoder(cfg)
+        self.pad_id = cfg.pad_id
         self.token = token
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden, n_labels)
@@ -148,7 +151,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, ids, seg):
-        mask = (ids != 0).long()
+        mask = (ids != self.pad_id).long()
         h = self.bert(ids, seg, attention_mask=mask)
         h = h if self.token else h[:, 0]
         return self.classifier(self.dropout(h))
@@ -172,6 +175,23 @@ def scores(pred, gold, n_labels, outside=None):
     return out
 
 
+def default_lr(cfg):
+    """The fine-tuning learning rate for a model of cfg's size: 5e-5 at BERT-base width (768), rising
+    as hidden^-1.5 for smaller models (7.3e-4 at hidden 128, 2.6e-4 at 256), capped at 1e-3.
+    Smaller models take larger rates, as Google's BERT miniatures did (rates searched up to 3e-4 there,
+    with longer runs); the tiny-model value is the best of the sweep in fastbert/train/SWEEP.md."""
+    return min(1e-3, 5e-5 * (768 / cfg.hidden) ** 1.5)
+
+
+def _lr_arg(text):
+    if text in ("auto", "search"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'search', got {text!r}") from None
+
+
 def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="fastbert finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,14 +203,26 @@ def build_parser(p=None):
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=_lr_arg, default="auto",
+                   help="learning rate; auto (default): scaled to the model's width (see default_lr: 7.3e-4 "
+                   "for hidden 128, 5e-5 for 768); search: try auto x {1/3, 1, 3} on a tenth of the "
+                   "training rows and train with the best")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="the checkpoint's config and vocabulary with freshly initialised encoder weights "
+                   "(same seed, same data order): the baseline that shows what pretraining bought")
+    p.add_argument("--compare-scratch", action="store_true",
+                   help="fine-tune from the checkpoint and from scratch, and print both side by side")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory for the fine-tuned model")
+    p.add_argument("--seeds", type=int, nargs="+", help="run each of these seeds (overrides --seed)")
+    p.add_argument("--out", help="directory for the fine-tuned model (with several runs: one "
+                   "subdirectory per run)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -207,11 +239,50 @@ def _resolve_checkpoint(path):
     return path
 
 
-def run(args):
+@dataclass
+class Task:
+    """What every fine-tuning run of one invocation shares: model config, vocabulary, encoded data."""
+
+    cfg: BertConfig
+    vocab: Vocab
+    encoder_state: dict  # the checkpoint's encoder weights (keys of fastbert.Encoder)
+    ckpt_path: str
+    token: bool
+    names: list
+    rows: list  # encoded (ids, segments, target) of --train
+    eval_rows: list | None  # encoded --eval, or None: split --eval-fraction off rows per seed
+    device: torch.device
+    amp: dict
+    dtype: str
+
+    @property
+    def outside(self):
+        return self.names.index("O") if self.token and "O" in self.names else None
+
+    @property
+    def metric(self):
+        """The figure a run is judged by: non-O F1 for token tagging, accuracy for sequences."""
+        return "f1" if self.outside is not None else "accuracy"
+
+
+def prepare(args):
+    """Load the checkpoint and the data, check the options; returns a Task."""
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("--device cuda but no CUDA device is available")
+    for name in ("batch", "epochs", "seq_len"):
+        if getattr(args, name) <= 0:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if isinstance(args.lr, float) and not args.lr > 0:
+        raise FinetuneError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.eval_fraction < 1:
+        raise FinetuneError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if not 0 <= args.warmup < 1:
+        raise FinetuneError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
+    if args.compare_scratch and args.from_scratch:
+        raise FinetuneError("--compare-scratch already runs --from-scratch (next to the pretrained run); "
+                            "give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt_path = _resolve_checkpoint(args.checkpoint)
@@ -222,74 +293,89 @@ def run(args):
         raise FinetuneError(f"--seq-len {args.seq_len} is larger than the model's maximum position "
                             f"{cfg.max_position}")
     cfg = cfg.with_(dropout=args.dropout, attn_dropout=args.dropout, emb_dropout=args.dropout)
+    encoder_state = {k[5:]: v for k, v in state["model"].items() if k.startswith("bert.")}
+    del state
     token = args.task == "token"
     default = os.path.join(DATA_DIR, "tokens.txt" if token else "classify.tsv")
     read = read_token_file if token else read_sequence_file
     train_rows = read(args.train or default)
-    rng = np.random.default_rng(args.seed)
-    if args.eval:
-        eval_rows = read(args.eval)
-    else:
-        perm = rng.permutation(len(train_rows))
-        n_eval = max(1, int(round(args.eval_fraction * len(train_rows))))
-        eval_rows = [train_rows[i] for i in perm[:n_eval]]
-        train_rows = [train_rows[i] for i in perm[n_eval:]]
+    eval_rows = read(args.eval) if args.eval else None
+    both = train_rows + (eval_rows or [])
     if token:
-        names = sorted({t for _, tags in train_rows + eval_rows for t in tags})
+        names = sorted({t for _, tags in both for t in tags})
     else:
-        names = sorted({r[2] for r in train_rows + eval_rows})
+        names = sorted({r[2] for r in both})
     labels = {n: i for i, n in enumerate(names)}
     segs = (1, 2) if cfg.preset == "bert_pytorch" else (0, 1)
     enc = encode_tokens if token else encode_sequences
-    train = enc(vocab, train_rows, labels, args.seq_len, segs)
-    held = enc(vocab, eval_rows, labels, args.seq_len, segs)
-
-    torch.manual_seed(args.seed)
-    model = Classifier(cfg, len(names), token, args.dropout)
-    enc_sd = {k[5:]: v for k, v in state["model"].items() if k.startswith("bert.")}
-    try:
-        model.bert.load_state_dict(enc_sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"checkpoint {ckpt_path} encoder does not load: {first}") from e
-    del state
-    model.to(device)
-    steps_per_epoch = max(1, len(train) // args.batch)
-    total = int(args.epochs * steps_per_epoch)
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
-                            fused=device.type == "cuda" or None)
-    warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype),
                enabled=dtype != "fp32")
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
-    print(f"fastbert finetune: {args.task} classification, {len(names)} labels {names[:8]}"
-          f"{'...' if len(names) > 8 else ''}, {len(train)} train / {len(held)} held-out examples, "
-          f"encoder from {ckpt_path} ({cfg.preset}, layers {cfg.n_layers}, hidden {cfg.hidden}), "
-          f"{total} steps on {device}", flush=True)
-    outside = labels.get("O") if token else None
+    return Task(cfg, vocab, encoder_state, ckpt_path, token, names,
+                enc(vocab, train_rows, labels, args.seq_len, segs),
+                None if eval_rows is None else enc(vocab, eval_rows, labels, args.seq_len, segs),
+                device, amp, dtype)
 
-    def evaluate():
-        model.eval()
-        pred, gold = [], []
-        with torch.no_grad(), torch.autocast(**amp):
-            for i in range(0, len(held), 64):
-                ids, seg, y = collate(held[i:i + 64], device)
-                logits = model(ids, seg).float()
-                if token:
-                    keep = y != -100
-                    pred += logits.argmax(-1)[keep].tolist()
-                    gold += y[keep].tolist()
-                else:
-                    pred += logits.argmax(-1).tolist()
-                    gold += y.tolist()
-        model.train()
-        return scores(pred, gold, len(names), outside)
 
+def split(task, args, seed):
+    """(train, held-out, rng) of one seed: the rng that drew the split then draws the epoch orders."""
+    rng = np.random.default_rng(seed)
+    if task.eval_rows is not None:
+        return task.rows, task.eval_rows, rng
+    perm = rng.permutation(len(task.rows))
+    n_eval = max(1, int(round(args.eval_fraction * len(task.rows))))
+    if n_eval >= len(task.rows):
+        raise FinetuneError(f"{len(task.rows)} rows leave none to train on after holding out "
+                            f"--eval-fraction {args.eval_fraction}")
+    return [task.rows[i] for i in perm[n_eval:]], [task.rows[i] for i in perm[:n_eval]], rng
+
+
+def evaluate(model, task, held):
+    model.eval()
+    pred, gold = [], []
+    with torch.no_grad(), torch.autocast(**task.amp):
+        for i in range(0, len(held), 64):
+            ids, seg, y = collate(held[i:i + 64], task.device, task.cfg.pad_id)
+            logits = model(ids, seg).float()
+            if task.token:
+                keep = y != -100
+                pred += logits.argmax(-1)[keep].tolist()
+                gold += y[keep].tolist()
+            else:
+                pred += logits.argmax(-1).tolist()
+                gold += y.tolist()
+    model.train()
+    return scores(pred, gold, len(task.names), task.outside)
+
+
+def build_classifier(task, seed, from_scratch, dropout=0.1):
+    """The classifier to fine-tune: the checkpoint's encoder, or (from_scratch) the same config with
+    fresh weights. Built under torch.manual_seed(seed) either way, so a pretrained run and its
+    --from-scratch twin get the same classifier head (and, in train_once, the same batches)."""
+    torch.manual_seed(seed)
+    model = Classifier(task.cfg, len(task.names), task.token, dropout)
+    if not from_scratch:
+        try:
+            model.bert.load_state_dict(task.encoder_state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"checkpoint {task.ckpt_path} encoder does not load: {first}") from e
+    return model.to(task.device)
+
+
+def train_once(task, args, train, held, rng, seed, lr, from_scratch, say=print):
+    """Fine-tune one classifier; returns (model, history of per-epoch held-out scores)."""
+    model = build_classifier(task, seed, from_scratch, args.dropout)
+    steps_per_epoch = max(1, len(train) // args.batch)
+    total = max(1, int(args.epochs * steps_per_epoch))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr,
+                            fused=task.device.type == "cuda" or None)
+    warm = max(1, int(args.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(warm, total))
+    scaler = torch.amp.GradScaler("cuda", enabled=task.dtype == "fp16")
+    n_labels = len(task.names)
     step, epoch, t0, history = 0, 0, time.perf_counter(), []
     model.train()
     while step < total:
@@ -298,10 +384,10 @@ def run(args):
         for i in range(0, steps_per_epoch * args.batch, args.batch):
             if step >= total:
                 break
-            ids, seg, y = collate([train[j] for j in order[i:i + args.batch]], device)
-            with torch.autocast(**amp):
+            ids, seg, y = collate([train[j] for j in order[i:i + args.batch]], task.device, task.cfg.pad_id)
+            with torch.autocast(**task.amp):
                 logits = model(ids, seg)
-            loss = F.cross_entropy(logits.float().reshape(-1, len(names)), y.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().reshape(-1, n_labels), y.reshape(-1), ignore_index=-100)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -313,22 +399,101 @@ def run(args):
             n += 1
             step += 1
         epoch += 1
-        sc = evaluate()
-        sc.update(epoch=epoch, step=step, train_loss=run_loss / max(1, n))
+        sc = evaluate(model, task, held)
+        sc.update(epoch=epoch, step=step, train_loss=run_loss / max(1, n), seconds=time.perf_counter() - t0)
         history.append(sc)
         extra = f" | non-O F1 {sc['f1']:.3f}" if "f1" in sc else ""
-        print(f"epoch {epoch} step {step} | train loss {sc['train_loss']:.4f} | held-out accuracy "
-              f"{sc['accuracy']:.3f} | macro-F1 {sc['macro_f1']:.3f}{extra} | "
-              f"{time.perf_counter() - t0:.0f}s",
-              flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tmp = os.path.join(args.out, f"model.pt.tmp{os.getpid()}")
-        torch.save({"model": model.state_dict(), "labels": names, "task": args.task,
-                    "config": dict(cfg.__dict__), "vocab": vocab.to_dict()}, tmp)
-        os.replace(tmp, os.path.join(args.out, "model.pt"))
-        print(f"saved {os.path.join(args.out, 'model.pt')}")
-    return {"history": history, "labels": names, "model": model}
+        say(f"epoch {epoch} step {step} | train loss {sc['train_loss']:.4f} | held-out accuracy "
+            f"{sc['accuracy']:.3f} | macro-F1 {sc['macro_f1']:.3f}{extra} | {sc['seconds']:.0f}s")
+    return model, history
+
+
+def search_lr(task, args, train, seed, from_scratch, say=print):
+    """The best of default_lr x {1/3, 1, 3} by the task's metric on a tenth of `train` (the held-out
+    rows are not looked at)."""
+    rng = np.random.default_rng([seed, 1])
+    perm = rng.permutation(len(train))
+    n_val = max(1, len(train) // 10)
+    sub_train, sub_val = [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
+    base = default_lr(task.cfg)
+    best = None
+    for lr in (base / 3, base, base * 3):
+        _, hist = train_once(task, args, sub_train, sub_val, np.random.default_rng([seed, 2]), seed, lr,
+                             from_scratch, say=lambda m: None)
+        score = hist[-1][task.metric]
+        say(f"lr search: lr {lr:.2e} -> validation {task.metric} {score:.3f}")
+        if best is None or score > best[1]:
+            best = (lr, score)
+    return best[0]
+
+
+def _save(model, task, args, out):
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f"model.pt.tmp{os.getpid()}")
+    torch.save({"model": model.state_dict(), "labels": task.names, "task": args.task,
+                "config": dict(task.cfg.__dict__), "vocab": task.vocab.to_dict()}, tmp)
+    os.replace(tmp, os.path.join(out, "model.pt"))
+    print(f"saved {os.path.join(out, 'model.pt')}")
+
+
+def run(args):
+    task = prepare(args)
+    seeds = args.seeds or [args.seed]
+    inits = (("pretrained", False), ("scratch", True)) if args.compare_scratch else (
+        (("scratch", True),) if args.from_scratch else (("pretrained", False),))
+    cfg = task.cfg
+    n_train = len(task.rows) if task.eval_rows is not None else len(task.rows) - max(
+        1, int(round(args.eval_fraction * len(task.rows))))
+    n_held = len(task.eval_rows) if task.eval_rows is not None else len(task.rows) - n_train
+    if args.lr == "auto":
+        lr_desc = f"{default_lr(cfg):.2e} (auto)"
+    else:
+        lr_desc = "searched" if args.lr == "search" else f"{args.lr:.2e}"
+    print(f"fastbert finetune: {args.task} classification, {len(task.names)} labels {task.names[:8]}"
+          f"{'...' if len(task.names) > 8 else ''}, {n_train} train / {n_held} held-out examples, "
+          f"encoder {'from ' + task.ckpt_path if not args.from_scratch else 'freshly initialised'} "
+          f"({cfg.preset}, layers {cfg.n_layers}, hidden {cfg.hidden}), lr {lr_desc}, on {task.device}",
+          flush=True)
+    results = []
+    for seed in seeds:
+        for name, scratch in inits:
+            train, held, rng = split(task, args, seed)
+            if len(seeds) > 1 or len(inits) > 1:
+                print(f"-- seed {seed}, {name}", flush=True)
+            lr = args.lr
+            if lr == "auto":
+                lr = default_lr(cfg)
+            elif lr == "search":
+                lr = search_lr(task, args, train, seed, scratch)
+            model, history = train_once(task, args, train, held, rng, seed, lr, scratch,
+                                        say=lambda m: print(m, flush=True))
+            results.append({"seed": seed, "init": name, "lr": lr, "history": history, **history[-1]})
+            if args.out:
+                single = len(seeds) == 1 and len(inits) == 1
+                _save(model, task, args, args.out if single else os.path.join(args.out, f"{name}-seed{seed}"))
+    if args.compare_scratch:
+        _print_comparison(results, task)
+    return {"history": results[-1]["history"], "labels": task.names, "model": model, "runs": results}
+
+
+def _print_comparison(results, task):
+    metric = task.metric
+    label = "non-O F1" if metric == "f1" else "accuracy"
+    by_seed = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["init"]] = r
+    print(f"\nheld-out {label} after {results[0]['epoch']} epochs: pretrained vs from scratch")
+    print(f"{'seed':>6} | {'pretrained':>10} | {'scratch':>10} | {'gain':>7}")
+    gains = []
+    for seed, pair in by_seed.items():
+        a, b = pair["pretrained"][metric], pair["scratch"][metric]
+        gains.append(a - b)
+        print(f"{seed:>6} | {a:>10.3f} | {b:>10.3f} | {a - b:>+7.3f}")
+    if len(by_seed) > 1:
+        pa = np.mean([p["pretrained"][metric] for p in by_seed.values()])
+        sb = np.mean([p["scratch"][metric] for p in by_seed.values()])
+        print(f"{'mean':>6} | {pa:>10.3f} | {sb:>10.3f} | {pa - sb:>+7.3f}")
+    print(flush=True)
 
 
 def main(argv=None):

@@ -101,7 +101,6 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.config, self.sparse, self.chunk = cfg, sparse, chunk
         self.bert = Encoder(cfg)
-        self.bert.hidden = cfg.hidden  # what BERTLM's heads read
         n = cfg.hidden
         self.hf = cfg.preset == "hf"
         if self.hf:

@@ -2,9 +2,12 @@
 
 With no arguments it trains a WordPiece vocabulary on the embedded corpus (fastbert/data/corpus.txt.gz,
 cached under <out>/cache), tokenizes the corpus once into a memory-mapped shard, and pretrains a
-small model (tiny on CPU, base on CUDA) for --time-limit seconds (120 by default when neither
---max-steps nor --epochs is given), printing loss, MLM/NSP accuracy and tokens/s (non-padding
-tokens). --device cuda runs the fused ops in bf16 autocast and also reports model TFLOP/s and MFU.
+small model (on CPU: the demo's defaults, CPU_DEFAULTS, chosen by the sweep in fastbert/train/SWEEP.md;
+on CUDA: base for 120 s), printing loss, MLM/NSP accuracy and tokens/s (non-padding tokens) of the
+training batches. --heldout of the documents (5%, spread over the corpus, the same for every seed)
+are kept out of training, and the held-out MLM loss and accuracy and NSP accuracy on them are
+reported at the end. --device cuda runs the fused ops in bf16 autocast and also reports model
+TFLOP/s and MFU.
 
 Under torchrun each rank takes its own micro-batches of every global batch (DistributedDataParallel,
 or FSDP2 fully_shard with --fsdp). Losses are normalised by the global count of masked tokens and
@@ -15,11 +18,12 @@ on stderr; an existing checkpoint is never overwritten or removed by a run that 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,8 +40,9 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .data import CorpusError, PretrainData, cached_shard, detect_format
+from .data import CorpusError, PretrainData, cached_shard, detect_format, heldout_documents
 from .heads import PretrainModel
+from .optim import param_groups, warmup_linear
 from .vocab import Vocab, VocabError, read_vocab, train_vocab
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -49,6 +54,8 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
 }
 OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
 
+# the CPU demo's defaults (no --size/--batch/--lr/budget given), chosen by the sweep in train/SWEEP.md
+CPU_DEFAULTS = {"size": "tiny", "batch": 32, "lr": 1e-3, "max_steps": None, "time_limit": 120.0}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -72,6 +79,8 @@ def build_parser(p=None):
     d.add_argument("--pairs", default="auto", choices=["auto", "sentence", "packed"],
                    help="NSP examples: one sentence each (bert_pytorch) or chunks of sentences filling "
                    "seq_len (Google BERT); auto: sentence for the tab format, packed for plain text")
+    d.add_argument("--heldout", type=float, default=0.05, help="fraction of the documents held out of "
+                   "training; held-out MLM and NSP accuracy on them are reported at the end (0: none)")
     d.add_argument("--mask-prob", type=float, default=0.15)
     d.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence")
     d.add_argument("--whole-word", action="store_true", help="mask whole words (wordpiece vocab)")
@@ -89,7 +98,7 @@ def build_parser(p=None):
     t = p.add_argument_group("training")
     t.add_argument("--batch", type=int, help="micro-batch per process (default: 32 on CPU, 128 on CUDA)")
     t.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
     t.add_argument("--warmup", type=int, help="warmup steps (default: 6%% of the steps when they are "
                    "known, else 20)")
     t.add_argument("--weight-decay", type=float, default=0.01)
@@ -155,16 +164,6 @@ def _log(rank, msg):
         print(msg, flush=True)
 
 
-def _lr_lambda(warmup, total):
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if total is None:
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
 def _enable_activation_checkpointing(encoder):
     from torch.utils.checkpoint import checkpoint
 
@@ -176,11 +175,11 @@ def _enable_activation_checkpointing(encoder):
         block.forward = fwd
 
 
-def _setup_distributed(args):
+def _setup_distributed(device_opt):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = args.device
+    want = device_opt
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
@@ -200,26 +199,26 @@ def _barrier(world):
         dist.barrier()
 
 
-def _resolve_vocab(args, corpus, cache, rank, world, ckpt):
+def _resolve_vocab(opts, cache, rank, world, ckpt):
     if ckpt is not None:
         v = Vocab.from_dict(ckpt["vocab"])
-        if args.vocab and read_vocab(args.vocab).fingerprint() != v.fingerprint():
-            raise CheckpointError(f"--vocab {args.vocab} differs from the checkpoint's vocabulary")
+        if opts.vocab and read_vocab(opts.vocab).fingerprint() != v.fingerprint():
+            raise CheckpointError(f"--vocab {opts.vocab} differs from the checkpoint's vocabulary")
         return v
-    if args.vocab:
-        return read_vocab(args.vocab)
+    if opts.vocab:
+        return read_vocab(opts.vocab)
     import hashlib
 
-    st = os.stat(corpus)
-    src = f"{os.path.abspath(corpus)}|{st.st_size}|{st.st_mtime_ns}|{args.vocab_size}"
+    st = os.stat(opts.corpus)
+    src = f"{os.path.abspath(opts.corpus)}|{st.st_size}|{st.st_mtime_ns}|{opts.vocab_size}"
     key = hashlib.sha256(src.encode())
     path = os.path.join(cache, f"vocab-{key.hexdigest()[:12]}.txt")
     if rank == 0 and not os.path.isfile(path):
         os.makedirs(cache, exist_ok=True)
         t0 = time.perf_counter()
-        v = train_vocab([corpus], args.vocab_size, progress=not args.no_progress)
+        v = train_vocab([opts.corpus], opts.vocab_size, progress=not opts.no_progress)
         v.save(path)
-        _log(rank, f"vocab: trained {len(v)} WordPiece tokens on {corpus} in "
+        _log(rank, f"vocab: trained {len(v)} WordPiece tokens on {opts.corpus} in "
                    f"{time.perf_counter() - t0:.1f}s -> {path}")
     _barrier(world)
     return read_vocab(path)
@@ -258,83 +257,165 @@ def _load_state_dicts(model, optimizer, msd, osd, fsdp):
         raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0][:300]}") from e
 
 
-def run(args):
-    rank, world, device = _setup_distributed(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = device.type == "cuda"
-    args.size = args.size or ("base" if cuda else "tiny")
-    args.batch = args.batch or (128 if cuda else 32)
+@dataclass
+class Setup:
+    """Everything a run decides before it builds the model: options with their defaults resolved
+    (a copy: the caller's namespace is not changed), processes, device, checkpoint, vocabulary, data."""
+
+    opts: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    dtype: str
+    ckpt_dir: str
+    ckpt: dict | None
+    ckpt_path: str | None
+    vocab: Vocab
+    cfg: BertConfig
+    shard: object
+    data: PretrainData
+    heldout: PretrainData | None
+    max_steps: int | None
+    warmup: int
+
+    @property
+    def fsdp(self):
+        return self.opts.fsdp and self.world > 1
+
+    def data_args(self):
+        """The data options a checkpoint records (a resumed run warns when they differ)."""
+        return {"corpus": os.path.abspath(self.opts.corpus), "seq_len": self.opts.seq_len,
+                "seed": self.opts.seed, "pairs": self.opts.pairs, "global_batch": self.data.global_batch}
+
+
+def _resolve_options(args, cuda):
+    """A copy of args with the device-dependent defaults filled in, after checking the numbers."""
+    o = argparse.Namespace(**vars(args))
+    o.size = o.size or ("base" if cuda else CPU_DEFAULTS["size"])
+    o.batch = o.batch or (128 if cuda else CPU_DEFAULTS["batch"])
     for name in ("batch", "accum", "save_every", "log_every", "vocab_size", "seq_len"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.time_limit is None and args.max_steps is None and args.epochs is None:
-        args.time_limit = 120.0
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype == "fp16" and device.type != "cuda":
+        if getattr(o, name) is not None and getattr(o, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(o, name)}")
+    if o.max_steps is not None and o.max_steps < 0:
+        raise ConfigError(f"--max-steps must be at least 0, got {o.max_steps}")
+    if not 0 <= o.heldout < 1:
+        raise ConfigError(f"--heldout is a fraction of the documents in [0, 1), got {o.heldout}")
+    if not 0 < o.mask_prob < 1:
+        raise ConfigError(f"--mask-prob must be in (0, 1), got {o.mask_prob}")
+    if o.time_limit is None and o.max_steps is None and o.epochs is None:
+        if cuda:
+            o.time_limit = 120.0
+        else:
+            o.max_steps, o.time_limit = CPU_DEFAULTS["max_steps"], CPU_DEFAULTS["time_limit"]
+    if o.lr is None:
+        o.lr = CPU_DEFAULTS["lr"] if not cuda else 1e-3
+    o.dtype = o.dtype or ("bf16" if cuda else "fp32")
+    if o.dtype == "fp16" and not cuda:
         raise ConfigError("--dtype fp16 needs CUDA (use bf16 or fp32 on CPU)")
-    corpus = args.corpus
-    if not os.path.isfile(corpus):
-        raise CorpusError(f"corpus file {corpus!r} does not exist")
-    if os.path.getsize(corpus) == 0:
-        raise CorpusError(f"corpus file {corpus!r} is empty")
-    fmt = args.format if args.format != "auto" else detect_format(corpus)
-    cache = args.cache_dir or os.path.join(args.out or DEFAULT_OUT, "cache")
-    if args.out is None:  # the default run directory: never reuse one that holds checkpoints
-        args.out, n = DEFAULT_OUT, 1
-        while not args.resume and list_checkpoints(os.path.join(args.out, "checkpoints")):
-            n += 1
-            args.out = f"{DEFAULT_OUT}-{n}"
-        if n > 1:
-            _log(rank, f"{DEFAULT_OUT} holds a previous run (continue it with --resume); this run "
-                       f"writes to {args.out}")
-    ckpt_dir = os.path.join(args.out, "checkpoints")
+    if o.seq_len > o.max_position:
+        raise ConfigError(f"--seq-len {o.seq_len} is larger than the model's maximum position "
+                          f"{o.max_position} (--max-position)")
+    return o
+
+
+def _run_dir(opts, rank):
+    """The run directory: --out, or the default one, never reusing a default that holds checkpoints."""
+    if opts.out is not None:
+        return opts.out
+    out, n = DEFAULT_OUT, 1
+    while not opts.resume and list_checkpoints(os.path.join(out, "checkpoints")):
+        n += 1
+        out = f"{DEFAULT_OUT}-{n}"
+    if n > 1:
+        _log(rank, f"{DEFAULT_OUT} holds a previous run (continue it with --resume); this run writes to "
+                   f"{out}")
+    return out
+
+
+def _find_checkpoint(opts, ckpt_dir):
     existing = list_checkpoints(ckpt_dir)
-    ckpt, ckpt_path = None, None
-    if args.resume:
-        if args.resume == "latest":
+    if opts.resume:
+        if opts.resume == "latest":
             if not existing:
                 raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
-            ckpt_path = existing[-1][1]
+            path = existing[-1][1]
         else:
-            ckpt_path = args.resume
-        ckpt = load_checkpoint(ckpt_path)
-    elif existing:
+            path = opts.resume
+        return load_checkpoint(path), path
+    if existing:
         raise CheckpointError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1][0]}); pass "
                               f"--resume to continue that run, or --out DIR for a new one")
-    if args.seq_len > args.max_position:
-        raise ConfigError(f"--seq-len {args.seq_len} is larger than the model's maximum position "
-                          f"{args.max_position} (--max-position)")
-    vocab = _resolve_vocab(args, corpus, cache, rank, world, ckpt)
-    cfg = model_config(args, len(vocab))
+    return None, None
+
+
+def setup(args):
+    """Check the options and the inputs, find or train the vocabulary, tokenize the corpus, split off
+    the held-out documents and build the data; returns a Setup. Raises ConfigError, CorpusError,
+    VocabError or CheckpointError naming the problem, before anything is written to the run's
+    checkpoint directory."""
+    rank, world, device = _setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    o = _resolve_options(args, device.type == "cuda")
+    if not os.path.isfile(o.corpus):
+        raise CorpusError(f"corpus file {o.corpus!r} does not exist")
+    if os.path.getsize(o.corpus) == 0:
+        raise CorpusError(f"corpus file {o.corpus!r} is empty")
+    fmt = o.format if o.format != "auto" else detect_format(o.corpus)
+    cache = o.cache_dir or os.path.join(o.out or DEFAULT_OUT, "cache")
+    o.out = _run_dir(o, rank)
+    ckpt_dir = os.path.join(o.out, "checkpoints")
+    ckpt, ckpt_path = _find_checkpoint(o, ckpt_dir)
+    vocab = _resolve_vocab(o, cache, rank, world, ckpt)
+    cfg = model_config(o, len(vocab))
     if ckpt is not None:
         check_compatible(ckpt, asdict(cfg), vocab.fingerprint(), ckpt_path)
     if rank == 0:
-        shard = cached_shard(corpus, vocab, cache, fmt, progress=not args.no_progress)
+        shard = cached_shard(o.corpus, vocab, cache, fmt, progress=not o.no_progress)
     _barrier(world)
     if rank != 0:
-        shard = cached_shard(corpus, vocab, cache, fmt, progress=False)
-    micro = args.accum * world
-    pairs = args.pairs if args.pairs != "auto" else ("sentence" if fmt == "tab" else "packed")
-    args._pairs = pairs
-    data = PretrainData(shard, args.seq_len, args.batch, micro, args.seed, vocab.cls_id, vocab.sep_id,
-                        segments=(1, 2) if cfg.preset == "bert_pytorch" else (0, 1), pairs=pairs)
-    spe = data.steps_per_epoch
-    max_steps = args.max_steps
-    if args.epochs is not None:
-        by_epochs = max(1, int(args.epochs * spe))
+        shard = cached_shard(o.corpus, vocab, cache, fmt, progress=False)
+    o.pairs = o.pairs if o.pairs != "auto" else ("sentence" if fmt == "tab" else "packed")
+    segments = (1, 2) if cfg.preset == "bert_pytorch" else (0, 1)
+    held_docs = heldout_documents(shard.n_documents, o.heldout)
+    heldout = None
+    if held_docs.any():
+        try:
+            heldout = PretrainData(shard, o.seq_len, 1, 1, 0, vocab.cls_id, vocab.sep_id, segments=segments,
+                                   pairs=o.pairs, documents=held_docs)
+        except CorpusError:  # the held-out documents make no pair: train on everything
+            held_docs[:] = False
+    data = PretrainData(shard, o.seq_len, o.batch, o.accum * world, o.seed, vocab.cls_id, vocab.sep_id,
+                        segments=segments, pairs=o.pairs, documents=~held_docs)
+    max_steps = o.max_steps
+    if o.epochs is not None:
+        by_epochs = max(1, int(o.epochs * data.steps_per_epoch))
         max_steps = by_epochs if max_steps is None else min(max_steps, by_epochs)
+    warmup = o.warmup if o.warmup is not None else (max(1, int(0.06 * max_steps)) if max_steps else 20)
+    return Setup(o, rank, world, device, o.dtype, ckpt_dir, ckpt, ckpt_path, vocab, cfg, shard, data, heldout,
+                 max_steps, warmup)
 
-    torch.manual_seed(args.seed)
-    model = PretrainModel(cfg, sparse=not args.dense_mlm).to(device)
+
+@dataclass
+class Trainer:
+    model: PretrainModel  # the module itself (state dicts, exports, evaluation)
+    forward: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int
+    n_params: int
+
+
+def build(s):
+    """Model, optimizer, LR schedule and loss scaler of a Setup; the checkpoint's states when resuming."""
+    o = s.opts
+    torch.manual_seed(o.seed)
+    model = PretrainModel(s.cfg, sparse=not o.dense_mlm).to(s.device)
     n_params = sum(p.numel() for p in model.parameters())
-    if args.checkpoint_activations:
+    if o.checkpoint_activations:
         _enable_activation_checkpointing(model.bert)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    fused = device.type == "cuda"
-    if args.fsdp and world > 1:
+    if s.fsdp:
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
@@ -342,234 +423,326 @@ def run(args):
         for block in model.bert.transformer_blocks:
             fully_shard(block)
         fully_shard(model)
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
         wrapped = model
-    elif world > 1:
+    elif s.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     else:
         wrapped = model
-    fsdp = args.fsdp and world > 1
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
-    warmup = args.warmup if args.warmup is not None else (max(1, int(0.06 * max_steps)) if max_steps else 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, max_steps))
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=s.device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(s.warmup, s.max_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=s.dtype == "fp16")
     step = 0
+    ckpt = s.ckpt
     if ckpt is not None:
-        _load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], fsdp)
+        _load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], s.fsdp)
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
         rng = ckpt["rng"]
-        torch.set_rng_state(rng["cpu"][rank] if rank < len(rng["cpu"]) else rng["cpu"][0])
-        if device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
-        _log(rank, f"resumed from {ckpt_path} at step {step}")
-        old = ckpt.get("args", {})
-        now = {"corpus": os.path.abspath(corpus), "seq_len": args.seq_len, "seed": args.seed, "pairs": pairs,
-               "global_batch": data.global_batch}
+        torch.set_rng_state(rng["cpu"][s.rank] if s.rank < len(rng["cpu"]) else rng["cpu"][0])
+        if s.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][s.rank % len(rng["cuda"])])
+        _log(s.rank, f"resumed from {s.ckpt_path} at step {step}")
+        old, now = ckpt.get("args", {}), s.data_args()
         changed = {k: (old.get(k), v) for k, v in now.items() if k in old and old[k] != v}
         if changed:
-            _log(rank, "warning: the data options differ from the checkpoint's, so the data order is not "
-                       "the one the run would have seen: "
-                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        del ckpt
-    if args.compile:  # the encoder, in place (state dict keys unchanged), shapes dynamic: batches vary
+            _log(s.rank, "warning: the data options differ from the checkpoint's, so the data order is not "
+                         "the one the run would have seen: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        s.ckpt = None  # free the checkpoint's tensors
+    if o.compile:  # the encoder, in place (state dict keys unchanged), shapes dynamic: batches vary
         model.bert.compile(dynamic=True)
-    forward = wrapped
-    amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype),
-               enabled=dtype != "fp32")
-    special = (vocab.unk_id, vocab.cls_id, vocab.sep_id, vocab.mask_id)
-    continuation = None
-    if args.whole_word and vocab.kind == "wordpiece":
-        continuation = torch.tensor([t.startswith("##") for t in vocab.tokens], device=device)
-    from fastbert.ops import mlm_mask
+    return Trainer(model, wrapped, optimizer, scheduler, scaler, step, n_params)
 
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    _log(rank, f"fastbert pretrain: {cfg.preset} {args.size} (layers {cfg.n_layers}, hidden {cfg.hidden}, "
-               f"heads {cfg.heads}), {n_params / 1e6:.1f}M parameters, vocab {len(vocab)}, on {device} "
-               f"({dtype}{', compiled' if args.compile else ''}) x{world} | corpus "
-               f"{shard.meta['n_sentences']} sentences, {shard.meta['n_tokens']} tokens, "
-               f"{data.n_examples} {data.pairs} pairs, {spe} steps/epoch of {data.global_batch} "
-               f"sequences (seq_len {args.seq_len}) | "
-               + (f"max steps {max_steps}" if max_steps else f"time limit {args.time_limit:.0f}s"))
+
+class Masker:
+    """Masks a batch for MLM on its device: seeded per (seed, step, micro-batch), whole words optional."""
+
+    def __init__(self, s):
+        from fastbert.ops import mlm_mask
+
+        v = s.vocab
+        self.mlm_mask, self.vocab, self.device = mlm_mask, v, s.device
+        self.mask_prob, self.max_predictions = s.opts.mask_prob, s.opts.max_predictions
+        self.special = (v.unk_id, v.cls_id, v.sep_id, v.mask_id)
+        self.continuation = None
+        if s.opts.whole_word and v.kind == "wordpiece":
+            self.continuation = torch.tensor([t.startswith("##") for t in v.tokens], device=s.device)
+
+    def __call__(self, mb, seed):
+        """(masked ids, segments, is_next, flat masked positions, their labels, original ids)."""
+        ids = torch.from_numpy(mb["input_ids"]).to(self.device, non_blocking=True)
+        seg = torch.from_numpy(mb["segment_ids"]).to(self.device, non_blocking=True)
+        nxt = torch.from_numpy(mb["is_next"]).to(self.device, non_blocking=True)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        ws = None if self.continuation is None else ~self.continuation[ids]
+        v = self.vocab
+        masked, labels, pos = self.mlm_mask(ids, len(v), v.mask_id, v.pad_id, self.special,
+                                            mask_prob=self.mask_prob, generator=gen, word_starts=ws,
+                                            max_predictions=self.max_predictions, return_positions=True)
+        return masked, seg, nxt, pos, labels.view(-1).index_select(0, pos), ids
+
+
+class Metrics:
+    """Sums of one logging interval (losses, hits, counts, tokens, FLOPs), reduced over processes."""
+
+    KEYS = ("mlm", "nsp", "mlm_hit", "nsp_hit", "masked", "examples", "tokens", "flops")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.acc = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, cfg, mlm_sum, mlm_hit, nsp_sum, nsp, nxt, pos, ids, sparse):
+        a = self.acc
+        a["mlm"] += mlm_sum.detach()
+        a["nsp"] += nsp_sum.detach()
+        a["mlm_hit"] += mlm_hit
+        a["nsp_hit"] += (nsp.argmax(1) == nxt).sum()
+        a["masked"] += pos.numel()
+        a["examples"] += ids.shape[0]
+        lens = (ids != cfg.pad_id).sum(1)
+        tokens = int(lens.sum())
+        a["tokens"] += tokens
+        a["flops"] += flops_per_step(cfg, tokens, int((lens.double() ** 2).sum()), pos.numel(), sparse)
+
+    def reduce(self, world, comm):
+        vals = torch.tensor([float(self.acc[k]) for k in self.KEYS], dtype=torch.float64, device=comm)
+        if world > 1:
+            dist.all_reduce(vals)
+        return dict(zip(self.KEYS, vals.tolist()))
+
+
+def train_step(s, t, masker, batches, metrics, comm):
+    """One optimizer step over this rank's micro-batches. Losses are normalised by the global count
+    of masked tokens and of examples of the step, so any split over processes and micro-batches
+    gives the same gradient."""
+    o = s.opts
+    prepared = [masker(mb, (o.seed * 1_000_003 + t.step) * 4099 + mb["micro_index"]) for mb in batches]
+    n_masked = sum(p[3].numel() for p in prepared)
+    counts = torch.tensor([float(n_masked), float(s.data.global_batch)], device=comm)
+    if s.world > 1:
+        dist.all_reduce(counts)
+    g_masked, g_examples = max(1.0, counts[0].item()), counts[1].item()
+    amp = _autocast(s)
+    for k, (masked, seg, nxt, pos, lab, ids) in enumerate(prepared):
+        sync = k == len(prepared) - 1 or s.world == 1 or s.fsdp
+        no_sync = not sync and hasattr(t.forward, "no_sync")
+        with t.forward.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(**amp):
+                mlm_sum, mlm_hit, nsp = t.forward(masked, seg, pos, lab)
+            nsp_sum = F.nll_loss(nsp.float(), nxt, reduction="sum")
+            loss = (mlm_sum / g_masked + nsp_sum / g_examples) * s.world
+            t.scaler.scale(loss).backward()
+        metrics.add(s.cfg, mlm_sum, mlm_hit, nsp_sum, nsp, nxt, pos, ids, not o.dense_mlm)
+    t.scaler.unscale_(t.optimizer)
+    if o.grad_clip:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), o.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+
+
+def _autocast(s):
+    return dict(device_type=s.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.dtype),
+                enabled=s.dtype != "fp32")
+
+
+def evaluate(s, model, masker, data=None):
+    """Held-out MLM loss and accuracy and NSP accuracy: every example of the held-out documents, the
+    same masks and pairs for every run and seed (masks seeded by batch index), dropout off. Every
+    process computes the same figures (FSDP's forward needs them all)."""
+    data = data if data is not None else s.heldout
+    was_training = model.training
+    model.eval()
+    m = dict.fromkeys(("mlm", "mlm_hit", "masked", "nsp", "nsp_hit", "examples"), 0.0)
+    with torch.no_grad(), torch.autocast(**_autocast(s)):
+        for i, mb in enumerate(data.all_batches(32)):
+            masked, seg, nxt, pos, lab, ids = masker(mb, 7919 * (i + 1))
+            mlm_sum, mlm_hit, nsp = model(masked, seg, pos, lab)
+            m["mlm"] += float(mlm_sum)
+            m["mlm_hit"] += float(mlm_hit)
+            m["masked"] += pos.numel()
+            m["nsp"] += float(F.nll_loss(nsp.float(), nxt, reduction="sum"))
+            m["nsp_hit"] += float((nsp.argmax(1) == nxt).sum())
+            m["examples"] += ids.shape[0]
+    model.train(was_training)
+    return {"mlm_loss": m["mlm"] / max(1, m["masked"]), "mlm_acc": m["mlm_hit"] / max(1, m["masked"]),
+            "nsp_loss": m["nsp"] / max(1, m["examples"]), "nsp_acc": m["nsp_hit"] / max(1, m["examples"]),
+            "masked": int(m["masked"]), "examples": int(m["examples"])}
+
+
+class Logger:
+    """Turns the interval sums into records: printed (through the progress bar when it shows), kept
+    in `history`, appended to --log-json; rank 0 writes."""
+
+    def __init__(self, s, step):
+        from tqdm import tqdm
+
+        o = s.opts
+        self.s, self.history, self.t_log = s, [], time.perf_counter()
+        self.bar = tqdm(total=s.max_steps, initial=step, unit="step", desc="pretrain", dynamic_ncols=True,
+                        disable=True if o.no_progress or s.rank != 0 else None, leave=False)  # None: tty only
+        self.say = self.bar.write if not self.bar.disable else (lambda m: _log(s.rank, m))
+        self.peak = o.peak_tflops
+        if self.peak is None and s.device.type == "cuda":
+            name = torch.cuda.get_device_name(s.device)
+            self.peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+    def after_step(self, step, comm):
+        """Advance the bar; whether to log now (every rank must agree: they all join the reduction)."""
+        o, s = self.s.opts, self.s
+        self.bar.update(1)
+        late = time.perf_counter() - self.t_log >= o.log_seconds
+        if s.world > 1 and o.log_seconds:
+            flag = torch.tensor([float(late)], device=comm)
+            dist.broadcast(flag, 0)
+            late = bool(flag.item())
+        return step % o.log_every == 0 or step == s.max_steps or late
+
+    def log(self, step, v, lr):
+        s = self.s
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+        dt = time.perf_counter() - self.t_log
+        mlm = v["mlm"] / max(1, v["masked"])
+        nsp = v["nsp"] / max(1, v["examples"])
+        rec = {"step": step, "loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp,
+               "mlm_acc": v["mlm_hit"] / max(1, v["masked"]), "nsp_acc": v["nsp_hit"] / max(1, v["examples"]),
+               "tokens_per_s": v["tokens"] / dt, "lr": lr}
+        msg = (f"step {step:6d} | loss {rec['loss']:.4f} (mlm {mlm:.4f} nsp {nsp:.4f}) | mlm acc "
+               f"{rec['mlm_acc']:.3f} | nsp acc {rec['nsp_acc']:.3f} | lr {rec['lr']:.2e} | "
+               f"{rec['tokens_per_s']:,.0f} tok/s")
+        if s.device.type == "cuda":
+            tf = v["flops"] / dt / 1e12
+            rec["tflops"] = tf
+            msg += f" | {tf:.1f} TFLOP/s"
+            if self.peak:
+                rec["mfu"] = tf / self.peak
+                msg += f" | MFU {100 * tf / self.peak:.1f}%"
+        self.say(msg)
+        self.history.append(rec)
+        self.write_json(rec)
+        self.t_log = time.perf_counter()
+
+    def write_json(self, rec):
+        if self.s.opts.log_json and self.s.rank == 0:
+            with open(self.s.opts.log_json, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def close(self):
+        self.bar.close()
+
+
+def _banner(s, t):
+    o, cfg, data = s.opts, s.cfg, s.data
+    held = (f"{s.heldout.n_examples} pairs of {s.heldout.n_docs_used} held-out documents"
+            if s.heldout is not None else "no held-out split")
+    _log(s.rank, f"fastbert pretrain: {cfg.preset} {o.size} (layers {cfg.n_layers}, hidden {cfg.hidden}, "
+                 f"heads {cfg.heads}), {t.n_params / 1e6:.1f}M parameters, vocab {len(s.vocab)}, on "
+                 f"{s.device} "
+                 f"({s.dtype}{', compiled' if o.compile else ''}) x{s.world} | corpus "
+                 f"{s.shard.meta['n_sentences']} sentences, {s.shard.meta['n_tokens']} tokens, "
+                 f"{data.n_examples} {data.pairs} pairs for training, {held}, {data.steps_per_epoch} "
+                 f"steps/epoch of {data.global_batch} sequences (seq_len {o.seq_len}) | lr {o.lr:g}, mask "
+                 f"{o.mask_prob:g}{' whole words' if o.whole_word else ''} | "
+                 + (f"max steps {s.max_steps}" if s.max_steps else "")
+                 + (", " if s.max_steps and o.time_limit else "")
+                 + (f"time limit {o.time_limit:.0f}s" if o.time_limit else ""))
+
+
+def run(args):
+    s = setup(args)
+    o = s.opts
+    t = build(s)
+    _banner(s, t)
     from fastbert.info import implementation
 
-    ops_used = {op: implementation(op, device.type) for op in OPS}
-    _log(rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
-    from tqdm import tqdm
-
-    bar = tqdm(total=max_steps, initial=step, unit="step", desc="pretrain", dynamic_ncols=True,
-               disable=True if args.no_progress or rank != 0 else None, leave=False)  # None: tty only
-    say = bar.write if not bar.disable else (lambda m: _log(rank, m))
-    acc = {k: 0.0 for k in ("mlm", "nsp", "mlm_hit", "nsp_hit", "masked", "examples", "tokens", "flops")}
-    t_log = time.perf_counter()
-    last_saved = step if args.resume else None
-    history = []
-    comm = device if world > 1 and device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+    ops_used = {op: implementation(op, s.device.type) for op in OPS}
+    _log(s.rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
+    masker, metrics, logger = Masker(s), Metrics(), Logger(s, t.step)
+    last_saved = t.step if o.resume else None
+    comm = s.device if s.world > 1 and s.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
     t_train = time.perf_counter()
-    model.train()
+    t.model.train()
     while True:
-        halted = args.halt_at is not None and step >= args.halt_at
-        if (max_steps is not None and step >= max_steps) or halted:
+        halted = o.halt_at is not None and t.step >= o.halt_at
+        if (s.max_steps is not None and t.step >= s.max_steps) or halted:
             break
-        if args.time_limit is not None:
-            stop = torch.tensor([float(time.perf_counter() - t_train >= args.time_limit)], device=comm)
-            if world > 1:
+        if o.time_limit is not None:
+            stop = torch.tensor([float(time.perf_counter() - t_train >= o.time_limit)], device=comm)
+            if s.world > 1:
                 dist.broadcast(stop, 0)
             if stop.item():
                 break
-        epoch, s = divmod(step, spe)
-        batches = data.step_batches(epoch, s, rank, world)
-        prepared = []
-        n_masked = 0
-        for mb in batches:
-            ids = torch.from_numpy(mb["input_ids"]).to(device, non_blocking=True)
-            seg = torch.from_numpy(mb["segment_ids"]).to(device, non_blocking=True)
-            nxt = torch.from_numpy(mb["is_next"]).to(device, non_blocking=True)
-            gen = torch.Generator(device=device)
-            gen.manual_seed((args.seed * 1_000_003 + step) * 4099 + mb["micro_index"])
-            ws = None if continuation is None else ~continuation[ids]
-            masked, labels, pos = mlm_mask(ids, len(vocab), vocab.mask_id, vocab.pad_id, special,
-                                           mask_prob=args.mask_prob, generator=gen, word_starts=ws,
-                                           max_predictions=args.max_predictions, return_positions=True)
-            lab = labels.view(-1).index_select(0, pos)
-            n_masked += pos.numel()
-            prepared.append((masked, seg, nxt, pos, lab, ids))
-        counts = torch.tensor([float(n_masked), float(data.global_batch)], device=comm)
-        if world > 1:
-            dist.all_reduce(counts)
-        g_masked, g_examples = max(1.0, counts[0].item()), counts[1].item()
-        for k, (masked, seg, nxt, pos, lab, ids) in enumerate(prepared):
-            sync = k == len(prepared) - 1 or world == 1 or fsdp
-            ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
-            with ctx:
-                with torch.autocast(**amp):
-                    mlm_sum, mlm_hit, nsp = forward(masked, seg, pos, lab)
-                nsp_sum = F.nll_loss(nsp.float(), nxt, reduction="sum")
-                loss = (mlm_sum / g_masked + nsp_sum / g_examples) * world
-                scaler.scale(loss).backward()
-            acc["mlm"] += mlm_sum.detach()
-            acc["nsp"] += nsp_sum.detach()
-            acc["mlm_hit"] += mlm_hit
-            acc["nsp_hit"] += (nsp.argmax(1) == nxt).sum()
-            acc["masked"] += pos.numel()
-            acc["examples"] += ids.shape[0]
-            lens = (ids != 0).sum(1)
-            tokens = int(lens.sum())
-            acc["tokens"] += tokens
-            acc["flops"] += flops_per_step(cfg, tokens, int((lens.double() ** 2).sum()), pos.numel(),
-                                           not args.dense_mlm)
-        scaler.unscale_(optimizer)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        due = time.perf_counter() - t_log >= args.log_seconds
-        if world > 1 and args.log_seconds:  # every rank must join the metrics all-reduce
-            flag = torch.tensor([float(due)], device=comm)
-            dist.broadcast(flag, 0)
-            due = bool(flag.item())
-        if step % args.log_every == 0 or step == max_steps or due:
-            vals = torch.tensor([float(acc[k]) for k in acc], dtype=torch.float64, device=comm)
-            if world > 1:
-                dist.all_reduce(vals)
-            v = dict(zip(acc, vals.tolist()))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t_log
-            mlm = v["mlm"] / max(1, v["masked"])
-            nsp = v["nsp"] / max(1, v["examples"])
-            rec = {"step": step, "loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp,
-                   "mlm_acc": v["mlm_hit"] / max(1, v["masked"]),
-                   "nsp_acc": v["nsp_hit"] / max(1, v["examples"]),
-                   "tokens_per_s": v["tokens"] / dt, "lr": scheduler.get_last_lr()[0]}
-            msg = (f"step {step:6d} | loss {rec['loss']:.4f} (mlm {mlm:.4f} nsp {nsp:.4f}) | mlm acc "
-                   f"{rec['mlm_acc']:.3f} | nsp acc {rec['nsp_acc']:.3f} | lr {rec['lr']:.2e} | "
-                   f"{rec['tokens_per_s']:,.0f} tok/s")
-            if device.type == "cuda":
-                tf = v["flops"] / dt / 1e12
-                rec["tflops"] = tf
-                msg += f" | {tf:.1f} TFLOP/s"
-                if peak:
-                    rec["mfu"] = tf / peak
-                    msg += f" | MFU {100 * tf / peak:.1f}%"
-            say(msg)
-            history.append(rec)
-            if args.log_json and rank == 0:
-                with open(args.log_json, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            acc = {k: 0.0 for k in acc}
-            t_log = time.perf_counter()
-        if step % args.save_every == 0:
-            _save(args, ckpt_dir, step, model, optimizer, scheduler, scaler, cfg, vocab, fsdp, rank, world,
-                  device)
-            last_saved = step
-    bar.close()
-    if last_saved != step:
-        _save(args, ckpt_dir, step, model, optimizer, scheduler, scaler, cfg, vocab, fsdp, rank, world,
-                  device)
+        epoch, k = divmod(t.step, s.data.steps_per_epoch)
+        train_step(s, t, masker, s.data.step_batches(epoch, k, s.rank, s.world), metrics, comm)
+        if logger.after_step(t.step, comm):
+            logger.log(t.step, metrics.reduce(s.world, comm), t.scheduler.get_last_lr()[0])
+            metrics.reset()
+        if t.step % o.save_every == 0:
+            _save(s, t)
+            last_saved = t.step
+    logger.close()
+    if last_saved != t.step:
+        _save(s, t)
     train_s = time.perf_counter() - t_train
-    if rank == 0:
-        if args.export_hf:
-            export_hf(model.bert, vocab, args.export_hf)
-            print(f"exported HF BertModel to {args.export_hf}")
-        if args.export_bert_pytorch:
-            export_bert_pytorch(model, args.export_bert_pytorch)
-            print(f"exported bert_pytorch BERTLM state dict to {args.export_bert_pytorch}")
-        first, last = (history[0], history[-1]) if history else (None, None)
-        if first:
-            print(f"done: {step} steps in {train_s:.0f}s; loss {first['loss']:.3f} -> {last['loss']:.3f}, "
-                  f"mlm acc {last['mlm_acc']:.3f}, nsp acc {last['nsp_acc']:.3f}; checkpoints in {ckpt_dir}")
-    _barrier(world)
-    return {"step": step, "history": history, "model": model, "vocab": vocab, "config": cfg, "ops": ops_used}
+    heldout = None
+    if s.heldout is not None:
+        heldout = evaluate(s, t.model, masker)
+        logger.write_json({"step": t.step, "heldout": heldout})
+        _log(s.rank, f"held-out ({heldout['examples']} pairs, {heldout['masked']} masked tokens): mlm loss "
+                     f"{heldout['mlm_loss']:.4f} | mlm acc {heldout['mlm_acc']:.3f} | nsp acc "
+                     f"{heldout['nsp_acc']:.3f}")
+    if s.rank == 0:
+        if o.export_hf:
+            export_hf(t.model.bert, s.vocab, o.export_hf)
+            print(f"exported HF BertModel to {o.export_hf}")
+        if o.export_bert_pytorch:
+            export_bert_pytorch(t.model, o.export_bert_pytorch)
+            print(f"exported bert_pytorch BERTLM state dict to {o.export_bert_pytorch}")
+        h = logger.history
+        if h:
+            print(f"done: {t.step} steps in {train_s:.0f}s; loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}, "
+                  f"mlm acc {h[-1]['mlm_acc']:.3f}, nsp acc {h[-1]['nsp_acc']:.3f} (training batches); "
+                  f"checkpoints in {s.ckpt_dir}")
+    _barrier(s.world)
+    return {"step": t.step, "history": logger.history, "model": t.model, "vocab": s.vocab, "config": s.cfg,
+            "ops": ops_used, "heldout": heldout, "train_seconds": train_s}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _save(args, ckpt_dir, step, model, optimizer, scheduler, scaler, cfg, vocab, fsdp, rank, world,
-                  device):
-    msd, osd = _state_dicts(model, optimizer, fsdp)
+def _save(s, t):
+    msd, osd = _state_dicts(t.model, t.optimizer, s.fsdp)
     cpu_states = [torch.get_rng_state()]
-    if world > 1:
-        gathered = [None] * world
+    if s.world > 1:
+        gathered = [None] * s.world
         dist.all_gather_object(gathered, cpu_states[0])
         cpu_states = gathered
     cuda_states = []
-    if device.type == "cuda":
-        cuda_states = [torch.cuda.get_rng_state(device)]
-        if world > 1:
-            gathered = [None] * world
+    if s.device.type == "cuda":
+        cuda_states = [torch.cuda.get_rng_state(s.device)]
+        if s.world > 1:
+            gathered = [None] * s.world
             dist.all_gather_object(gathered, cuda_states[0])
             cuda_states = gathered
-    if rank == 0:
-        state = {"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "config": asdict(cfg), "vocab": vocab.to_dict(), "vocab_fingerprint": vocab.fingerprint(),
+    if s.rank == 0:
+        o = s.opts
+        state = {"model": msd, "optimizer": osd, "scheduler": t.scheduler.state_dict(),
+                 "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
+                 "config": asdict(s.cfg), "vocab": s.vocab.to_dict(),
+                 "vocab_fingerprint": s.vocab.fingerprint(),
                  "rng": {"cpu": cpu_states, "cuda": cuda_states},
-                 "args": {**{k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)},
-                          "corpus": os.path.abspath(args.corpus), "pairs": getattr(args, "_pairs", None),
-                          "global_batch": args.batch * args.accum * world}}
-        save_checkpoint(ckpt_dir, step, state, keep=args.keep)
-    _barrier(world)
+                 "args": {**{k: v for k, v in vars(o).items() if isinstance(v, int | float | str | bool)},
+                          **s.data_args()}}
+        save_checkpoint(s.ckpt_dir, t.step, state, keep=o.keep)
+    _barrier(s.world)
 
 
 def main(argv=None):
