@@ -8,6 +8,7 @@ torch.compile(fullgraph=True). Tiny models keep the interpreter fast.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -250,3 +251,175 @@ def test_packed_pretrain_data():
                 seen += 1
     left = packed.plan(1)[packed.steps_per_epoch * 2:]  # the packs past the epoch's last step
     assert seen + sum(len(p) for p in left) == len(la)
+
+
+# --- item 5 of issue 12: the packed step on the fused path has static shapes and no host sync ---
+
+SYNCS = ("item", "tolist", "cpu", "nonzero", "__int__", "__float__", "__bool__")
+CHECKS = ("attention", "prepare")  # the functions of kernels/attention.py that check cu_seqlens values
+
+
+class HostSyncError(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Tensor.item, tolist, cpu, nonzero (and int(), float(), bool() of a tensor, which read a value
+    the same way) raise while `armed`; on a GPU each is a device-to-host sync. Exempt: calls made by
+    Triton's interpreter (it runs the kernels on the host: on a GPU those are launches), and the
+    attention wrapper's check of cu_seqlens values, which kernels/attention.py runs only for CPU
+    tensors (a CUDA caller that passes max_seqlen is trusted, as flash-attn's varlen API)."""
+    state = {"armed": False, "exempt": []}
+
+    def allowed(tensor):
+        frame = sys._getframe(2)
+        name = frame.f_code.co_filename
+        if f"{os.sep}triton{os.sep}" in name:
+            return True
+        if name.endswith(os.path.join("kernels", "attention.py")) and frame.f_code.co_name in CHECKS:
+            state["exempt"].append(tensor.device.type)
+            return tensor.device.type == "cpu"
+        return False
+
+    def guard(name, original):
+        def call(self, *args, **kwargs):
+            if state["armed"] and not allowed(self):
+                raise HostSyncError(f"Tensor.{name} during the packed step")
+            return original(self, *args, **kwargs)
+        return call
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    nonzero = torch.nonzero
+
+    def torch_nonzero(t, *args, **kwargs):
+        if state["armed"] and not allowed(t):
+            raise HostSyncError("torch.nonzero during the packed step")
+        return nonzero(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", torch_nonzero)
+    return state
+
+
+def packed_step_inputs(preset, seed, min_len=5, width=19):
+    rng = np.random.default_rng(seed)
+    ids, seg, nxt, _ = examples(3, width, preset, rng, min_len=min_len)
+    ids, labels = masked(ids, seed)
+    return pack_rows(ids, seg, nxt, tokens=64, max_seqs=8, max_seqlen=19, max_predictions=20,
+                     mlm_labels=labels, vocab_size=VOCAB).to(DEVICE)
+
+
+def train_step(step, pack, optimizer):
+    """Forward, loss (normalised by the pack's host-side counts), backward, clipping, AdamW."""
+    mlm_sum, mlm_hits, nsp_sum, nsp_hits = step(*pack.inputs())
+    loss = mlm_sum / max(1, pack.n_masked) + nsp_sum / max(1, pack.n_examples)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(step.parameters(), 1.0, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    return loss.detach(), mlm_hits, nsp_hits
+
+
+@fused_only
+def test_packed_step_makes_no_host_sync(no_host_sync, monkeypatch):
+    """A whole training step (forward, loss, backward, clipping, AdamW) on the fused path with every
+    value read-back raising: it runs, and gives the same loss as without the guard."""
+    if not CUDA:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    seed = int(torch.randint(0, 2**31, ()))
+    pack = packed_step_inputs("hf", seed)
+    losses = []
+    for armed in (False, True):
+        step = PackedPretrain(model("hf")).to(DEVICE).train()
+        opt = torch.optim.AdamW(step.parameters(), lr=1e-3, fused=True)  # capturable on CUDA
+        no_host_sync["armed"] = armed
+        try:
+            losses.append(train_step(step, pack, opt)[0])
+        finally:
+            no_host_sync["armed"] = False
+    assert torch.equal(losses[0], losses[1])
+    assert set(no_host_sync["exempt"]) <= {"cpu"}
+    with pytest.raises(HostSyncError):  # the guard does catch a read-back
+        no_host_sync["armed"] = True
+        try:
+            losses[0].item()
+        finally:
+            no_host_sync["armed"] = False
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op with the shapes (and dtypes) of its tensor arguments and results."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        shapes = tuple((tuple(t.shape), t.dtype) for t in flat if isinstance(t, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        return out
+
+
+@fused_only
+def test_packed_steps_have_the_same_shapes_at_every_op(monkeypatch):
+    """Two packs of very different example lengths (3 long examples; 3 short ones and more padding):
+    the forward and backward run the same ops on the same shapes, so a CUDA graph or a compiled
+    graph captured on one replays the other."""
+    if not CUDA:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    seed = int(torch.randint(0, 2**31, ()))
+    packs = [packed_step_inputs("bert_pytorch", seed, min_len=17),
+             packed_step_inputs("bert_pytorch", seed + 1, min_len=5, width=8)]
+    assert packs[0].n_tokens >= 51 and packs[1].n_tokens <= 24
+    step = PackedPretrain(model("bert_pytorch")).to(DEVICE).train()
+    traces = []
+    for pack in packs:
+        step.zero_grad(set_to_none=True)
+        with _Shapes() as rec:
+            out = step(*pack.inputs())
+            (out[0] + out[2]).backward()
+        traces.append(rec.ops)
+    assert len(traces[0]) > 50
+    assert traces[0] == traces[1]
+
+
+@fused_only
+@pytest.mark.xfail(raises=torch._dynamo.exc.UserError, strict=False,
+                   reason="kernels/attention.py reads cu_seqlens values back for CPU tensors also under "
+                   "torch.compile (a data-dependent guard); needs its check skipped while compiling")
+def test_packed_step_compiles_without_graph_breaks(monkeypatch):
+    """torch.compile(fullgraph=True, dynamic=False) of the packed forward and loss on the fused path:
+    no graph break (fullgraph raises on one), the loss and gradients of eager mode, and one
+    compilation serving a second pack of other lengths."""
+    if not CUDA:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    torch._dynamo.reset()
+    seed = int(torch.randint(0, 2**31, ()))
+    packs = [packed_step_inputs("hf", seed, min_len=17), packed_step_inputs("hf", seed + 1, width=8)]
+    step = PackedPretrain(model("hf")).to(DEVICE).train()
+
+    def loss_of(*inputs):
+        mlm_sum, _, nsp_sum, _ = step(*inputs)
+        return mlm_sum + nsp_sum
+
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=False, backend="aot_eager")
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    results = []
+    for fn in (compiled, loss_of):
+        step.zero_grad(set_to_none=True)
+        loss = fn(*packs[0].inputs())
+        loss.backward()
+        results.append((loss.detach(), grads(step)))
+    (lc, gc), (le, ge) = results
+    assert abs(float(lc) - float(le)) <= 1e-5 * max(1.0, abs(float(le)))
+    assert gc.keys() == ge.keys()
+    for name, g in ge.items():
+        assert (gc[name] - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max())), name
+    lc, le = compiled(*packs[1].inputs()), loss_of(*packs[1].inputs())  # grad mode on: the same guards
+    assert abs(float(lc) - float(le)) <= 1e-5 * max(1.0, abs(float(le)))
+    assert counts["stats"]["unique_graphs"] == 1, dict(counts["stats"])  # no recompilation
+    assert not counts["graph_break"], dict(counts["graph_break"])
