@@ -160,7 +160,7 @@ def _collect_env():
     try:
         import fastbert
         from fastbert import _ext
-        from fastbert.ops._backend import backend
+        from fastbert.ops._dispatch import backend
 
         env["fastbert"] = fastbert.__version__
         env["fastbert_backend"] = backend()

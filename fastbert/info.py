@@ -1,27 +1,27 @@
 """`python -m fastbert.info`: versions, the compiled extension's state, and each op's implementation.
 
-An ops module may define implementation(device: str) -> str to describe itself; otherwise the Triton
-ops report "triton" where fastbert.ops._backend would choose it (elsewhere their native torch form,
-or "reference" under FASTBERT_BACKEND=reference) and the C++ ops "C++ (fastbert._C)" when the
-extension registered them.
+The implementation column comes from fastbert.ops._dispatch.choose, the function every op calls, asked
+about a nominal input on each device (a CPU tensor; a stand-in for a CUDA one when there is no GPU).
+Input that a kernel does not take falls back per call; fastbert.ops.last_choices() shows what the
+latest calls ran (fastbert pretrain logs it after its first step).
 """
 
-import importlib
 import os
 import platform
 
 import torch
 
 from fastbert import _ext
-from fastbert.ops import _backend
+from fastbert.ops import _dispatch
 
-TRITON_OPS = ("layer_norm", "bias_gelu", "attention")
-NATIVE = {  # what a Triton op runs off the Triton path under FASTBERT_BACKEND=auto
+OPS = (*_dispatch.TRITON_OPS, *_dispatch.CPP_OPS)
+NATIVE = {  # what a Triton op's native form runs
     "layer_norm": "torch (F.layer_norm)",
     "bias_gelu": "torch (F.gelu)",
     "attention": "torch (SDPA; varlen: ref)",
 }
-CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}
+NAMES = {_dispatch.TRITON: "triton", _dispatch.CPP: "C++ (fastbert._C)", _dispatch.REFERENCE: "reference"}
+FALLBACK = "off-kernel input falls back to the native form"
 
 
 class _Probe:
@@ -32,27 +32,23 @@ class _Probe:
         self.is_cuda = self.device.type == "cuda"
 
 
+def describe(op, impl):
+    return NATIVE[op] if impl == _dispatch.NATIVE else NAMES[impl]
+
+
 def implementation(op, device):
-    module = importlib.import_module(f"fastbert.ops.{op}")
-    if hasattr(module, "implementation"):
-        return module.implementation(device)
-    if device == "cuda" and not torch.cuda.is_available():
-        note = " (no CUDA device here)"
-    else:
-        note = ""
-    if op in TRITON_OPS:
-        try:
-            if _backend.use_triton(_Probe(device)):
-                chosen = "triton"
-            else:
-                chosen = "reference" if _backend.use_reference() else NATIVE[op]
-        except RuntimeError as exc:
-            return f"error: {exc}"
-        return chosen + note
-    if _backend.backend() != "reference" and _ext.has_op(CPP_OPS[op]):
-        if device == "cpu" or _ext.has_cuda():
-            return "C++ (fastbert._C)" + note
-    return "reference" + note
+    """What `op` runs for a nominal input on `device` ("cpu" or "cuda"), as chosen by the ops."""
+    try:
+        impl = _dispatch.choose(op, _Probe(device), native=True)
+    except RuntimeError as exc:
+        return f"error: {exc}"
+    note = " (no CUDA device here)" if device == "cuda" and not torch.cuda.is_available() else ""
+    return describe(op, impl) + note
+
+
+def last_used():
+    """{op: implementation} of the latest call of each op on each device, e.g. after a training step."""
+    return {f"{op} [{dev}]": describe(op, impl) for (op, dev), impl in _dispatch.last_choices().items()}
 
 
 def report():
@@ -67,15 +63,17 @@ def report():
         f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"triton      {triton_version}",
         f"CUDA device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-        f"backend     FASTBERT_BACKEND={_backend.backend()}  TRITON_INTERPRET="
+        f"backend     FASTBERT_BACKEND={_dispatch.backend()}  TRITON_INTERPRET="
         f"{os.environ.get('TRITON_INTERPRET', '0')}",
         f"fastbert._C {'loaded' if _ext.available() else 'NOT loaded: ' + str(_ext.load_error)}"
         + (f" (CUDA kernels: {'yes' if _ext.has_cuda() else 'no'})" if _ext.available() else ""),
         "",
         f"{'op':<12} {'cpu':<30} cuda",
     ]
-    for op in (*TRITON_OPS, *CPP_OPS):
+    for op in OPS:
         lines.append(f"{op:<12} {implementation(op, 'cpu'):<30} {implementation(op, 'cuda')}")
+    if _dispatch.backend() == "auto":
+        lines.append(f"(triton ops: {FALLBACK}, per call)")
     return "\n".join(lines)
 
 

@@ -32,7 +32,12 @@ Dropout: counter-based Philox (tl.philox, 10 rounds) keyed by a 64-bit seed; cou
 (key quad j // 4, query position i, b * H + h, offset) with positions inside the sequence, and one
 call's four output words serve four neighbouring keys, so the forward, both backward kernels,
 dropout_keep_mask() and padded/varlen runs of the same batch draw the same keep bits.
-keep_ij = (word >> 1) >= floor(p * 2^31). dropout_p = 0 compiles without RNG.
+keep_ij = (word >> 1) >= floor(p * 2^31). dropout_p = 0 compiles without RNG. The seed and offset
+are read from an int64 [2] tensor on the device (RNG), never passed as host scalars: a captured CUDA
+graph then replays with each replay's fresh draw.
+
+This file holds the kernels, their launchers (attention_fwd, attention_bwd, dropout_keep_mask) and
+the input checks (check_supported, prepare); fastbert.ops.attention registers and differentiates them.
 """
 
 import os
@@ -41,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import allocator, cdiv, next_power_of_2
+from ._common import allocator, cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -159,6 +164,19 @@ def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _rng_words(RNG, DROPOUT: tl.constexpr):
+    """(seed, offset) from RNG int64 [2] on the device (drawn by fastbert.ops._rng.dropout_seed; read
+    in the kernel, so a replayed CUDA graph sees each replay's fresh draw)."""
+    if DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    else:
+        seed = 0
+        rng_offset = 0
+    return seed, rng_offset
+
+
+@triton.jit
 def _keep(seed, rng_offset, bh, rows, cols, col0, thresh):
     """Dropout keep bits [R, C] for query positions rows [R] and key positions cols [C] = col0 +
     arange(C), col0 a multiple of 4. One Philox call (counters: key quad j // 4, query position,
@@ -209,10 +227,10 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
 def _attn_fwd(Q, K, V, O, LSE, SEQINFO, MASK,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, smb,
-              H, SEQ, SEQ_BUCKET, qk_scale, seed, rng_offset, drop_thresh, drop_scale,
+              H, SEQ, SEQ_BUCKET, qk_scale, RNG, drop_thresh, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, HAS_MASK: tl.constexpr,
               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -222,6 +240,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQINFO, MASK,
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
+    seed, rng_offset = _rng_words(RNG, DROPOUT)
     h = bh % H
     start, n_rows, k_len = _seq_bounds(SEQINFO, MASK, smb, b, SEQ, MODE)
     start_m = pid_m * BLOCK_M
@@ -337,10 +356,10 @@ def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_r
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
-                   H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, seed, rng_offset, drop_thresh, drop_scale,
+                   H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -348,6 +367,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
+    seed, rng_offset = _rng_words(RNG, DROPOUT)
     h = bh % H
     start, n_rows, k_len = _seq_bounds(SEQINFO, MASK, smb, b, SEQ, MODE)
     start_n = pid_n * BLOCK_N
@@ -422,10 +442,10 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, of
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "seed", "rng_offset", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
-                 H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, seed, rng_offset, drop_thresh, drop_scale,
+                 H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                  HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -433,6 +453,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
+    seed, rng_offset = _rng_words(RNG, DROPOUT)
     h = bh % H
     start, n_rows, k_len = _seq_bounds(SEQINFO, MASK, smb, b, SEQ, MODE)
     start_m = pid_m * BLOCK_M
@@ -472,7 +493,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
 
 
 @triton.jit
-def _keep_mask_kernel(OUT, H, SEQ, seed, rng_offset, drop_thresh,
+def _keep_mask_kernel(OUT, H, SEQ, RNG, drop_thresh,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # OUT: [B, H, SEQ, SEQ] int8 keep-mask, the bits the attention kernels draw
     pid_m = tl.program_id(0)
@@ -480,6 +501,7 @@ def _keep_mask_kernel(OUT, H, SEQ, seed, rng_offset, drop_thresh,
     bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed, rng_offset = _rng_words(RNG, True)
     keep = _keep(seed, rng_offset, bh, rows, cols, pid_n * BLOCK_N, drop_thresh)
     ptrs = OUT + bh.to(tl.int64) * SEQ * SEQ + rows[:, None] * SEQ + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < SEQ) & (cols[None, :] < SEQ))
@@ -519,8 +541,8 @@ def _head_strides(x):
     return 0, x.stride(0), x.stride(1)
 
 
-def _geometry(q, mode):
-    """(batch, heads, S or T, head_dim, lse shape, lse strides (b, h))."""
+def _geometry(q):
+    """(batch, heads, S or T, head_dim, lse shape, lse strides (b, h)); batch None when packed."""
     if q.dim() == 4:
         batch, seq, heads, dim = q.shape
         return batch, heads, seq, dim, (batch, heads, seq), (heads * seq, seq)
@@ -528,40 +550,40 @@ def _geometry(q, mode):
     return None, heads, total, dim, (heads, total), (0, total)
 
 
-def _rng_args(rng):
-    if rng is None:
-        return 0, 0
-    seed, offset = (int(x) for x in rng.tolist())
-    return seed, offset
+def lse_shape(q):
+    return _geometry(q)[4]
 
 
-def _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-    batch, heads, rows, dim, lse_shape, (slb, slh) = _geometry(q, mode)
+def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    """Launch the forward on prepared inputs (see prepare). rng: int64 [2] (seed, offset) on q's device
+    when dropout_p > 0. Returns (out like q, lse fp32 [B, H, S] or [H, T])."""
+    batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
     new = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     out = new(q.shape, q.dtype, q.device)
-    lse = new(lse_shape, torch.float32, q.device)
+    lse = new(lse_shp, torch.float32, q.device)
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    seed, offset = _rng_args(rng)
     thresh, drop_scale = _drop_params(dropout_p)
     seqinfo_t = seqinfo if seqinfo is not None else q
     mask_t = mask if mask is not None else q
+    rng_t = rng if dropout_p > 0 else q
     smb = mask.stride(0) if mask is not None else 0
     block_d = _block_d(dim)
     bucket = _seq_bucket(max_seqlen)
     grid = lambda meta: (cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, seqinfo_t, mask_t, *_head_strides(q), *_head_strides(k),
                     *_head_strides(v), *_head_strides(out), slb, slh, smb,
-                    heads, rows if mode != MODE_VARLEN else 0, bucket, scale * LOG2E, seed, offset, thresh,
+                    heads, rows if mode != MODE_VARLEN else 0, bucket, scale * LOG2E, rng_t, thresh,
                     drop_scale, HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
                     DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
     return out, lse
 
 
-def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-    batch, heads, rows, dim, lse_shape, (slb, slh) = _geometry(q, mode)
+def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    """Launch the backward (the forward's saved tensors and arguments). Returns (dq, dk, dv) like q."""
+    batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
     if dout.stride(-1) != 1:
@@ -570,15 +592,15 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
     dq, dk, dv = (new(q.shape, q.dtype, q.device) for _ in range(3))
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    seed, offset = _rng_args(rng)
     thresh, drop_scale = _drop_params(dropout_p)
     seqinfo_t = seqinfo if seqinfo is not None else q
     mask_t = mask if mask is not None else q
+    rng_t = rng if dropout_p > 0 else q
     smb = mask.stride(0) if mask is not None else 0
     block_d = _block_d(dim)
     bucket = _seq_bucket(max_seqlen)
     seq_arg = rows if mode != MODE_VARLEN else 0
-    delta = new(lse_shape, torch.float32, q.device)
+    delta = new(lse_shp, torch.float32, q.device)
     pre_bm = 64
     _attn_bwd_pre[(cdiv(max_seqlen, pre_bm), batch * heads)](
         out, dout, delta, *_head_strides(out), *_head_strides(dout), slb, slh, seqinfo_t, mask_t, smb,
@@ -586,7 +608,7 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
         HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, BLOCK_M=pre_bm)
     common = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(dout),
               *_head_strides(dk), slb, slh, smb, heads, seq_arg, bucket, scale * LOG2E, scale,
-              seed, offset, thresh, drop_scale)
+              rng_t, thresh, drop_scale)
     meta = dict(HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
                 DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
     grid_n = lambda m: (cdiv(max_seqlen, m["BLOCK_N"]), batch * heads)  # noqa: E731
@@ -596,98 +618,17 @@ def _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scal
     return dq, dk, dv
 
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqinfo: torch.Tensor | None,
-                  mask: torch.Tensor | None, rng: torch.Tensor | None, mode: int, dropout_p: float,
-                  scale: float, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw forward: (out like q, lse fp32). Inputs already validated by attention()."""
-    return _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen)
-
-
-@attention_fwd.register_fake
-def _(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-    *_, lse_shape, _ = _geometry(q, mode)
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(lse_shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
-def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, seqinfo: torch.Tensor | None, mask: torch.Tensor | None,
-                  rng: torch.Tensor | None, mode: int, dropout_p: float, scale: float,
-                  max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw backward: (dq, dk, dv), each like q."""
-    return _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen)
-
-
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seqinfo, mask, rng)
-    ctx.params = (mode, dropout_p, scale, max_seqlen)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seqinfo, mask, rng = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The same forward/backward as the custom ops, without their dispatch cost (about 0.5 ms of
-    host time per training step, more than the kernels take at BERT sizes). Used in eager mode;
-    torch.compile traces the custom ops (attention_fwd / attention_bwd) instead."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-        out, lse = _fwd_impl(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen)
-        ctx.save_for_backward(q, k, v, out, lse, seqinfo, mask, rng)
-        ctx.params = (mode, dropout_p, scale, max_seqlen)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, seqinfo, mask, rng = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, seqinfo, mask, rng, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def draw_rng(generator=None):
-    """(seed, offset) int64 [2] on the CPU from `generator` (default: torch's default CPU generator).
-
-    The CPU generator is what torch.manual_seed seeds and what torch.utils.checkpoint saves and
-    restores, so a recomputed forward draws the same dropout mask.
-    """
-    if generator is not None and generator.device.type != "cpu":
-        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).cpu()
-        offset = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).cpu()
-        return torch.cat([seed, offset])
-    seed = torch.randint(0, 2**62, (1,), generator=generator)
-    offset = torch.randint(0, 2**31 - 1, (1,), generator=generator)
-    return torch.cat([seed, offset])
-
-
-def dropout_keep_mask(rng, dropout_p, batch, heads, seqlen, device="cpu"):
-    """The keep-mask [B, H, S, S] bool that attention(..., dropout_p, rng=rng) applies.
-
-    mask[b, h, i, j] is True when query position i keeps key position j in sequence b (positions
-    counted inside the sequence, so it is the same in padded and varlen mode).
-    """
+def dropout_keep_mask(rng, dropout_p, batch, heads, seqlen):
+    """The keep-mask [B, H, S, S] bool that the kernels apply with rng (int64 [2] (seed, offset), on
+    the device the mask is computed on). mask[b, h, i, j] is True when query position i keeps key
+    position j in sequence b (positions counted inside the sequence, so it is the same in padded and
+    varlen mode)."""
     thresh, _ = _drop_params(dropout_p)
-    seed, offset = _rng_args(torch.as_tensor(rng, dtype=torch.int64))
-    out = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.int8, device=device)
+    out = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.int8, device=rng.device)
     if out.numel():
         bm = 32
         grid = (cdiv(seqlen, bm), cdiv(seqlen, bm), batch * heads)
-        _keep_mask_kernel[grid](out, heads, seqlen, seed, offset, thresh, BLOCK_M=bm, BLOCK_N=bm)
+        _keep_mask_kernel[grid](out, heads, seqlen, rng, thresh, BLOCK_M=bm, BLOCK_N=bm)
     return out.bool()
 
 
@@ -695,14 +636,21 @@ def _fail(msg):
     raise ValueError(f"fastbert attention: {msg}")
 
 
-def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
-              max_seqlen=None, generator=None, rng=None):
-    """Fused attention; see fastbert.ops.attention for the modes. Extra arguments:
+def check_supported(q):
+    """The kernel's limits: raise ValueError naming what it does not take (dtype, head dim)."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"fastbert attention: q must be a tensor, got {type(q).__name__}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        _fail(f"q.dtype {q.dtype} not supported; expected float16, bfloat16 or float32")
+    dim = q.shape[-1] if q.dim() else 0
+    if dim > MAX_HEAD_DIM or dim % 8 != 0 or dim == 0:
+        _fail(f"head_dim {dim} unsupported; expected a multiple of 8 up to {MAX_HEAD_DIM} "
+              "(32, 64, 80, 128 are tuned)")
 
-    generator: the torch.Generator the dropout seed is drawn from (default: the CPU default one).
-    rng: an explicit (seed, offset) pair (int64 tensor [2] or tuple), e.g. from draw_rng(); with
-         dropout_keep_mask(rng, ...) it gives the mask the kernels apply.
-    """
+
+def prepare(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None):
+    """Validate the arguments of fastbert.ops.attention for the kernels and return the launchers'
+    (q, k, v, seqinfo, mask, mode, scale, max_seqlen); ValueError names any problem."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a tensor, got {type(t).__name__}")
@@ -719,13 +667,10 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
         _fail(f"varlen mode (cu_seqlens given) needs q [T, H, D], got {tuple(q.shape)}")
     if not varlen and q.dim() != 4:
         _fail(f"padded mode needs q [B, S, H, D] (or [T, H, D] with cu_seqlens), got {tuple(q.shape)}")
-    dim = q.shape[-1]
-    if dim > MAX_HEAD_DIM or dim % 8 != 0 or dim == 0:
-        _fail(f"head_dim {dim} unsupported; expected a multiple of 8 up to {MAX_HEAD_DIM} "
-              "(32, 64, 80, 128 are tuned)")
+    check_supported(q)
     if not 0.0 <= float(dropout_p) < 1.0:
         _fail(f"dropout_p {dropout_p} outside [0, 1)")
-    scale = dim**-0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
     mask = None
@@ -757,38 +702,21 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
                 max_seqlen = max_len
             elif max_len > max_seqlen:
                 _fail(f"a sequence has length {max_len} > max_seqlen {max_seqlen}")
-        seqinfo, mode = cu_seqlens.contiguous(), MODE_VARLEN
-    else:
-        batch, seq = q.shape[0], q.shape[1]
-        if max_seqlen is not None and max_seqlen != seq:
-            if max_seqlen < seq:
-                _fail(f"max_seqlen {max_seqlen} < S {seq} in padded mode")
-        max_seqlen = seq
-        if key_padding_mask is None:
-            seqinfo, mode = None, MODE_DENSE
-        else:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                _fail(f"key_padding_mask must be a bool tensor [B, S], got "
-                      f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
-            if tuple(key_padding_mask.shape) != (batch, seq):
-                _fail(f"key_padding_mask shape {tuple(key_padding_mask.shape)} != (B, S) = {(batch, seq)}")
-            if key_padding_mask.device != q.device:
-                _fail(f"key_padding_mask on {key_padding_mask.device}, q on {q.device}")
-            mask = key_padding_mask
-            if mask.stride(-1) != 1:
-                mask = mask.contiguous()
-            mask = mask.view(torch.uint8)
-            seqinfo = None  # k_len is found in-kernel
-            mode = MODE_MASKED
-    if dropout_p > 0:
-        if rng is None:
-            rng = draw_rng(generator)
-        rng = torch.as_tensor(rng, dtype=torch.int64).cpu()
-    else:
-        rng = None
-    args = (q, k, v, seqinfo, mask, rng, mode, float(dropout_p), scale, int(max_seqlen))
-    if torch.compiler.is_compiling():
-        return attention_fwd(*args)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(*args)[0]
-    return _fwd_impl(*args)[0]
+        return q, k, v, cu_seqlens.contiguous(), None, MODE_VARLEN, scale, int(max_seqlen)
+    batch, seq = q.shape[0], q.shape[1]
+    if max_seqlen is not None and max_seqlen != seq:
+        _fail(f"max_seqlen {max_seqlen} != S {seq}: in padded mode every sequence spans S positions")
+    if key_padding_mask is None:
+        return q, k, v, None, None, MODE_DENSE, scale, seq
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        _fail(f"key_padding_mask must be a bool tensor [B, S], got "
+              f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+    if tuple(key_padding_mask.shape) != (batch, seq):
+        _fail(f"key_padding_mask shape {tuple(key_padding_mask.shape)} != (B, S) = {(batch, seq)}")
+    if key_padding_mask.device != q.device:
+        _fail(f"key_padding_mask on {key_padding_mask.device}, q on {q.device}")
+    mask = key_padding_mask
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    # k_len is found in-kernel from the mask row
+    return q, k, v, None, mask.view(torch.uint8), MODE_MASKED, scale, seq

@@ -35,12 +35,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import allocator, cdiv, next_power_of_2
-from .layer_norm import _keep, _pcg, column_sum, sm_count
+from ._common import (
+    FLOAT_DTYPES,
+    TILE,
+    allocator,
+    cdiv,
+    column_sums,
+    dropout_keep,
+    next_power_of_2,
+    seed_hash,
+    sm_count,
+)
 
 GELU_FORMS = ("none", "tanh")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TILE = 2048
 BLOCK_N_CHOICES = (64, 256)
 
 
@@ -162,7 +169,7 @@ def _bias_gelu_fwd_kernel(
     X,  # [M, N] pre-activation without bias
     B,  # [N] bias
     OUT,  # [M, N] gelu(x + bias), dropped out when HAS_DROPOUT
-    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
+    SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
     M,
     N,
     dropout_p,
@@ -180,7 +187,7 @@ def _bias_gelu_fwd_kernel(
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
     y = _gelu(z, TANH)
     if HAS_DROPOUT:
-        keep = _keep(_pcg(tl.load(SEED).to(tl.uint32)), offs, dropout_p)
+        keep = dropout_keep(seed_hash(SEED), offs, dropout_p)
         y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
@@ -192,7 +199,7 @@ def _bias_gelu_bwd_kernel(
     B,  # [N] bias
     DX,  # [M, N] out: dy * gelu'(x + bias)
     DB_PART,  # [G, N] fp32 out: per-row-program partial sums of dx
-    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
+    SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
     M,
     N,
     dropout_p,
@@ -203,7 +210,7 @@ def _bias_gelu_bwd_kernel(
 ):
     pid = tl.program_id(0)
     if HAS_DROPOUT:
-        seed = _pcg(tl.load(SEED).to(tl.uint32))
+        seed = seed_hash(SEED)
     g_programs = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -216,7 +223,7 @@ def _bias_gelu_bwd_kernel(
         z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:  # the forward's mask, regenerated from the seed
-            dy = tl.where(_keep(seed, offs, dropout_p), dy / (1.0 - dropout_p), 0.0)
+            dy = tl.where(dropout_keep(seed, offs, dropout_p), dy / (1.0 - dropout_p), 0.0)
         dx = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         acc += dx
@@ -226,13 +233,14 @@ def _bias_gelu_bwd_kernel(
 def _dropout_seed(dropout_p, seed):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"bias_gelu: dropout_p {dropout_p} outside [0, 1)")
-    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() != 1):
-        raise ValueError("bias_gelu: dropout_p > 0 needs a one-element int64 seed tensor")
+    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() < 1):
+        raise ValueError("bias_gelu: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
 
 
 def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropout_p=0.0, seed=None):
     """Launch the forward. x [..., N] contiguous, bias [N]. Returns gelu(x + bias) [..., N] in x's dtype,
-    dropped out with probability dropout_p (seed: int64 [1] on x's device, needed when dropout_p > 0).
+    dropped out with probability dropout_p (seed: int64 [>= 1] on x's device, the seed at element 0,
+    needed when dropout_p > 0).
     config (BLOCK_M, BLOCK_N, num_warps) overrides gelu_settings (tests); validate=False skips the
     input checks (fastbert.ops has run them already)."""
     if validate:
@@ -273,4 +281,4 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, d
                                           TANH=approximate == "tanh", HAS_DROPOUT=has_dropout,
                                           num_warps=warps)
     # second, deterministic reduction of the G partial rows (fixed order), cast to bias's dtype
-    return dx, column_sum(db_part, _alloc((n,), bias.dtype, x.device))
+    return dx, column_sums(db_part, _alloc((n,), bias.dtype, x.device))

@@ -19,19 +19,25 @@ and writes one row of a [G, N] partial buffer; a second small kernel sums the G 
 order (so the result is the same run to run) and casts to the parameter dtype.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._host import allocator, cdiv, next_power_of_2
+from ._common import (
+    FLOAT_DTYPES,
+    TILE,
+    allocator,
+    cdiv,
+    column_sums,
+    dropout_keep,
+    next_power_of_2,
+    seed_hash,
+    sm_count,
+)
 
 MAX_HIDDEN = 8192
 MIN_BLOCK = 256
-TILE = 2048
 LN_VARIANTS = ("standard", "bert_pytorch")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def ln_settings(n, device=None):
@@ -56,11 +62,6 @@ def ln_configs():
         out.append(ln_settings(b))
         b *= 2
     return out
-
-
-@functools.cache
-def sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 REGS_ESTIMATE = 80  # registers per thread of the backward (AOT table: 64-80 vectorised, <= 128 odd N)
@@ -122,25 +123,6 @@ def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0
 
 
 @triton.jit
-def _pcg(h):
-    """The PCG output permutation of a uint32 (Jarzynski and Olano, "Hash Functions for GPU
-    Rendering", JCGT 2020); all constants fit in int32, so the arithmetic stays uint32 (wrapping)
-    compiled and in the interpreter."""
-    h = h * 747796405 + 1442695041
-    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737
-    return (h >> 22) ^ h
-
-
-@triton.jit
-def _keep(seed_hash, idx, dropout_p):
-    """Dropout keep-mask of element idx: pcg(idx ^ seed_hash), seed_hash = pcg(seed) computed once
-    per program; the top 24 bits as a uniform in [0, 1). A few integer ops per element, lighter
-    than philox (tl.rand); forward and backward draw the same bits for the same (seed, idx)."""
-    h = _pcg(idx.to(tl.uint32) ^ seed_hash)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
-
-
-@triton.jit
 def _ln_fwd_kernel(
     X,  # [M, N] input, any float dtype
     R,  # [M, N] residual (read when HAS_RESIDUAL)
@@ -150,7 +132,7 @@ def _ln_fwd_kernel(
     S,  # [M, N] s = dropout(x) + residual, written when STORE_SUM
     MEAN,  # [M] fp32
     RSTD,  # [M] fp32: 1/sqrt(var + eps) or 1/(std + eps)
-    SEED,  # [1] int64 dropout seed (read when HAS_DROPOUT)
+    SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
     M,  # rows
     N,  # features per row
     eps,
@@ -171,9 +153,9 @@ def _ln_fwd_kernel(
     offs = rows.to(tl.int64) * N + cols
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        seed = _pcg(tl.load(SEED).to(tl.uint32))
+        seed = seed_hash(SEED)
         # the same (seed, element index) pairs regenerate the mask in the backward
-        keep = _keep(seed, rows * N + cols, dropout_p)
+        keep = dropout_keep(seed, rows * N + cols, dropout_p)
         s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
@@ -213,7 +195,7 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     DY,  # [M, N] gradient of y
     DS,  # [M, N] gradient of the sum output (read when HAS_DSUM)
-    S,  # [M, N] the normalised input s saved by the forward
+    S,  # [M, N] the pre-norm sum s = dropout(x) + residual saved by the forward
     W,  # [N]
     MEAN,  # [M] fp32
     RSTD,  # [M] fp32
@@ -221,7 +203,7 @@ def _ln_bwd_kernel(
     DX,  # [M, N] out: gradient of x through dropout (written when HAS_DROPOUT)
     DW_PART,  # [G, N] fp32 out: per-program partial sums of dy * xhat
     DB_PART,  # [G, N] fp32 out: per-program partial sums of dy
-    SEED,  # [1] int64 (read when HAS_DROPOUT)
+    SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
     M,
     N,
     rows_per_program,  # a multiple of BLOCK_M
@@ -241,14 +223,14 @@ def _ln_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if HAS_DROPOUT:
-        seed = _pcg(tl.load(SEED).to(tl.uint32))
+        seed = seed_hash(SEED)
     for first in range(row_start, row_end, BLOCK_M):
         rows = first + tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
         row_ok = rows < row_end
         mask = row_ok & col_ok
         offs = rows.to(tl.int64) * N + cols
         if HAS_DROPOUT:  # first, so that the hash's temporaries are dead before the row math
-            keep = _keep(seed, rows * N + cols, dropout_p)
+            keep = dropout_keep(seed, rows * N + cols, dropout_p)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
@@ -274,66 +256,20 @@ def _ln_bwd_kernel(
     tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0, keep_dims=True), mask=col_ok)
 
 
-@triton.jit
-def _column_sum_kernel(
-    PART,  # [2, G, N] fp32: partial sums of dW (plane 0) and dB (plane 1)
-    OUT0,  # [N] dW, weight dtype
-    OUT1,  # [N] dB, bias dtype
-    G,
-    N,
-    BLOCK_G: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """The second, deterministic reduction: OUT_p[c] = sum_g PART[p, g, c], in a fixed order."""
-    plane = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
-    col_ok = cols < N
-    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    base = PART + plane * G * N
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)[:, None]  # [BLOCK_G, 1]
-        acc += tl.load(base + g * N + cols, mask=(g < G) & col_ok, other=0.0)
-    total = tl.sum(acc, axis=0, keep_dims=True)
-    if plane == 0:
-        tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok)
-    else:
-        tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok)
-
-
-COLSUM_CONFIG = (32, 128, 4)  # BLOCK_G, BLOCK_C, num_warps
-
-
-def column_sums(part, out0, out1):
-    """out0[c] = part[0].sum(0)[c], out1[c] = part[1].sum(0)[c] (fp32 accumulation, fixed order)."""
-    _, g, n = part.shape
-    block_g, block_c, warps = COLSUM_CONFIG
-    _column_sum_kernel[(cdiv(n, block_c), 2)](part, out0, out1, g, n, BLOCK_G=block_g,
-                                                     BLOCK_C=block_c, num_warps=warps)
-    return out0, out1
-
-
-def column_sum(part, out):
-    """out[c] = part.sum(0)[c] for part [G, N] fp32 (one plane of the kernel above)."""
-    g, n = part.shape
-    block_g, block_c, warps = COLSUM_CONFIG
-    _column_sum_kernel[(cdiv(n, block_c), 1)](part, out, out, g, n, BLOCK_G=block_g,
-                                                     BLOCK_C=block_c, num_warps=warps)
-    return out
-
-
 def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
                    config=None, validate=True):
-    """Launch the forward. x, residual [..., N] contiguous; weight, bias [N]; seed int64 [1] when
-    dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x (+ residual), s the
-    pre-norm sum [..., N] (shape [0] when neither residual nor dropout), mean and rstd fp32 [...].
+    """Launch the forward. x, residual [..., N] contiguous; weight, bias [N]; seed int64 [>= 1] (the
+    seed at element 0) when dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x
+    (+ residual), s the pre-norm sum [..., N] (shape [0] when neither residual nor dropout), mean and
+    rstd fp32 [...].
     config (BLOCK_M, BLOCK_N, num_warps) overrides ln_settings (tests); validate=False skips the
     input checks (fastbert.ops has run them already).
     """
     if validate:
         check_inputs(x, weight, bias, residual, "bert_pytorch" if unbiased else "standard", dropout_p)
     has_dropout = dropout_p > 0.0
-    if has_dropout and (seed is None or seed.numel() != 1):
-        raise ValueError("layer_norm: dropout_p > 0 needs a one-element int64 seed tensor")
+    if has_dropout and (seed is None or seed.numel() < 1):
+        raise ValueError("layer_norm: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
     n = x.shape[-1]
     m = x.numel() // n
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -358,7 +294,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
 def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_p=0.0, seed=None,
                    config=None, programs=None, bias_dtype=None):
     """Launch the backward. dy [..., N]; dsum_out [..., N] or None (gradient of the sum output);
-    s [..., N] the saved normalised input; weight [N]; mean, rstd fp32 [...].
+    s [..., N] the saved pre-norm sum (dropout(x) + residual); weight [N]; mean, rstd fp32 [...].
     Returns (dsum, dx, dweight, dbias): dsum [..., N] in s's dtype, dx [..., N] (shape [0] unless
     dropout_p > 0), dweight [N] in weight's dtype and dbias [N] in bias_dtype (default: weight's).
     config and programs (the number G of backward programs) override the defaults (tests, tuning).

@@ -1,13 +1,21 @@
-"""Ahead-of-time compilation of Triton kernels for GPUs this machine does not have.
+"""Ahead-of-time compilation of the Triton kernels for GPUs this machine does not have.
 
-compile_for(kernel, signature, constexprs, arch, num_warps, num_stages) compiles with
+compile_for(kernel, signature, constexprs, arch, num_warps, num_stages, divisible) compiles with
 triton.compile(ASTSource, GPUTarget("cuda", arch, 32)) and returns a Report with registers, spills
 and shared memory, read from ptxas -v on the generated PTX (the bundled ptxas). Works with no GPU.
+
+variants(family) lists what the AOT test compiles for one kernel file, built from the launch config
+lists that file exports (ln_configs, gelu_configs, FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS,
+COLSUM_CONFIG). `python tests/aot.py FAMILY` compiles them for sm_80 and sm_90 and prints the table;
+it exits 1 when a compile fails, shared memory is over the limit, or a variant spills that must not.
+It must run without TRITON_INTERPRET (the kernels are decorated for compilation); tests/test_aot.py
+runs it in a child process.
 """
 
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -18,6 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 ARCHS = (80, 90)
+FAMILIES = ("layer_norm", "bias_gelu", "attention", "common")
+SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
 @dataclass
@@ -30,8 +40,20 @@ class Report:
     shared: int
 
     def row(self):
-        return (f"{self.name:<48} sm_{self.arch}  regs {self.registers:4d}  spill st/ld "
+        return (f"{self.name:<60} sm_{self.arch}  regs {self.registers:4d}  spill st/ld "
                 f"{self.spill_stores}/{self.spill_loads}  smem {self.shared}")
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+    divisible: tuple | None = ()  # integer args compiled as multiples of 16 (pointers always are)
+    spills_allowed: bool = False
 
 
 def _ptxas(arch):
@@ -55,7 +77,7 @@ def compile_for(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, 
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune / heuristics
         fn = fn.fn
-    sig = dict(signature)
+    sig = {k: v for k, v in signature.items() if k not in constexprs}
     for key in constexprs:
         sig[key] = "constexpr"
     attrs = None
@@ -78,3 +100,183 @@ def compile_for(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, 
     ld = re.search(r"(\d+) bytes spill loads", out)
     return Report(name or fn.__name__, arch, regs, int(st.group(1)) if st else 0,
                   int(ld.group(1)) if ld else 0, int(k.metadata.shared))
+
+
+# ------------------------------------------------------------------------------------------------
+# what each kernel file compiles
+# ------------------------------------------------------------------------------------------------
+LN_FWD_SIG = {"X": "*bf16", "R": "*bf16", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "S": "*bf16",
+              "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "eps": "fp32",
+              "dropout_p": "fp32"}
+LN_BWD_SIG = {"DY": "*bf16", "DS": "*bf16", "S": "*bf16", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+              "DSUM": "*bf16", "DX": "*bf16", "DW_PART": "*fp32", "DB_PART": "*fp32", "SEED": "*i64",
+              "M": "i32", "N": "i32", "rows_per_program": "i32", "dropout_p": "fp32"}
+GELU_FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "SEED": "*i64", "M": "i32", "N": "i32",
+                "dropout_p": "fp32"}
+GELU_BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32",
+                "SEED": "*i64", "M": "i32", "N": "i32", "dropout_p": "fp32"}
+
+
+def _layer_norm():
+    """Each (BLOCK_M, BLOCK_N, warps) of ln_configs() with every feature on (the most registers), N
+    divisible by 16 or not (spills tolerated above hidden 4096 only); every flag off at the
+    BERT-base config (the flags only remove code; the interpreter tests run every combination)."""
+    from fastbert.kernels import layer_norm as K
+
+    out = []
+    for block_m, block_n, warps in K.ln_configs():
+        for div in ((), ("N",)):
+            tag = f"{block_m}x{block_n} w{warps} {'N%16=0' if div else 'N odd'}"
+            out.append(Variant(f"ln_fwd {tag} all flags", K._ln_fwd_kernel, LN_FWD_SIG,
+                               dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_DROPOUT=True,
+                                    STORE_SUM=True, UNBIASED=True), warps, 1, div, block_n > 4096))
+            out.append(Variant(f"ln_bwd {tag} all flags", K._ln_bwd_kernel, LN_BWD_SIG,
+                               dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=True, HAS_DROPOUT=True,
+                                    UNBIASED=True), warps, 1, div, block_n > 4096))
+    block_m, block_n, warps = K.ln_settings(768)
+    off = dict(HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_SUM=False, UNBIASED=False)
+    out.append(Variant(f"ln_fwd {block_m}x{block_n} no flags", K._ln_fwd_kernel, LN_FWD_SIG,
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
+    off = dict(HAS_DSUM=False, HAS_DROPOUT=False, UNBIASED=False)
+    out.append(Variant(f"ln_bwd {block_m}x{block_n} no flags", K._ln_bwd_kernel, LN_BWD_SIG,
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
+    return out
+
+
+def _bias_gelu():
+    """Each (BLOCK_M, BLOCK_N, warps) of gelu_configs(), both GELU forms, N divisible by 16 or not,
+    with and without dropout, forward and backward; no spills anywhere."""
+    from fastbert.kernels import bias_gelu as K
+
+    out = []
+    for block_m, block_n, warps in K.gelu_configs():
+        for tanh in (False, True):
+            for div in ((), ("N",)):
+                for drop in (False, True):
+                    tag = (f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} "
+                           f"{'N%16=0' if div else 'N odd'}{' drop' if drop else ''}")
+                    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, HAS_DROPOUT=drop)
+                    out.append(Variant(f"gelu_fwd {tag}", K._bias_gelu_fwd_kernel, GELU_FWD_SIG, consts,
+                                       warps, 1, div))
+                    out.append(Variant(f"gelu_bwd {tag}", K._bias_gelu_bwd_kernel, GELU_BWD_SIG, consts,
+                                       warps, 1, div))
+    return out
+
+
+def _common():
+    from fastbert.kernels import _common as C
+
+    block_g, block_c, warps = C.COLSUM_CONFIG
+    sig = {"PART": "*fp32", "OUT0": "*bf16", "OUT1": "*fp32", "G": "i32", "N": "i32"}
+    return [Variant("column_sum (second reduction of dW, dB, dbias)", C.column_sum_kernel, sig,
+                    dict(BLOCK_G=block_g, BLOCK_C=block_c), warps, 1, None)]
+
+
+_ATTN_CONSTS = ("H", "SEQ", "SEQ_BUCKET", "HEAD_DIM", "BLOCK_D", "MODE", "HAS_MASK", "DROPOUT", "DOT_PREC",
+                "BLOCK_M", "BLOCK_N")
+
+
+def _attention_signature(fn, dtype):
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name == "SEQINFO":
+            sig[name] = "*i32"
+        elif name == "MASK":
+            sig[name] = "*u8"
+        elif name == "OUT":
+            sig[name] = "*i8"
+        elif name == "RNG":
+            sig[name] = "*i64"
+        elif name.isupper() and name not in _ATTN_CONSTS:
+            sig[name] = "*" + dtype
+        elif name in ("qk_scale", "sm_scale", "drop_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _attention():
+    """Every config of FWD/DKDV/DQ_CONFIGS at a head dim (64, else 128) and dtype keep() keeps it for
+    (bf16 varlen; the fp32-only configs in fp32 with tf32x3), plus each kernel's head-dim-128 default
+    with D 80 padded to 128, a mask and dropout; the two small kernels. Pointers and the q/k/v/o
+    strides are compiled as multiples of 16, as real launches specialise them; spills are reported,
+    compile failures and shared memory over the limit fail."""
+    from fastbert.kernels import attention as A
+
+    out = []
+    for kname, kind, configs in (("_attn_fwd", "fwd", A.FWD_CONFIGS),
+                                 ("_attn_bwd_dkdv", "dkdv", A.DKDV_CONFIGS),
+                                 ("_attn_bwd_dq", "dq", A.DQ_CONFIGS)):
+        kernel = getattr(A, kname)
+        for c in configs:
+            if A.keep(c, kind, 64, 512, False):
+                dims, dtype, prec = (64, 64), "bf16", "ieee"
+            elif A.keep(c, kind, 128, 512, False):
+                dims, dtype, prec = (128, 128), "bf16", "ieee"
+            else:
+                dims, dtype, prec = (64, 64), "fp32", "tf32x3"
+            consts = dict(HEAD_DIM=dims[0], BLOCK_D=dims[1], MODE=2, HAS_MASK=False, DROPOUT=False,
+                          DOT_PREC=prec, **c.kwargs)
+            out.append(_attn_variant(kname, kernel, dtype, consts, c.num_warps, c.num_stages))
+        c = [c for c in configs if A.keep(c, kind, 128, 512, False)][0]
+        consts = dict(HEAD_DIM=80, BLOCK_D=128, MODE=1, HAS_MASK=True, DROPOUT=True, DOT_PREC="ieee",
+                      **c.kwargs)
+        out.append(_attn_variant(kname, kernel, "fp16", consts, c.num_warps, c.num_stages))
+    out.append(_attn_variant("_attn_bwd_pre", A._attn_bwd_pre, "bf16",
+                             dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, BLOCK_M=64), 4, 1))
+    out.append(_attn_variant("_keep_mask_kernel", A._keep_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=32),
+                             4, 1))
+    return out
+
+
+def _attn_variant(kname, kernel, dtype, consts, warps, stages):
+    sig = _attention_signature(kernel, dtype)
+    strides = tuple(n for n in sig if re.fullmatch(r"s[qkvodg][bsh]", n))
+    name = f"{kname}[{dtype} " + " ".join(f"{k}={v}" for k, v in consts.items() if k != "DOT_PREC") + "]"
+    return Variant(f"{name} w{warps} s{stages}", kernel, sig, consts, warps, stages, strides, True)
+
+
+def variants(family):
+    return {"layer_norm": _layer_norm, "bias_gelu": _bias_gelu, "attention": _attention,
+            "common": _common}[family]()
+
+
+def _compile_one(job):
+    family, index, arch = job
+    v = variants(family)[index]
+    try:
+        r = compile_for(v.kernel, v.signature, v.constexprs, arch, v.num_warps, v.num_stages, v.name,
+                        v.divisible)
+    except Exception as e:  # noqa: BLE001
+        return f"{v.name} sm_{arch}  FAILED: {type(e).__name__}: {str(e)[:300]}"
+    row = r.row()
+    if r.shared > SMEM_LIMIT[arch]:
+        row += "   FAILED: shared memory over the limit"
+    if (r.spill_stores or r.spill_loads) and not v.spills_allowed:
+        row += "   FAILED: register spills"
+    return row
+
+
+def main(family):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("tests/aot.py must run without TRITON_INTERPRET")
+    jobs = [(family, i, arch) for arch in ARCHS for i in range(len(variants(family)))]
+    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        rows = list(ex.map(_compile_one, jobs))
+    print(f"{family}: {len(rows)} AOT compiles (registers, spill bytes, shared memory bytes)")
+    for row in rows:
+        print("  " + row)
+    return 1 if any("FAILED" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -38,6 +38,15 @@ def triton_backend(monkeypatch):
 
 
 @pytest.fixture
+def triton_poisoned(monkeypatch):
+    """The Triton kernels, with every output NaN-filled before a kernel writes it (FASTBERT_POISON=1):
+    an element a kernel fails to write then fails the test."""
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    monkeypatch.setenv("FASTBERT_POISON", "1")
+    yield
+
+
+@pytest.fixture
 def reference_backend(monkeypatch):
     monkeypatch.setenv("FASTBERT_BACKEND", "reference")
     yield

@@ -16,14 +16,14 @@ import ctypes
 import glob
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fastbert.kernels import attention as A
 
+from fastbert.ops._rng import dropout_seed
+from fastbert.ops.attention import fused_attention
 from fastbert.reference import ops as ref
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -93,7 +93,7 @@ def _ref_run(q, k, v, dout, dtype, **kw):
 
 def _kernel_run(q, k, v, dout, **kw):
     qk = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = A.attention(*qk, **kw)
+    o = fused_attention(*qk, **kw)
     grads = torch.autograd.grad(o, qk, dout) if dout is not None else ()
     return (o.detach(), *grads)
 
@@ -231,21 +231,21 @@ def test_dropout_same_seed_same_output(device):
     gen = torch.Generator().manual_seed(3)
     q, k, v = _inputs(2, 40, 2, 32, torch.float32, device, gen)
     mask = _pad_mask([40, 23], 40, device)
-    rng = A.draw_rng(torch.Generator().manual_seed(7))
-    o1 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
-    o2 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
+    rng = dropout_seed(device, torch.Generator(device).manual_seed(7))
+    o1 = fused_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
+    o2 = fused_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng)
     assert torch.equal(o1, o2)
-    rng8 = A.draw_rng(torch.Generator().manual_seed(8))
-    o3 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng8)
+    rng8 = dropout_seed(device, torch.Generator(device).manual_seed(8))
+    o3 = fused_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2, rng=rng8)
     assert not torch.equal(o1, o3)
-    # seeded from torch's default generator: torch.manual_seed reproduces it
+    # seeded from the device's default generator: torch.manual_seed reproduces it
     torch.manual_seed(123)
-    o4 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    o4 = fused_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
     torch.manual_seed(123)
-    o5 = A.attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    o5 = fused_attention(q, k, v, key_padding_mask=mask, dropout_p=0.2)
     assert torch.equal(o4, o5)
     # dropout_p = 0 ignores the generator entirely
-    torch.testing.assert_close(A.attention(q, k, v, key_padding_mask=mask),
+    torch.testing.assert_close(fused_attention(q, k, v, key_padding_mask=mask),
                                ref.attention(q, k, v, key_padding_mask=mask), rtol=0, atol=3e-5)
 
 
@@ -253,8 +253,8 @@ def test_dropout_same_seed_same_output(device):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_kept_fraction(device, p):
     batch, heads, seq = 2, 3, 96
-    rng = A.draw_rng(torch.Generator().manual_seed(int(p * 100)))
-    keep = A.dropout_keep_mask(rng, p, batch, heads, seq, device=device)
+    rng = dropout_seed(device, torch.Generator(device).manual_seed(int(p * 100)))
+    keep = A.dropout_keep_mask(rng, p, batch, heads, seq)
     n = keep.numel()
     frac = keep.float().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
@@ -272,8 +272,8 @@ def test_dropout_matches_reference_with_same_mask(device):
     lengths = [70, 0, 41]
     mask = _pad_mask(lengths, seq, device)
     dout = torch.randn(q.shape, generator=gen).to(device)
-    rng = A.draw_rng(torch.Generator().manual_seed(9))
-    keep = A.dropout_keep_mask(rng, p, batch, heads, seq, device=device)
+    rng = dropout_seed(device, torch.Generator(device).manual_seed(9))
+    keep = A.dropout_keep_mask(rng, p, batch, heads, seq)
     got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng)
     want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
@@ -293,17 +293,17 @@ def test_opcheck_and_checkpoint(device):
     q, k, v = _inputs(2, 17, 1, 32, torch.float32, device, gen, strided=False)
     mask = _pad_mask([17, 5], 17, device)
     lens = torch.tensor([17, 5], dtype=torch.int32, device=device)
-    rng = torch.tensor([1234, 5], dtype=torch.int64)
+    rng = torch.tensor([1234, 5], dtype=torch.int64, device=device)
     for args in ((q, k, v, None, None, None, A.MODE_DENSE, 0.0, 0.2, 17),
                  (q, k, v, lens, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 17)):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
-        torch.library.opcheck(A.attention_fwd, args)
+        torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
     # activation checkpointing recomputes the same dropout mask
     qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
 
     def f(a, b, c):
-        return A.attention(a, b, c, key_padding_mask=mask, dropout_p=0.3)
+        return fused_attention(a, b, c, key_padding_mask=mask, dropout_p=0.3)
 
     torch.manual_seed(0)
     checkpoint(f, qs, ks, vs, use_reentrant=False).sum().backward()
@@ -341,7 +341,7 @@ def test_cuda_present_for_bf16_grid():
 # ----------------------------------------------------------------------------------------------
 def _bad(match, *args, **kw):
     with pytest.raises(ValueError, match=match):
-        A.attention(*args, **kw)
+        fused_attention(*args, **kw)
 
 
 def test_bad_inputs():
@@ -366,130 +366,5 @@ def test_bad_inputs():
          max_seqlen=5)
     _bad("exclusive", t, t, t, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
          key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
-    _bad(r"max_seqlen 4 < S 8", q, q, q, max_seqlen=4)
-
-
-# ----------------------------------------------------------------------------------------------
-# AOT: every config for sm_80 and sm_90, compiled in a subprocess with the interpreter off
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.skipif(CUDA, reason="CUDA present: the CUDA tests compile the kernels for the real device")
-def test_aot_compile_all_configs():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], env=env, cwd=HERE,
-                         capture_output=True, text=True, timeout=900)
-    print(res.stdout)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "FAILED" not in res.stdout
-
-
-def _aot_signature(fn, dtype):
-    sig = {}
-    for name in fn.arg_names:
-        if name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name == "SEQINFO":
-            sig[name] = "*i32"
-        elif name == "MASK":
-            sig[name] = "*u8"
-        elif name == "OUT":
-            sig[name] = "*i8"
-        elif name.isupper() and name not in ("H", "SEQ", "SEQ_BUCKET", "HEAD_DIM", "BLOCK_D", "MODE",
-                                             "HAS_MASK", "DROPOUT", "DOT_PREC", "BLOCK_M", "BLOCK_N"):
-            sig[name] = "*" + dtype
-        elif name == "seed":
-            sig[name] = "i64"
-        elif name in ("qk_scale", "sm_scale", "drop_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def _aot_one(job):
-    """Compile one (kernel, dtype, constexprs, arch, warps, stages); returns a table row."""
-    import re as _re
-    import tempfile
-
-    import aot
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kname, dtype, consts, arch, warps, stages = job
-    fn = getattr(A, kname)
-    while not hasattr(fn, "cache_key"):  # unwrap @triton.autotune
-        fn = fn.fn
-    sig = {k: v for k, v in _aot_signature(fn, dtype).items() if k not in consts}
-    sig.update({k: "constexpr" for k in consts})
-    # what runtime specialisation gives for real launches: 16-byte aligned pointers, strides % 16
-    div = [n for n, t in sig.items() if t.startswith("*") or _re.fullmatch(r"s[qkvodg][bsh]", n)]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
-    name = f"{kname}[{dtype} " + " ".join(f"{k}={v}" for k, v in consts.items() if k not in (
-        "DOT_PREC",)) + f" w{warps} s{stages}]"
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=dict(consts), attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": warps, "num_stages": stages})
-        ptx = k.asm["ptx"]
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.ptx")
-            with open(path, "w") as f:
-                f.write(ptx)
-            out = subprocess.run([aot._ptxas(arch), "-v", f"--gpu-name={aot._ptx_target(ptx)}", path, "-o",
-                                  path + ".o"], capture_output=True, text=True, check=True).stderr
-        regs = int(_re.search(r"Used (\d+) registers", out).group(1))
-        st = _re.search(r"(\d+) bytes spill stores", out)
-        ld = _re.search(r"(\d+) bytes spill loads", out)
-        rep = aot.Report(name, arch, regs, int(st.group(1)) if st else 0, int(ld.group(1)) if ld else 0,
-                         int(k.metadata.shared))
-        limit = 232448 if arch >= 90 else 166912
-        return rep.row() + ("   FAILED: shared memory over the limit" if rep.shared > limit else "")
-    except Exception as e:  # noqa: BLE001
-        return f"{name} sm_{arch}  FAILED: {type(e).__name__}: {str(e)[:300]}"
-
-
-def _aot_jobs():
-    """Every config (bf16 varlen at head dim 64, or 128 for the D-128-only ones; the fp32-only
-    configs in fp32 with tf32x3), plus the head-dim-128 default of each kernel with D 80 padded to
-    128, a mask and dropout; the two small kernels."""
-    jobs = []
-    for arch in (80, 90):
-        for kname, kind, configs in (("_attn_fwd", "fwd", A.FWD_CONFIGS),
-                                     ("_attn_bwd_dkdv", "dkdv", A.DKDV_CONFIGS),
-                                     ("_attn_bwd_dq", "dq", A.DQ_CONFIGS)):
-            for c in configs:  # each config at a head dim (64, else 128) and dtype it is kept for
-                if A.keep(c, kind, 64, 512, False):
-                    dims, dtype, prec = (64, 64), "bf16", "ieee"
-                elif A.keep(c, kind, 128, 512, False):
-                    dims, dtype, prec = (128, 128), "bf16", "ieee"
-                else:
-                    dims, dtype, prec = (64, 64), "fp32", "tf32x3"
-                jobs.append((kname, dtype, dict(HEAD_DIM=dims[0], BLOCK_D=dims[1], MODE=2, HAS_MASK=False,
-                                                DROPOUT=False, DOT_PREC=prec, **c.kwargs), arch,
-                             c.num_warps, c.num_stages))
-            c = [c for c in configs if A.keep(c, kind, 128, 512, False)][0]
-            jobs.append((kname, "fp16", dict(HEAD_DIM=80, BLOCK_D=128, MODE=1, HAS_MASK=True, DROPOUT=True,
-                                             DOT_PREC="ieee", **c.kwargs), arch, c.num_warps, c.num_stages))
-        jobs.append(("_attn_bwd_pre", "bf16", dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, BLOCK_M=64), arch, 4, 1))
-        jobs.append(("_keep_mask_kernel", "bf16", dict(BLOCK_M=32, BLOCK_N=32), arch, 4, 1))
-    return jobs
-
-
-def _aot_main():
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    sys.path.insert(0, HERE)
-    jobs = _aot_jobs()
-    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-        rows = list(ex.map(_aot_one, jobs))
-    print(f"{len(rows)} AOT compiles (pointers 16-byte aligned, q/k/v/o strides % 16 == 0):")
-    for r in rows:
-        print(r)
-    return 1 if any("FAILED" in r for r in rows) else 0
-
-
-if __name__ == "__main__" and "--aot" in sys.argv:
-    sys.exit(_aot_main())
+    _bad(r"max_seqlen 4 != S 8", q, q, q, max_seqlen=4)
+    _bad(r"max_seqlen 9 != S 8", q, q, q, max_seqlen=9)

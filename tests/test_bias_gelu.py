@@ -9,23 +9,15 @@ PyTorch (F.gelu(x + b)) in the same dtype + one ulp at that scale. Outputs are N
 """
 
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fastbert.kernels import bias_gelu as K
+from harness import CUDA, DEVICES, INTERP, assert_within_tolerance, max_errors, run_interpreted
 
 import fastbert.ops as ops
 from fastbert.reference import ops as ref
-
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] if INTERP else (["cuda"] if CUDA else [])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = (1, 7, 129)
 HIDDEN = (64, 96, 768, 1000, 1023)
@@ -48,10 +40,6 @@ def _forward_backward(fn, x, b, dy, dtype):
     return {"y": y, "dx": xs.grad, "db": bs.grad}
 
 
-def _errors(got, truth):
-    return {k: (got[k].double() - truth[k]).abs().max().item() for k in truth}
-
-
 def check_against_truth(device, rows, hidden, dtype, form):
     x, b, dy = _inputs(rows, hidden, dtype, device)
     truth = _forward_backward(lambda xx, bb: ref.bias_gelu(xx, bb, form), x, b, dy, torch.float64)
@@ -59,27 +47,17 @@ def check_against_truth(device, rows, hidden, dtype, form):
     for k, v in got.items():
         assert v.dtype == dtype and v.shape == truth[k].shape, k
         assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
-    err = _errors(got, truth)
-    scale = {k: max(1.0, truth[k].abs().max().item()) for k in err}
-    if dtype == torch.float32:
-        for k in err:
-            assert err[k] <= 1e-5 * scale[k], f"{k}: max abs error {err[k]:.3g} > 1e-5 * {scale[k]:.3g}"
-        return err
-    base = _errors(_forward_backward(lambda xx, bb: F.gelu(xx + bb, approximate=form), x, b, dy, dtype),
-                   truth)
-    ulp = torch.finfo(dtype).eps
-    for k in err:
-        assert err[k] <= 2 * base[k] + ulp * scale[k], \
-            f"{k}: error {err[k]:.3g} > 2 x torch's {base[k]:.3g} + ulp slack"
-    return err
+    torch_lp = None
+    if dtype != torch.float32:
+        torch_lp = _forward_backward(lambda xx, bb: F.gelu(xx + bb, approximate=form), x, b, dy, dtype)
+    return assert_within_tolerance(got, truth, torch_lp, dtype)
 
 
 if DEVICES:
 
     @pytest.fixture(autouse=True)
-    def _triton_backend(monkeypatch):
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
-        monkeypatch.setenv("FASTBERT_POISON", "1")
+    def _kernels(triton_poisoned):
+        yield
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("form", FORMS)
@@ -137,7 +115,7 @@ if DEVICES:
         keep = kept.double()
         truth = _forward_backward(lambda xx, bb: ref.bias_gelu(xx, bb, form) * keep / (1 - p), x, b, dy,
                                   torch.float64)
-        for k, e in _errors(got, truth).items():
+        for k, e in max_errors(got, truth).items():
             assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
         assert (got["y"].double() - clean / (1 - p))[kept].abs().max() <= 1e-5 * clean.abs().max()
         torch.manual_seed(3)
@@ -247,81 +225,4 @@ if not INTERP and not CUDA:
 
     def test_interpreter_suite():
         """Run this file's correctness tests under the Triton interpreter in a child pytest."""
-        env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_BACKEND="triton", FASTBERT_POISON="1")
-        cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        tail = proc.stdout[-3000:]
-        print(tail)
-        assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-        assert re.search(r"\d+ passed", tail) and "skipped" not in tail, tail
-
-
-# ---- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------------
-
-FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "SEED": "*i64", "M": "i32", "N": "i32",
-           "dropout_p": "fp32"}
-BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32", "SEED": "*i64",
-           "M": "i32", "N": "i32", "dropout_p": "fp32"}
-
-
-def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
-    """tests/aot.compile_for with the 16-divisibility specialisation a launch gets (N % 16 == 0
-    vectorises, odd N does not: both are compiled). Returns (registers, spill bytes, shared bytes)."""
-    from aot import compile_for
-
-    r = compile_for(kernel, signature, constexprs, arch, num_warps, num_stages=1, divisible=divisible)
-    return r.registers, r.spill_stores + r.spill_loads, r.shared
-
-
-def gelu_aot_variants():
-    """Every launch config: each (BLOCK_M, BLOCK_N, warps) of gelu_configs(), both GELU forms, N
-    divisible by 16 or not, with and without dropout, forward and backward."""
-    out = []
-    for block_m, block_n, warps in K.gelu_configs():
-        for tanh in (False, True):
-            for div in ((), ("N",)):
-                for drop in (False, True):
-                    tag = f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} " \
-                          f"{'N%16=0' if div else 'N odd'}{' drop' if drop else ''}"
-                    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, HAS_DROPOUT=drop)
-                    out.append((f"gelu_fwd {tag}", K._bias_gelu_fwd_kernel, FWD_SIG, consts, warps, div))
-                    out.append((f"gelu_bwd {tag}", K._bias_gelu_bwd_kernel, BWD_SIG, consts, warps, div))
-    return out
-
-
-def _aot_one(job):
-    index, arch = job
-    name, kernel, sig, consts, warps, div = gelu_aot_variants()[index]
-    return (f"{name} sm_{arch}", *aot_compile(kernel, sig, consts, arch, warps, div))
-
-
-def _aot_main():
-    from concurrent.futures import ProcessPoolExecutor
-
-    assert not INTERP
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    jobs = [(i, arch) for arch in (80, 90) for i in range(len(gelu_aot_variants()))]
-    with ProcessPoolExecutor(max_workers=2) as ex:
-        rows = list(ex.map(_aot_one, jobs))
-    print("bias+GELU kernels (registers / spill bytes st+ld / shared bytes):")
-    for name, regs, spills, shared in rows:
-        print(f"  {name:<48} regs {regs:4d}  spills {spills:5d}  smem {shared}")
-    bad = [row[0] for row in rows if row[2]]
-    if bad:
-        print(f"register spills: {bad}")
-        return 1
-    return 0
-
-
-def test_aot_compile():
-    """Every bias+GELU kernel config compiles for sm_80/sm_90 without register spills. Runs in a
-    child process without the interpreter (kernels must be decorated for compilation)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-10000:]
-
-
-if __name__ == "__main__" and "--aot" in sys.argv:
-    sys.exit(_aot_main())
+        run_interpreted(__file__)

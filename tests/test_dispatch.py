@@ -1,4 +1,5 @@
-"""fastbert.ops dispatch: the backend switch, the info command, and a fallback that never breaks import."""
+"""fastbert.ops dispatch: the one decision point (choose), the backend switch, consistent `auto` fallback
+for input a kernel does not take, and the info command."""
 
 import subprocess
 import sys
@@ -6,33 +7,33 @@ import sys
 import pytest
 import torch
 
-from fastbert.ops import _backend
+from fastbert import ops
+from fastbert.ops import _dispatch
+from fastbert.reference import ops as ref
 
 
 def test_backend_switch(monkeypatch):
     x = torch.randn(2)
     monkeypatch.setenv("FASTBERT_BACKEND", "reference")
-    assert not _backend.use_triton(x)
+    assert not _dispatch.use_triton(x)
     monkeypatch.setenv("FASTBERT_BACKEND", "auto")
-    assert not _backend.use_triton(x)  # CPU tensors take the native torch ops under auto
+    assert not _dispatch.use_triton(x)  # CPU tensors take the native torch ops under auto
     monkeypatch.setenv("FASTBERT_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="FASTBERT_BACKEND='cuda-please'"):
-        _backend.use_triton(x)
+        _dispatch.use_triton(x)
 
 
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        _backend.use_triton(torch.randn(2))
+        _dispatch.use_triton(torch.randn(2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_cpu_path_matches_reference(monkeypatch, dtype):
     """Off the Triton path (auto on CPU) the ops run torch's fused ops: same values and gradients
     as FASTBERT_BACKEND=reference, and the all-padding sequence still gets zeros."""
-    from fastbert import ops
-
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     x, r = torch.randn(4, 6, 40, dtype=dtype), torch.randn(4, 6, 40, dtype=dtype)
     w, b = torch.rand(40, dtype=dtype) + 0.5, torch.randn(40, dtype=dtype)
@@ -72,3 +73,93 @@ def test_info_command_reports_every_op():
     for op in ("layer_norm", "bias_gelu", "attention", "embed", "mlm_mask"):
         assert op in out.stdout
     assert "fastbert._C" in out.stdout and "torch" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# `auto` on a device with kernels: input a kernel does not take falls back, for every op
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def kernels_here(monkeypatch):
+    """Make the decision function treat CPU tensors as it treats CUDA ones under auto (the Triton
+    kernels, interpreted here, for input they take): the CUDA decision, run by the same code."""
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    monkeypatch.setattr(_dispatch, "_triton_device", lambda x, name: name != "reference")
+    yield
+
+
+def _rejected_cases():
+    """(op, call, inputs, the kernel's complaint) with input each Triton kernel rejects."""
+    g = torch.Generator().manual_seed(11)
+    x64, w64, b64 = (torch.randn(3, 40, dtype=torch.float64, generator=g) for _ in range(3))
+    strided = torch.randn(40, 6, generator=g).t()  # [6, 40], not contiguous
+    w, b = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
+    wide = torch.randn(2, 8200, generator=g)
+    wide_w, wide_b = torch.rand(8200, generator=g) + 0.5, torch.randn(8200, generator=g)
+    q20 = torch.randn(2, 5, 2, 20, generator=g)  # head dim 20: not a multiple of 8
+    q64 = torch.randn(2, 5, 2, 16, dtype=torch.float64, generator=g)
+    return [
+        ("layer_norm", lambda x, w, b: ops.layer_norm(x, w[0], b[0], 1e-5), (x64, w64, b64), "dtype"),
+        ("layer_norm", lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), (strided, w, b), "contiguous"),
+        ("layer_norm", lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), (wide, wide_w, wide_b), "8192"),
+        ("bias_gelu", lambda x, b: ops.bias_gelu(x, b[0]), (x64, b64), "dtype"),
+        ("bias_gelu", lambda x, b: ops.bias_gelu(x, b), (strided, b), "contiguous"),
+        ("attention", lambda q, k, v: ops.attention(q, k, v), (q20, q20 + 1, q20 - 1), "head_dim 20"),
+        ("attention", lambda q, k, v: ops.attention(q, k, v), (q64, q64 + 1, q64 - 1), "not supported"),
+    ]
+
+
+def _with_reference(monkeypatch, fn, inputs):
+    monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+    out = fn(*inputs)
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    return out
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_auto_falls_back_for_input_the_kernel_rejects(kernels_here, monkeypatch, case):
+    op, fn, inputs, complaint = _rejected_cases()[case]
+    want = _with_reference(monkeypatch, fn, inputs)
+    got = fn(*inputs)
+    assert _dispatch.last_choices()[op, "cpu"] == _dispatch.NATIVE
+    tol = 1e-12 if inputs[0].dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # under FASTBERT_BACKEND=triton the kernel's own error names the problem instead
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    with pytest.raises((ValueError, TypeError), match=complaint):
+        fn(*inputs)
+
+
+def test_auto_takes_the_kernel_for_input_it_takes(kernels_here):
+    g = torch.Generator().manual_seed(12)
+    x, w, b = torch.randn(3, 40, generator=g), torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
+    torch.testing.assert_close(ops.layer_norm(x, w, b, 1e-5), ref.layer_norm(x, w, b, 1e-5), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(ops.bias_gelu(x, b), ref.bias_gelu(x, b), rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 5, 2, 16, generator=g)
+    torch.testing.assert_close(ops.attention(q, q + 1, q - 1), ref.attention(q, q + 1, q - 1), rtol=1e-4,
+                               atol=1e-4)
+    choices = _dispatch.last_choices()
+    assert all(choices[op, "cpu"] == _dispatch.TRITON for op in _dispatch.TRITON_OPS)
+
+
+def test_cpp_ops_fall_back_without_the_extension(monkeypatch):
+    from fastbert import _ext
+
+    ids = torch.randint(0, 50, (2, 7))
+    if _ext.has_op("embedding_gather"):
+        assert _dispatch.choose("embed", ids) == _dispatch.CPP
+    monkeypatch.setattr(_ext, "has_op", lambda name: False)
+    assert _dispatch.choose("embed", ids) == _dispatch.REFERENCE
+    assert _dispatch.choose("mlm_mask", ids) == _dispatch.REFERENCE
+    tok, pos = torch.randn(50, 16), torch.randn(7, 16)
+    torch.testing.assert_close(ops.embed(ids, tok, pos), ref.embed(ids, tok, pos))
+
+
+def test_info_names_what_the_ops_choose(monkeypatch):
+    from fastbert import info
+
+    monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+    assert all(info.implementation(op, "cpu") == "reference" for op in info.OPS)
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    assert info.implementation("layer_norm", "cpu") == "torch (F.layer_norm)"
+    assert info.implementation("attention", "cuda").startswith("triton")

@@ -9,29 +9,21 @@ Where the kernels run:
     bypassed), test_interpreter_suite re-runs this file in a child pytest with the interpreter on.
   * The ahead-of-time compile test (sm_80, sm_90) runs this file as a script (--aot) in a child
     without TRITON_INTERPRET; the launcher's bad-input tests run anywhere (no Triton launch).
-Tolerances (GPU-LESS.md): fp32 max abs error <= 1e-5 * max(1, max |truth|); fp16/bf16 max abs error
-<= 2x the error of plain PyTorch in the same dtype + one ulp of the dtype at that scale.
+Tolerances (tests/harness.py): fp32 max abs error <= 1e-5 * max(1, max |truth|); fp16/bf16 max abs
+error <= 2x the error of plain PyTorch in the same dtype + one ulp of the dtype at that scale.
 Outputs are NaN-poisoned (FASTBERT_POISON=1) so unwritten elements fail.
 """
 
-import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from fastbert.kernels import layer_norm as K
+from harness import CUDA, DEVICES, INTERP, assert_within_tolerance, max_errors, run_interpreted
 
 import fastbert.ops as ops
 from fastbert.reference import ops as ref
-
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] if INTERP else (["cuda"] if CUDA else [])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = (1, 7, 129)
 HIDDEN = (64, 96, 768, 1000, 1023)
@@ -87,10 +79,6 @@ def _fast_ln(variant, eps, **kw):
     return fn
 
 
-def _errors(got, truth):
-    return {k: (got[k].double() - truth[k]).abs().max().item() for k in truth if truth[k] is not None}
-
-
 def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5):
     x, r, w, b, dy, ds = _inputs(rows, hidden, dtype, device, residual)
     truth = _forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, torch.float64)
@@ -99,18 +87,10 @@ def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5
         if truth[k] is not None:
             assert v is not None and v.dtype == dtype and v.shape == truth[k].shape, k
             assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
-    err = _errors(got, truth)
-    scale = {k: max(1.0, truth[k].abs().max().item()) for k in err}
-    if dtype == torch.float32:
-        for k in err:
-            assert err[k] <= 1e-5 * scale[k], f"{k}: max abs error {err[k]:.3g} > 1e-5 * {scale[k]:.3g}"
-        return err
-    base = _errors(_forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, dtype), truth)
-    ulp = torch.finfo(dtype).eps
-    for k in err:
-        bound = 2 * base[k] + ulp * scale[k]
-        assert err[k] <= bound, f"{k}: error {err[k]:.3g} > 2 x torch's {base[k]:.3g} + ulp slack"
-    return err
+    torch_lp = None
+    if dtype != torch.float32:
+        torch_lp = _forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, dtype)
+    return assert_within_tolerance(got, truth, torch_lp, dtype)
 
 
 def _pcg_reference(h):
@@ -129,9 +109,8 @@ def _keep_reference(seed, idx, p):
 if DEVICES:
 
     @pytest.fixture(autouse=True)
-    def _triton_backend(monkeypatch):
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
-        monkeypatch.setenv("FASTBERT_POISON", "1")
+    def _kernels(triton_poisoned):
+        yield
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("variant", VARIANTS)
@@ -170,7 +149,7 @@ if DEVICES:
             variant = "bert_pytorch" if unbiased else "standard"
             truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, b, dy, ds, torch.float64)
             got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": db}
-            for k, e in _errors(got, truth).items():
+            for k, e in max_errors(got, truth).items():
                 assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
 
     @pytest.mark.parametrize("device", DEVICES)
@@ -193,7 +172,7 @@ if DEVICES:
 
         truth = _forward_backward(masked, x, r, w, b, dy, ds, torch.float64)
         got = {"y": y, "s": s, "dx": dx, "dres": dsum, "dw": dw, "db": db}
-        for k, e in _errors(got, truth).items():
+        for k, e in max_errors(got, truth).items():
             assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
 
     @pytest.mark.parametrize("device", DEVICES)
@@ -211,7 +190,7 @@ if DEVICES:
             return ref.layer_norm(xx * keep / (1 - p), ww, bb, 1e-5, residual=rr)
 
         truth = _forward_backward(masked, x, r, w, b, dy, ds, torch.float64)
-        for k, e in _errors(got, truth).items():
+        for k, e in max_errors(got, truth).items():
             assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
         other = ops.layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p)[1]
         assert not torch.equal(other, got["s"]), "two calls drew the same dropout mask"
@@ -329,99 +308,4 @@ if not INTERP and not CUDA:
 
     def test_interpreter_suite():
         """Run this file's correctness tests under the Triton interpreter in a child pytest."""
-        env = dict(os.environ, TRITON_INTERPRET="1", FASTBERT_BACKEND="triton", FASTBERT_POISON="1")
-        cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        tail = proc.stdout[-3000:]
-        print(tail)
-        assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-        assert re.search(r"\d+ passed", tail) and "skipped" not in tail, tail
-
-
-# ---- ahead-of-time compile for sm_80 / sm_90 ----------------------------------------------------------
-
-FWD_SIG = {"X": "*bf16", "R": "*bf16", "W": "*fp32", "B": "*fp32", "Y": "*bf16", "S": "*bf16",
-           "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "eps": "fp32",
-           "dropout_p": "fp32"}
-BWD_SIG = {"DY": "*bf16", "DS": "*bf16", "S": "*bf16", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-           "DSUM": "*bf16", "DX": "*bf16", "DW_PART": "*fp32", "DB_PART": "*fp32", "SEED": "*i64",
-           "M": "i32", "N": "i32", "rows_per_program": "i32", "dropout_p": "fp32"}
-
-
-def aot_compile(kernel, signature, constexprs, arch, num_warps, divisible):
-    """tests/aot.compile_for with the 16-divisibility specialisation a launch gets (N % 16 == 0
-    vectorises, odd N does not: both are compiled). Returns (registers, spill bytes, shared bytes)."""
-    from aot import compile_for
-
-    r = compile_for(kernel, signature, constexprs, arch, num_warps, num_stages=1, divisible=divisible)
-    return r.registers, r.spill_stores + r.spill_loads, r.shared
-
-
-def ln_aot_variants():
-    """(name, kernel, signature, constexprs, warps, divisible, block_n) for every launch config:
-    each (BLOCK_M, BLOCK_N, warps) of ln_configs() with every feature on (the most registers), N
-    divisible by 16 or not; plus every flag off at the BERT-base config (the flags only remove
-    code, and the interpreter tests run every combination)."""
-    out = []
-    for block_m, block_n, warps in K.ln_configs():
-        for div in ((), ("N",)):
-            tag = f"{block_m}x{block_n} w{warps} {'N%16=0' if div else 'N odd'}"
-            out.append((f"ln_fwd {tag} all flags", K._ln_fwd_kernel, FWD_SIG,
-                        dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_DROPOUT=True,
-                             STORE_SUM=True, UNBIASED=True), warps, div, block_n))
-            out.append((f"ln_bwd {tag} all flags", K._ln_bwd_kernel, BWD_SIG,
-                        dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=True, HAS_DROPOUT=True,
-                             UNBIASED=True), warps, div, block_n))
-    block_m, block_n, warps = K.ln_settings(768)
-    flags = dict(HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_SUM=False, UNBIASED=False)
-    out.append((f"ln_fwd {block_m}x{block_n} no flags", K._ln_fwd_kernel, FWD_SIG,
-                dict(BLOCK_M=block_m, BLOCK_N=block_n, **flags), warps, ("N",), block_n))
-    flags = dict(HAS_DSUM=False, HAS_DROPOUT=False, UNBIASED=False)
-    out.append((f"ln_bwd {block_m}x{block_n} no flags", K._ln_bwd_kernel, BWD_SIG,
-                dict(BLOCK_M=block_m, BLOCK_N=block_n, **flags), warps, ("N",), block_n))
-    out.append(("column_sum (dW, dB second reduction)", K._column_sum_kernel,
-                {"PART": "*fp32", "OUT0": "*bf16", "OUT1": "*fp32", "G": "i32", "N": "i32"},
-                dict(BLOCK_G=K.COLSUM_CONFIG[0], BLOCK_C=K.COLSUM_CONFIG[1]), K.COLSUM_CONFIG[2], (), 0))
-    return out
-
-
-def _aot_one(variant_index_and_arch):
-    index, arch = variant_index_and_arch
-    name, kernel, sig, consts, warps, div, block_n = ln_aot_variants()[index]
-    regs, spills, shared = aot_compile(kernel, sig, consts, arch, warps, div)
-    return f"{name} sm_{arch}", regs, spills, shared, block_n
-
-
-def _aot_main():
-    """Compile every variant for sm_80 and sm_90 (this process must not have TRITON_INTERPRET=1)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    assert not INTERP
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    variants = ln_aot_variants()
-    jobs = [(i, arch) for arch in (80, 90) for i, v in enumerate(variants)
-            if arch == 90 or "no flags" not in v[0]]  # the all-off variant: sm_90 only
-    with ProcessPoolExecutor(max_workers=2) as ex:
-        rows = list(ex.map(_aot_one, jobs))
-    print("LayerNorm kernels (registers / spill bytes st+ld / shared bytes):")
-    for name, regs, spills, shared, _ in rows:
-        print(f"  {name:<58} regs {regs:4d}  spills {spills:5d}  smem {shared}")
-    bad = [name for name, _, spills, _, block_n in rows if spills and block_n <= 4096]
-    if bad:
-        print(f"register spills at hidden <= 4096: {bad}")
-        return 1
-    return 0
-
-
-def test_aot_compile():
-    """Every LayerNorm kernel config compiles for sm_80/sm_90 and does not spill for hidden <= 4096.
-    Runs in a child process without the interpreter (kernels must be decorated for compilation)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-10000:]
-
-
-if __name__ == "__main__" and "--aot" in sys.argv:
-    sys.exit(_aot_main())
+        run_interpreted(__file__)

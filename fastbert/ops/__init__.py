@@ -1,4 +1,4 @@
-"""fastbert's ops: the one place that picks the implementation per device.
+"""fastbert's ops: every fused op behind one decision point (fastbert.ops._dispatch.choose).
 
     layer_norm(x, weight, bias, eps, residual=None, variant="standard"|"bert_pytorch", *, dropout_p=0.0)
     bias_gelu(x, bias, approximate="none"|"tanh", *, dropout_p=0.0)
@@ -6,15 +6,17 @@
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
 
-Each is documented in its own module. FASTBERT_BACKEND (see _backend) forces a path; `python -m
-fastbert.info` shows which implementation each op uses on each device.
+Each is documented in its own module. FASTBERT_BACKEND (see _dispatch) forces a path; `python -m
+fastbert.info` shows which implementation each op uses on each device, and last_choices() what the
+latest calls ran.
 """
 
-from ._backend import backend, use_triton
+from ._dispatch import backend, choose, last_choices, use_triton
 from .attention import attention
 from .bias_gelu import bias_gelu
 from .embed import embed
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
 
-__all__ = ["attention", "backend", "bias_gelu", "embed", "layer_norm", "mlm_mask", "use_triton"]
+__all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "last_choices", "layer_norm", "mlm_mask",
+           "use_triton"]

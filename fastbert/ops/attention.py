@@ -5,23 +5,23 @@ Bidirectional softmax(q k^T * scale) v per head; scale defaults to head_dim ** -
 Padded mode: q, k, v [B, S, H, D] (views with arbitrary B/S/H strides and a contiguous head dim are
   used without copies); key_padding_mask [B, S] bool, True marks a padding key (ignored by every
   query), any pattern. Queries at padding positions are computed like any other (they attend to the
-  valid keys), as in the reference. Returns [B, S, H, D].
+  valid keys), as in the reference. max_seqlen, if given, must equal S. Returns [B, S, H, D].
 Varlen mode: q, k, v [T, H, D] packed valid tokens; cu_seqlens int32 [B+1] = (0, l0, l0+l1, ..., T),
   non-decreasing (zero-length sequences allowed); max_seqlen the longest length (computed when
-  None). Each sequence attends only within itself. Returns [T, H, D].
+  None, which costs a host sync on CUDA). Each sequence attends only within itself. Returns [T, H, D].
 A query whose keys are all masked gets zeros (and zero gradients). dropout_p > 0 drops attention
-probabilities (training); the fused kernel seeds its counter-based RNG from torch's default CPU
-generator, so torch.manual_seed and activation checkpointing reproduce the mask.
+probabilities (training); the fused kernel's seed and offset are drawn on q's device
+(fastbert.ops._rng), so torch.manual_seed, activation checkpointing and CUDA graph replays behave as
+for torch's own dropout.
 
-Implementation: the Triton kernel (kernels/attention.py) for CUDA tensors (and for CPU tensors
-under FASTBERT_BACKEND=triton with TRITON_INTERPRET=1), head_dim a multiple of 8 up to 128 (32, 64,
-80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls as tf32x3, about fp32 accuracy, or plain tf32 when
-torch.backends.cuda.matmul.allow_tf32 is set). With
-FASTBERT_BACKEND=auto, a head_dim the kernel does not support takes the native form. Elsewhere
-the native form: padded mode runs F.scaled_dot_product_attention (its fused CPU kernel; boolean
-mask from key_padding_mask); varlen mode, and a batch with a sequence whose keys are all padding
-(SDPA would give NaN where fastbert promises zeros), run the reference.
-FASTBERT_BACKEND=reference runs the reference (fastbert.reference.ops.attention) everywhere.
+Implementations (chosen by fastbert.ops._dispatch.choose): the Triton kernel (kernels/attention.py)
+through the FusedOp fastbert::attention_fwd / attention_bwd, head_dim a multiple of 8 up to 128 (32,
+64, 80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls as tf32x3, about fp32 accuracy, or plain tf32 when
+torch.backends.cuda.matmul.allow_tf32 is set); the native form, padded mode on
+F.scaled_dot_product_attention (boolean mask from key_padding_mask), for CPU tensors and input the
+kernel does not take; the reference (fastbert.reference.ops.attention) for varlen mode and batches
+with a sequence whose keys are all padding (SDPA would give NaN where fastbert promises zeros) off
+the kernel, and everywhere under FASTBERT_BACKEND=reference.
 """
 
 import torch
@@ -29,30 +29,90 @@ import torch.nn.functional as F
 
 from fastbert.reference import ops as ref
 
-from ._backend import backend, use_reference, use_triton
+from ._dispatch import NATIVE, TRITON, choose, triton_available
+from ._fused import FusedOp
+from ._rng import dropout_seed
+
+if triton_available():
+    from fastbert.kernels import attention as _k
+else:  # pragma: no cover - triton is a dependency; the reference keeps working without it
+    _k = None
 
 
-def _kernel_supports(q):
-    dim = q.shape[-1]
-    return dim <= 128 and dim % 8 == 0 and dim > 0
+def _fwd_fake(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    return torch.empty_like(q), q.new_empty(_k.lse_shape(q), dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seqinfo, mask, rng)
+    ctx.params = (mode, dropout_p, scale, max_seqlen)
+
+
+def _backward(ctx, grads, bwd):
+    q, k, v, out, lse, seqinfo, mask, rng = ctx.saved_tensors
+    dq, dk, dv = bwd(grads[0], q, k, v, out, lse, seqinfo, mask, rng, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_OP = FusedOp(
+    "attention", fwd=_k.attention_fwd if _k else None, fwd_fake=_fwd_fake,
+    bwd=_k.attention_bwd if _k else None, bwd_fake=_bwd_fake, save=_save, backward=_backward,
+    grad_args=(0, 1, 2), non_differentiable=(1,),
+    fwd_schema="(Tensor q, Tensor k, Tensor v, Tensor? seqinfo, Tensor? mask, Tensor? rng, int mode, "
+               "float dropout_p, float scale, int max_seqlen) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? seqinfo, "
+               "Tensor? mask, Tensor? rng, int mode, float dropout_p, float scale, int max_seqlen) "
+               "-> (Tensor, Tensor, Tensor)",
+) if _k is not None else None
+
+
+def fused_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
+                    max_seqlen=None, *, rng=None, generator=None):
+    """The Triton path of attention() with its arguments, whatever the backend. Extra arguments:
+    rng: an explicit (seed, offset) pair (int64 [2] tensor or tuple); with
+         fastbert.kernels.attention.dropout_keep_mask(rng, ...) it gives the mask the kernels apply.
+    generator: the torch.Generator (of q's device) the pair is drawn from when rng is None."""
+    q, k, v, seqinfo, mask, mode, scale, max_seqlen = _k.prepare(
+        q, k, v, key_padding_mask, dropout_p, scale, cu_seqlens, max_seqlen)
+    if dropout_p > 0:
+        if rng is None:
+            rng = dropout_seed(q.device, generator)
+        elif not (isinstance(rng, torch.Tensor) and rng.device == q.device and rng.dtype == torch.int64):
+            rng = torch.as_tensor(rng, dtype=torch.int64, device=q.device)
+    else:
+        rng = None
+    return _OP(q, k, v, seqinfo, mask, rng, mode, float(dropout_p), scale, max_seqlen)[0]
+
+
+def _check(q):
+    _k.check_supported(q)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None):
-    if use_triton(q) and (backend() == "triton" or _kernel_supports(q)):
-        from fastbert.kernels.attention import attention as fused
-
-        return fused(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
-                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    if cu_seqlens is None and not use_reference() and _native_supports(q, k, v, key_padding_mask):
+    impl = choose("attention", q, _check, (q,),
+                  native=lambda: cu_seqlens is None and _native_supports(q, k, v, key_padding_mask))
+    if impl == TRITON:
+        return fused_attention(q, k, v, key_padding_mask, dropout_p, scale, cu_seqlens, max_seqlen)
+    if impl == NATIVE:
         return _native(q, k, v, key_padding_mask, dropout_p, scale)
     return ref.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                          scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def _native_supports(q, k, v, key_padding_mask):
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return False
     if q.dim() != 4 or not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
         return False  # the reference gives the error or handles the case
+    if not q.dtype.is_floating_point:
+        return False
     if key_padding_mask is None:
         return True
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(q.shape[:2]):

@@ -14,9 +14,9 @@ Keyword-only options:
   deterministic (default True)      the token-table gradient is a sort by id then a segmented sum
                                     (bitwise reproducible); False uses atomics on CUDA. CPU is always
                                     deterministic, and position/segment gradients always are.
-  generator                         source of the dropout seed (see fastbert._ext.philox_seed_offset):
+  generator                         source of the dropout seed (see fastbert.ops._rng.philox_seed_offset):
                                     the keep-mask is Philox(seed, offset, element), identical on CPU
-                                    and CUDA and regenerated in the backward.
+                                    and CUDA and regenerated in the backward (fastbert.ops._rng).
 
 The C++ op runs on CPU (parallel over tokens) and on CUDA (when fastbert._C has its CUDA kernels).
 FASTBERT_BACKEND=reference, or a fastbert._C that did not load, selects the eager reference.
@@ -26,8 +26,10 @@ Ids outside their table raise ValueError on every device.
 import torch
 
 from fastbert import _ext
-from fastbert.ops._backend import backend
 from fastbert.reference import ops as ref
+
+from ._dispatch import CPP, choose
+from ._rng import philox_seed_offset
 
 _OP = "embedding_gather"
 
@@ -38,18 +40,6 @@ def _reference(input_ids, token_weight, position_weight, segment_ids, segment_we
                      position_ids=position_ids, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps,
                      dropout_p=dropout_p, padding_idx=padding_idx,
                      segment_padding_idx=segment_padding_idx)
-
-
-def _use_op(input_ids) -> bool:
-    if backend() == "reference" or not _ext.has_op(_OP):
-        return False
-    if input_ids.device.type == "cpu":
-        return True
-    if input_ids.is_cuda and _ext.has_cuda():
-        return True
-    _ext.warn_once(f"embed-{input_ids.device.type}",
-                   f"fastbert._C has no {input_ids.device.type} kernels; embed uses the reference")
-    return False
 
 
 def _norm_padding(idx, rows, name):
@@ -69,7 +59,7 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
         raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
     if segment_ids is not None and segment_weight is None:
         raise ValueError("segment_ids given without segment_weight")
-    if not _use_op(input_ids):
+    if choose("embed", input_ids) != CPP:
         return _reference(input_ids, token_weight, position_weight, segment_ids, segment_weight,
                           position_ids, ln_weight, ln_bias, eps, dropout_p, padding_idx,
                           segment_padding_idx)
@@ -78,7 +68,7 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
         segment_padding_idx, segment_weight.shape[0], "segment_padding_idx")
     seed = offset = 0
     if dropout_p > 0.0:
-        seed, offset = _ext.philox_seed_offset(generator)
+        seed, offset = philox_seed_offset(generator)
     out, _, _ = torch.ops.fastbert.embedding_gather(
         input_ids, token_weight, position_weight, segment_ids,
         segment_weight if segment_ids is not None else None, position_ids, ln_weight, ln_bias,

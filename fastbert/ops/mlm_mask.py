@@ -29,8 +29,10 @@ import functools
 import torch
 
 from fastbert import _ext
-from fastbert.ops._backend import backend
 from fastbert.reference import ops as ref
+
+from ._dispatch import CPP, choose
+from ._rng import philox_seed_offset
 
 _OP = "mlm_mask"
 _TWO32 = 2**32
@@ -80,26 +82,16 @@ def _check(input_ids, vocab_size, mask_id, pad_id, special_ids, mask_prob, repla
     return tuple(special)
 
 
-def _use_op(input_ids) -> bool:
-    if backend() == "reference" or not _ext.has_op(_OP):
-        return False
-    if input_ids.device.type == "cpu" or (input_ids.is_cuda and _ext.has_cuda()):
-        return True
-    _ext.warn_once(f"mlm-{input_ids.device.type}",
-                   f"fastbert._C has no {input_ids.device.type} kernels; mlm_mask uses the reference")
-    return False
-
-
 def mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), mask_prob=0.15,
              replace_probs=(0.8, 0.1, 0.1), ignore_index=0, generator=None, word_starts=None,
              max_predictions=None, return_positions=False):
     special = _check(input_ids, vocab_size, mask_id, pad_id, special_ids, mask_prob, replace_probs,
                      word_starts, max_predictions)
-    if not _use_op(input_ids):
+    if choose("mlm_mask", input_ids) != CPP:
         return ref.mlm_mask(input_ids, vocab_size, mask_id, pad_id, special_ids, mask_prob,
                             replace_probs, ignore_index, generator, word_starts, max_predictions,
                             return_positions)
-    seed, offset = _ext.philox_seed_offset(generator)
+    seed, offset = philox_seed_offset(generator)
     p_mask, p_rand = replace_probs[0], replace_probs[1]
     t_mask = _threshold(p_mask)
     t_rand = min(_TWO32 - t_mask, _threshold(p_mask + p_rand) - t_mask)

@@ -1,0 +1,66 @@
+"""One plumbing for every Triton op: its custom ops (for torch.compile) and its autograd, written once.
+
+A FusedOp is built from the op's launchers (kernels/) and two small functions:
+
+    fwd(*args) -> tuple of tensors          the forward launcher
+    bwd(*bargs) -> tuple of tensors         the backward launcher
+    save(ctx, args, outputs)                keeps what the backward needs on ctx
+    backward(ctx, grads, bwd) -> grads      input gradients; bwd is the raw backward to call
+
+and registers fastbert::<name>_fwd and fastbert::<name>_bwd (custom ops with fakes; the forward with
+register_autograd), so torch.compile traces the op without a graph break. Eager calls skip the
+dispatcher (tens of microseconds of host time per call, more than a kernel takes at BERT sizes): they
+run one torch.autograd.Function whose forward and backward call the launchers directly, with the same
+save() and backward(). Without gradients, the forward launcher runs alone.
+"""
+
+import torch
+
+
+class FusedOp:
+    def __init__(self, name, *, fwd, fwd_schema, fwd_fake, bwd, bwd_schema, bwd_fake, save, backward,
+                 grad_args, non_differentiable=()):
+        self.name = name
+        self.fwd = fwd
+        self.grad_args = tuple(grad_args)  # indices of the arguments that may require grad
+        self.fwd_op = torch.library.custom_op(f"fastbert::{name}_fwd", fwd, mutates_args=(),
+                                              schema=fwd_schema)
+        self.fwd_op.register_fake(fwd_fake)
+        self.bwd_op = torch.library.custom_op(f"fastbert::{name}_bwd", bwd, mutates_args=(),
+                                              schema=bwd_schema)
+        self.bwd_op.register_fake(bwd_fake)
+        bwd_op = self.bwd_op
+
+        def compiled_backward(ctx, *grads):
+            return backward(ctx, grads, bwd_op)
+
+        self.fwd_op.register_autograd(compiled_backward, setup_context=save)
+
+        class Eager(torch.autograd.Function):
+            # forward takes ctx itself: a separate setup_context makes every apply() bind the
+            # arguments with inspect.signature (about 100 us of host time)
+            @staticmethod
+            def forward(ctx, *args):
+                out = fwd(*args)
+                save(ctx, args, out)
+                if non_differentiable:
+                    ctx.mark_non_differentiable(*(out[i] for i in non_differentiable))
+                return out
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, grads, bwd)
+
+        Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
+        self.eager = Eager
+
+    def __call__(self, *args):
+        """The op's outputs (a tuple), through the custom op when compiling, else eagerly."""
+        if torch.compiler.is_compiling():
+            return self.fwd_op(*args)
+        if torch.is_grad_enabled():
+            for i in self.grad_args:
+                t = args[i]
+                if t is not None and t.requires_grad:
+                    return self.eager.apply(*args)
+        return self.fwd(*args)
