@@ -685,10 +685,10 @@ def prepare(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlen
         if cu_seqlens.device != q.device:
             _fail(f"cu_seqlens on {cu_seqlens.device}, q on {q.device}")
         total = q.shape[0]
-        # checking the values costs a host sync: done on the CPU, when max_seqlen must be computed
-        # anyway, or with FASTBERT_ATTN_CHECK=1; a CUDA caller passing max_seqlen is trusted
-        # (as flash-attn's varlen API does)
-        if not cu_seqlens.is_cuda or max_seqlen is None or os.environ.get("FASTBERT_ATTN_CHECK") == "1":
+        # checking the values costs a host sync (and a graph break under torch.compile): done when
+        # max_seqlen must be computed anyway, or with FASTBERT_ATTN_CHECK=1; a caller passing
+        # max_seqlen is trusted (as flash-attn's varlen API does), on every device
+        if max_seqlen is None or os.environ.get("FASTBERT_ATTN_CHECK") == "1":
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             first, last, min_len, max_len = torch.stack(
                 [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()  # one sync

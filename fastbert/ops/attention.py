@@ -8,7 +8,9 @@ Padded mode: q, k, v [B, S, H, D] (views with arbitrary B/S/H strides and a cont
   valid keys), as in the reference. max_seqlen, if given, must equal S. Returns [B, S, H, D].
 Varlen mode: q, k, v [T, H, D] packed valid tokens; cu_seqlens int32 [B+1] = (0, l0, l0+l1, ..., T),
   non-decreasing (zero-length sequences allowed); max_seqlen the longest length (computed when
-  None, which costs a host sync on CUDA). Each sequence attends only within itself. Returns [T, H, D].
+  None, which costs a host sync; when given, the kernel path trusts cu_seqlens and max_seqlen, as
+  flash-attn's varlen API does, unless FASTBERT_ATTN_CHECK=1). Each sequence attends only within
+  itself. Returns [T, H, D].
 A query whose keys are all masked gets zeros (and zero gradients). dropout_p > 0 drops attention
 probabilities (training); the fused kernel's seed and offset are drawn on q's device
 (fastbert.ops._rng), so torch.manual_seed, activation checkpointing and CUDA graph replays behave as
