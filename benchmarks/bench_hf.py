@@ -1,0 +1,155 @@
+"""transformers models with fastbert patched in (fastbert.patch_hf) against the stock model.
+
+Providers (same weights, built from one seed):
+  hf-sdpa          stock transformers, attn_implementation="sdpa" (transformers' default)
+  fastbert-patch   fastbert.patch_hf(model): fused ops, unpadded encoder, varlen attention
+  fastbert-padded  fastbert.patch_hf(model, unpad=False): fused ops on the padded layout
+extra_info["compare_with"] = ["hf-sdpa"] for the two fastbert providers.
+
+Workloads (issue 13, item 6):
+  finetune  BertForSequenceClassification training step: forward with labels (cross-entropy),
+            backward, AdamW step (fused on CUDA), zero_grad; dropout 0.1
+  embed     BertModel inference + mean pooling over real tokens (sentence embeddings), eval mode
+            under torch.inference_mode()
+Batches: right padding to the longest row of the batch (dynamic padding, as DataCollatorWithPadding):
+  skewed  row lengths log-normal with mean about 25 tokens, clipped to [2, 128] (short texts with a
+          long tail, typical of classification and retrieval corpora)
+  half    row lengths uniform in [2, 128] (about 50% padding)
+  full    every row 128 tokens (no padding: the fused ops without the unpadding gain)
+tokens/s counts real (non-padding) tokens; TFLOP/s counts useful work on real tokens only (as
+bench_model.py), so computing on padding shows as a lower fraction of the roofline.
+
+Sizes. CUDA: BERT-base (vocab 30522, hidden 768, 12 layers, 12 heads, FFN 3072), bf16, batch 64.
+CPU: hidden 128, 2 layers, 2 heads, FFN 512, vocab 1000, batch 16, fp32 (fastbert's CPU path: torch's
+fused ops, the C++ embedding op; varlen attention runs the reference there, one SDPA call per
+sequence). The Triton interpreter is never timed.
+"""
+
+import functools
+import gc
+import math
+
+import pytest
+import torch
+from _util import devices, run
+
+DEVICE = devices()[0]
+CUDA = DEVICE == "cuda"
+if CUDA:
+    VOCAB, HIDDEN, LAYERS, HEADS, FFN, BATCH = 30522, 768, 12, 12, 3072, 64
+    DTYPE = torch.bfloat16
+else:
+    VOCAB, HIDDEN, LAYERS, HEADS, FFN, BATCH = 1000, 128, 2, 2, 512, 16
+    DTYPE = torch.float32
+MAX_LEN = 128
+DROPOUT = 0.1
+PROVIDERS = ("hf-sdpa", "fastbert-patch", "fastbert-padded")
+COMPARE_WITH = {"fastbert-patch": ["hf-sdpa"], "fastbert-padded": ["hf-sdpa"]}
+
+
+def lengths_for(padding, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if padding == "full":
+        return torch.full((batch,), MAX_LEN, dtype=torch.long)
+    if padding == "half":
+        return torch.randint(2, MAX_LEN + 1, (batch,), generator=g)
+    if padding == "skewed":
+        sigma = 0.8
+        mu = math.log(25.0) - sigma**2 / 2  # log-normal mean exp(mu + sigma^2 / 2) = 25
+        raw = torch.exp(mu + sigma * torch.randn(batch, generator=g))
+        return raw.round().clamp(2, MAX_LEN).long()
+    raise ValueError(f"padding={padding!r}; expected 'skewed', 'half' or 'full'")
+
+
+def make_batch(padding, batch=BATCH, seed=0):
+    lengths = lengths_for(padding, batch, seed)
+    seq = int(lengths.max())
+    g = torch.Generator().manual_seed(seed + 1)
+    real = torch.arange(seq)[None, :] < lengths[:, None]
+    ids = torch.randint(5, VOCAB, (batch, seq), generator=g) * real
+    return {
+        "input_ids": ids.to(DEVICE),
+        "attention_mask": real.long().to(DEVICE),
+        "labels": torch.randint(0, 2, (batch,), generator=g).to(DEVICE),
+        "lengths": lengths,
+        "tokens": int(lengths.sum()),
+        "pad_frac": 1.0 - float(lengths.sum()) / (batch * seq),
+    }
+
+
+def useful_flops(lengths, train):
+    """FLOPs on real tokens: 2 * dense params per token + 4 * N * L^2 attention per layer."""
+    dense = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
+    total = sum(2 * dense * n + LAYERS * 4 * HIDDEN * n * n for n in lengths.tolist())
+    return total * (3 if train else 1)
+
+
+def build(provider, workload):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
+        max_position_embeddings=512, pad_token_id=0, num_labels=2)
+    cls = transformers.BertForSequenceClassification if workload == "finetune" else transformers.BertModel
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = cls._from_config(cfg, attn_implementation="sdpa").to(DTYPE)
+    if provider != "hf-sdpa":
+        import fastbert
+
+        fastbert.patch_hf(model, unpad=provider == "fastbert-patch")
+    return model
+
+
+def make_step(model, workload):
+    if workload == "embed":
+        model.eval()
+
+        def embed(b):
+            with torch.inference_mode():
+                h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                m = b["attention_mask"][..., None].to(h.dtype)
+                return (h * m).sum(1) / m.sum(1)  # [B, hidden] mean over real tokens
+
+        return embed
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if CUDA else None)
+
+    def step(b):
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _free():
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("padding", ["skewed", "half", "full"])
+@pytest.mark.parametrize("workload", ["finetune", "embed"])
+def test_hf(benchmark, workload, padding, provider):
+    _free()
+    benchmark.group = f"hf-{workload}-{padding}"
+    batch = make_batch(padding)
+    model = build(provider, workload)
+    step = make_step(model, workload)
+    info = benchmark.extra_info
+    info.update(provider=provider, workload=workload, padding=padding, batch=BATCH,
+                seq=int(batch["input_ids"].shape[1]), pad_frac=round(batch["pad_frac"], 4),
+                mean_len=round(float(batch["lengths"].float().mean()), 2), real_tokens=batch["tokens"],
+                dtype=str(DTYPE).replace("torch.", ""),
+                model=f"L{LAYERS} H{HIDDEN} A{HEADS} FFN{FFN} V{VOCAB}")
+    if provider in COMPARE_WITH:
+        info["compare_with"] = COMPARE_WITH[provider]
+    out = run(benchmark, functools.partial(step, batch), DEVICE,
+              flops=useful_flops(batch["lengths"], workload == "finetune"), tokens=batch["tokens"])
+    assert torch.isfinite(out).all()
+    del model, step, out
+    _free()
