@@ -60,6 +60,9 @@ def test_two_gloo_processes_match_one(single, tmp_path, mode):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = _records(root / "single.jsonl"), _records(tmp_path / "multi.jsonl")
+    held_one, held_two = one.pop()["heldout"], two.pop()["heldout"]  # the held-out evaluation comes last
+    assert held_one["examples"] == held_two["examples"] and held_one["masked"] == held_two["masked"]
+    assert held_one["mlm_loss"] == pytest.approx(held_two["mlm_loss"], rel=1e-3)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         rel = 1e-5 if a["step"] == 1 else 2e-3

@@ -114,3 +114,10 @@ def test_finetune_lr_options(checkpoint, capsys):
     assert finetune.main(["--checkpoint", checkpoint, "--from-scratch", "--compare-scratch"]) == 2
     err = capsys.readouterr().err
     assert "must be positive" in err and "--compare-scratch already runs --from-scratch" in err
+    args = finetune.build_parser().parse_args(["--checkpoint", checkpoint, "--lr", "search", "--max-steps",
+                                               "2", "--batch", "8", "--seq-len", "64", "--threads", "1"])
+    res = finetune.run(args)
+    tried = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lr search:")]
+    base = finetune.default_lr(cfg)
+    assert len(tried) == 3
+    assert any(res["runs"][0]["lr"] == pytest.approx(x) for x in (base / 3, base, base * 3))
