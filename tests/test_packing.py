@@ -256,7 +256,6 @@ def test_packed_pretrain_data():
 # --- item 5 of issue 12: the packed step on the fused path has static shapes and no host sync ---
 
 SYNCS = ("item", "tolist", "cpu", "nonzero", "__int__", "__float__", "__bool__")
-CHECKS = ("attention", "prepare")  # the functions of kernels/attention.py that check cu_seqlens values
 
 
 class HostSyncError(RuntimeError):
@@ -267,20 +266,11 @@ class HostSyncError(RuntimeError):
 def no_host_sync(monkeypatch):
     """Tensor.item, tolist, cpu, nonzero (and int(), float(), bool() of a tensor, which read a value
     the same way) raise while `armed`; on a GPU each is a device-to-host sync. Exempt: calls made by
-    Triton's interpreter (it runs the kernels on the host: on a GPU those are launches), and the
-    attention wrapper's check of cu_seqlens values, which kernels/attention.py runs only for CPU
-    tensors (a CUDA caller that passes max_seqlen is trusted, as flash-attn's varlen API)."""
-    state = {"armed": False, "exempt": []}
+    Triton's interpreter, which runs the kernels on the host (on a GPU those are launches)."""
+    state = {"armed": False}
 
     def allowed(tensor):
-        frame = sys._getframe(2)
-        name = frame.f_code.co_filename
-        if f"{os.sep}triton{os.sep}" in name:
-            return True
-        if name.endswith(os.path.join("kernels", "attention.py")) and frame.f_code.co_name in CHECKS:
-            state["exempt"].append(tensor.device.type)
-            return tensor.device.type == "cpu"
-        return False
+        return f"{os.sep}triton{os.sep}" in sys._getframe(2).f_code.co_filename
 
     def guard(name, original):
         def call(self, *args, **kwargs):
@@ -339,7 +329,6 @@ def test_packed_step_makes_no_host_sync(no_host_sync, monkeypatch):
         finally:
             no_host_sync["armed"] = False
     assert torch.equal(losses[0], losses[1])
-    assert set(no_host_sync["exempt"]) <= {"cpu"}
     with pytest.raises(HostSyncError):  # the guard does catch a read-back
         no_host_sync["armed"] = True
         try:
@@ -387,9 +376,6 @@ def test_packed_steps_have_the_same_shapes_at_every_op(monkeypatch):
 
 
 @fused_only
-@pytest.mark.xfail(raises=torch._dynamo.exc.UserError, strict=False,
-                   reason="kernels/attention.py reads cu_seqlens values back for CPU tensors also under "
-                   "torch.compile (a data-dependent guard); needs its check skipped while compiling")
 def test_packed_step_compiles_without_graph_breaks(monkeypatch):
     """torch.compile(fullgraph=True, dynamic=False) of the packed forward and loss on the fused path:
     no graph break (fullgraph raises on one), the loss and gradients of eager mode, and one
