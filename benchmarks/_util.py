@@ -149,18 +149,15 @@ def run(benchmark, fn, device, bytes_moved=None, flops=None, tokens=None, rounds
     peak_bw, peak_flops = roofline(device)
     if median:
         fracs = []
-        if bytes_moved:
-            info["gbps"] = bytes_moved / median / 1e9
-            if peak_bw:
-                info["roofline_frac_bw"] = info["gbps"] / peak_bw
-                info["copy_gbps"] = peak_bw
-                fracs.append(info["roofline_frac_bw"])
-        if flops:
-            info["tflops"] = flops / median / 1e12
-            if peak_flops:
-                info["roofline_frac_flops"] = info["tflops"] / peak_flops
-                info["matmul_tflops"] = peak_flops
-                fracs.append(info["roofline_frac_flops"])
+        for amount, peak, rate, unit, frac_key, peak_key in (
+                (bytes_moved, peak_bw, "gbps", 1e9, "roofline_frac_bw", "copy_gbps"),
+                (flops, peak_flops, "tflops", 1e12, "roofline_frac_flops", "matmul_tflops")):
+            if amount:
+                info[rate] = amount / median / unit
+                if peak:
+                    info[frac_key] = info[rate] / peak
+                    info[peak_key] = peak
+                    fracs.append(info[frac_key])
         if fracs:  # the binding resource: the larger of the two fractions
             info["roofline_frac"] = max(fracs)
         if tokens:
@@ -171,6 +168,13 @@ def run(benchmark, fn, device, bytes_moved=None, flops=None, tokens=None, rounds
 def devices():
     """Devices to benchmark on: CUDA when present, else CPU."""
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def row_op_setup():
+    """(device, rows, dtype) of the row-wise op benchmarks (LayerNorm, bias+GELU): 16384 bf16 rows
+    on CUDA, 256 fp32 rows on the CPU."""
+    cuda = torch.cuda.is_available()
+    return ("cuda", 16384, torch.bfloat16) if cuda else ("cpu", 256, torch.float32)
 
 
 def kernel_time(benchmark, fn, bytes_moved):

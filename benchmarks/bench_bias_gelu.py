@@ -19,14 +19,11 @@ triton.testing.do_bench, without the host launch overhead that run()'s synchroni
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import devices, kernel_time, run, skip_interpreted
+from _util import kernel_time, row_op_setup, run, skip_interpreted
 
 import fastbert.ops as ops
 
-DEVICE = devices()[0]
-CUDA = DEVICE == "cuda"
-ROWS = 16384 if CUDA else 256
-DTYPE = torch.bfloat16 if CUDA else torch.float32
+DEVICE, ROWS, DTYPE = row_op_setup()
 CASES = [(768, "none"), (1024, "none"), (3072, "none"), (3072, "tanh")]
 
 
@@ -70,21 +67,13 @@ def _bytes(n, backward):
     return (5 if backward else 2) * ROWS * n * e
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])
 @pytest.mark.parametrize("n,form", CASES)
 @pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
-def test_bias_gelu_forward(benchmark, provider, n, form):
-    benchmark.group = f"bias_gelu forward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
+def test_bias_gelu(benchmark, provider, n, form, backward):
+    mode = "forward+backward" if backward else "forward"
+    benchmark.group = f"bias_gelu {mode} {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
     skip_interpreted(provider, "bias+GELU")
-    step, nbytes = _step(provider, n, form, False), _bytes(n, False)
-    run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    kernel_time(benchmark, step, nbytes)
-
-
-@pytest.mark.parametrize("n,form", CASES)
-@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
-def test_bias_gelu_forward_backward(benchmark, provider, n, form):
-    benchmark.group = f"bias_gelu forward+backward {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
-    skip_interpreted(provider, "bias+GELU")
-    step, nbytes = _step(provider, n, form, True), _bytes(n, True)
+    step, nbytes = _step(provider, n, form, backward), _bytes(n, backward)
     run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
     kernel_time(benchmark, step, nbytes)

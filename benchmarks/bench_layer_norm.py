@@ -20,14 +20,11 @@ triton.testing.do_bench, without the host launch overhead that run()'s synchroni
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import devices, kernel_time, run, skip_interpreted
+from _util import kernel_time, row_op_setup, run, skip_interpreted
 
 import fastbert.ops as ops
 
-DEVICE = devices()[0]
-CUDA = DEVICE == "cuda"
-ROWS = 16384 if CUDA else 256
-DTYPE = torch.bfloat16 if CUDA else torch.float32
+DEVICE, ROWS, DTYPE = row_op_setup()
 EPS = 1e-12
 
 
@@ -88,23 +85,14 @@ def _step(provider, hidden, case, backward):
     return step
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])
 @pytest.mark.parametrize("case", ["plain", "residual"])
 @pytest.mark.parametrize("hidden", [768, 1024])
 @pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
-def test_layer_norm_forward(benchmark, provider, hidden, case):
-    benchmark.group = f"layer_norm forward {case} [{ROWS}, {hidden}] {str(DTYPE)[6:]} {DEVICE}"
+def test_layer_norm(benchmark, provider, hidden, case, backward):
+    mode = "forward+backward" if backward else "forward"
+    benchmark.group = f"layer_norm {mode} {case} [{ROWS}, {hidden}] {str(DTYPE)[6:]} {DEVICE}"
     skip_interpreted(provider, "LayerNorm")
-    step, nbytes = _step(provider, hidden, case, False), _bytes(hidden, case, False)
-    run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    kernel_time(benchmark, step, nbytes)
-
-
-@pytest.mark.parametrize("case", ["plain", "residual"])
-@pytest.mark.parametrize("hidden", [768, 1024])
-@pytest.mark.parametrize("provider", ["fastbert", "eager", "compile"])
-def test_layer_norm_forward_backward(benchmark, provider, hidden, case):
-    benchmark.group = f"layer_norm forward+backward {case} [{ROWS}, {hidden}] {str(DTYPE)[6:]} {DEVICE}"
-    skip_interpreted(provider, "LayerNorm")
-    step, nbytes = _step(provider, hidden, case, True), _bytes(hidden, case, True)
+    step, nbytes = _step(provider, hidden, case, backward), _bytes(hidden, case, backward)
     run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
     kernel_time(benchmark, step, nbytes)

@@ -35,32 +35,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    FLOAT_DTYPES,
-    TILE,
-    allocator,
-    cdiv,
-    column_sums,
-    dropout_keep,
-    next_power_of_2,
-    seed_hash,
-    sm_count,
-)
+from . import _common as C
+from ._common import dropout_keep, seed_hash
 
 GELU_FORMS = ("none", "tanh")
 BLOCK_N_CHOICES = (64, 256)
 
 
 def gelu_settings(n, device=None):
-    """(BLOCK_M, BLOCK_N, num_warps). CUDA: tiles of TILE elements (16 per thread), 64 columns wide
-    for n <= 64 and 256 otherwise (two configs keep the AOT test short).
+    """(BLOCK_M, BLOCK_N, num_warps). CUDA: tiles of TILE (kernels/_common.py) elements (16 per
+    thread), 64 columns wide for n <= 64 and 256 otherwise (two configs keep the AOT test short).
     Elsewhere (the interpreter, whose cost is ~20 ms per program) big tiles of up to 64 x 1024;
     the kernel code is the same, and tests also run the CUDA configs in the interpreter."""
     if device is not None and torch.device(device).type != "cuda":
-        block_n = min(max(next_power_of_2(n), 16), 1024)
+        block_n = min(max(C.next_power_of_2(n), 16), 1024)
         return 64, block_n, 4
     block_n = BLOCK_N_CHOICES[0] if n <= BLOCK_N_CHOICES[0] else BLOCK_N_CHOICES[1]
-    return TILE // block_n, block_n, 4
+    return C.TILE // block_n, block_n, 4
 
 
 def gelu_configs():
@@ -75,7 +66,7 @@ PROGRAMS_PER_SM = 4  # 4 warps x <= 113 registers (AOT table): 4 programs fit on
 def bwd_programs(row_tiles, col_tiles, device):
     """Row-programs G of the backward: about 4 programs per SM over all column tiles on CUDA."""
     if device.type == "cuda":
-        return max(1, min(row_tiles, cdiv(PROGRAMS_PER_SM * sm_count(device.index or 0), col_tiles)))
+        return max(1, min(row_tiles, C.cdiv(PROGRAMS_PER_SM * C.sm_count(device.index or 0), col_tiles)))
     return max(1, min(row_tiles, 4))
 
 
@@ -86,7 +77,7 @@ def check_inputs(x, bias, approximate="none"):
     for name, t in (("x", x), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"bias_gelu: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in C.FLOAT_DTYPES:
             raise ValueError(f"bias_gelu: {name} has dtype {t.dtype}; the Triton kernel supports "
                              f"float32, float16 and bfloat16 (integer and float64 inputs are not supported)")
     if x.dim() < 1:
@@ -200,13 +191,8 @@ def _bias_gelu_bwd_kernel(
     DX,  # [M, N] out: dy * gelu'(x + bias)
     DB_PART,  # [G, N] fp32 out: per-row-program partial sums of dx
     SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
-    M,
-    N,
-    dropout_p,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TANH: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    M, N, dropout_p,  # rows, features, dropout probability (as in the forward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if HAS_DROPOUT:
@@ -248,12 +234,12 @@ def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropo
         _dropout_seed(dropout_p, seed)
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
-    _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
+    _alloc = C.allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     out = _alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out
     block_m, block_n, warps = config or gelu_settings(n, x.device)
-    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    grid = (C.cdiv(m, block_m), C.cdiv(n, block_n))
     has_dropout = dropout_p > 0.0
     _bias_gelu_fwd_kernel[grid](x, bias, out, seed if has_dropout else bias, m, n, float(dropout_p),
                                 BLOCK_M=block_m, BLOCK_N=block_n, TANH=approximate == "tanh",
@@ -267,13 +253,13 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, d
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     dy = dy.contiguous()
-    _alloc = allocator()
+    _alloc = C.allocator()
     dx = _alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx, torch.zeros(n, dtype=bias.dtype, device=bias.device)
     block_m, block_n, warps = config or gelu_settings(n, x.device)
-    col_tiles = cdiv(n, block_n)
-    g = programs or bwd_programs(cdiv(m, block_m), col_tiles, x.device)
+    col_tiles = C.cdiv(n, block_n)
+    g = programs or bwd_programs(C.cdiv(m, block_m), col_tiles, x.device)
     db_part = _alloc((g, n), torch.float32, x.device)
     has_dropout = dropout_p > 0.0
     _bias_gelu_bwd_kernel[(g, col_tiles)](dy, x, bias, dx, db_part, seed if has_dropout else bias, m, n,
@@ -281,4 +267,4 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, d
                                           TANH=approximate == "tanh", HAS_DROPOUT=has_dropout,
                                           num_warps=warps)
     # second, deterministic reduction of the G partial rows (fixed order), cast to bias's dtype
-    return dx, column_sums(db_part, _alloc((n,), bias.dtype, x.device))
+    return dx, C.column_sums(db_part, _alloc((n,), bias.dtype, x.device))

@@ -100,24 +100,18 @@ def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0
     if not x.is_contiguous():
         raise ValueError(f"layer_norm: x must be contiguous (shape {tuple(x.shape)}, strides "
                          f"{x.stride()}); call .contiguous() first")
-    for name, t in (("weight", weight), ("bias", bias)):
+    operands = [("weight", weight, (n,), f"({n},) to match the hidden size of x {tuple(x.shape)}")]
+    operands.append(("bias", bias, (n,), f"({n},) to match the hidden size of x {tuple(x.shape)}"))
+    if residual is not None:
+        operands.append(("residual", residual, tuple(x.shape), f"{tuple(x.shape)} (the shape of x)"))
+    for name, t, shape, expected in operands:
         _check_float(name, t)
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}; expected ({n},) to match "
-                             f"the hidden size of x {tuple(x.shape)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}; expected {expected}")
         if not t.is_contiguous():
-            raise ValueError(f"layer_norm: {name} must be contiguous (stride {t.stride()})")
+            raise ValueError(f"layer_norm: {name} must be contiguous (strides {t.stride()})")
         if t.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {t.device}, x on {x.device}")
-    if residual is not None:
-        _check_float("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}; expected "
-                             f"{tuple(x.shape)} (the shape of x)")
-        if not residual.is_contiguous():
-            raise ValueError(f"layer_norm: residual must be contiguous (strides {residual.stride()})")
-        if residual.device != x.device:
-            raise ValueError(f"layer_norm: residual is on {residual.device}, x on {x.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"layer_norm: dropout_p={dropout_p} must be in [0, 1)")
 

@@ -53,12 +53,9 @@ def check_against_truth(device, rows, hidden, dtype, form):
     return assert_within_tolerance(got, truth, torch_lp, dtype)
 
 
+pytestmark = pytest.mark.usefixtures("triton_poisoned")  # kernels with NaN-poisoned outputs
+
 if DEVICES:
-
-    @pytest.fixture(autouse=True)
-    def _kernels(triton_poisoned):
-        yield
-
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("form", FORMS)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)

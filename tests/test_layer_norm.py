@@ -106,12 +106,9 @@ def _keep_reference(seed, idx, p):
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0) >= np.float32(p)
 
 
+pytestmark = pytest.mark.usefixtures("triton_poisoned")  # kernels with NaN-poisoned outputs
+
 if DEVICES:
-
-    @pytest.fixture(autouse=True)
-    def _kernels(triton_poisoned):
-        yield
-
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
