@@ -363,7 +363,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # DK, DV: [rows, H, D] contiguous-like (strides sgb, sgs, sgh); the rest as in _attn_fwd
+    # DK, DV: [rows, H, D] contiguous-like (strides sgb, sgs, sgh); the rest as in _attn_fwd.
+    # Deliberate twin of _attn_bwd_dq (same arguments and preamble): dK/dV loop over query blocks
+    # per key block, dQ over key blocks per query block, so that neither needs atomics.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -449,7 +451,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                  HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # DQ: [rows, H, D] (strides sgb, sgs, sgh); the rest as in _attn_fwd
+    # DQ: [rows, H, D] (strides sgb, sgs, sgh); the rest as in _attn_fwd.
+    # Deliberate twin of _attn_bwd_dkdv (same arguments and preamble; see there).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
