@@ -8,6 +8,7 @@ Tolerances: fp32 max abs error <= 1e-5 * max(1, max |truth|); fp16/bf16 <= 2x th
 PyTorch (F.gelu(x + b)) in the same dtype + one ulp at that scale. Outputs are NaN-poisoned.
 """
 
+import itertools
 import math
 
 import pytest
@@ -55,12 +56,11 @@ def check_against_truth(device, rows, hidden, dtype, form):
 
 pytestmark = pytest.mark.usefixtures("triton_poisoned")  # kernels with NaN-poisoned outputs
 
+GRID = list(itertools.product(DEVICES, ROWS, HIDDEN, DTYPES, FORMS))  # the whole grid, one case each
+
 if DEVICES:
-    @pytest.mark.parametrize("device", DEVICES)
-    @pytest.mark.parametrize("form", FORMS)
-    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("hidden", HIDDEN)
-    @pytest.mark.parametrize("rows", ROWS)
+
+    @pytest.mark.parametrize("device,rows,hidden,dtype,form", GRID, ids=str)
     def test_grid(device, rows, hidden, dtype, form):
         err = check_against_truth(device, rows, hidden, dtype, form)
         print(f"gelu {device} {rows}x{hidden} {dtype} {form}: "

@@ -109,6 +109,7 @@ def _keep_reference(seed, idx, p):
 pytestmark = pytest.mark.usefixtures("triton_poisoned")  # kernels with NaN-poisoned outputs
 
 if DEVICES:
+
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
