@@ -1,8 +1,13 @@
-"""Build fastbert and its compiled extension fastbert._C.
+"""Build fastbert and its compiled extension fastbert._C (metadata and dependencies: pyproject.toml).
 
-CPU sources (csrc/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added only when torch
-is a CUDA build and nvcc is found; with no visible GPU, set TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
-Install with `pip install --no-build-isolation .` so the extension is built against the torch you have.
+fastbert._C is built on the LibTorch stable ABI (torch/csrc/stable, TORCH_TARGET_VERSION 2.10): it calls
+libtorch only through its C shim, so the torch that builds it and the torch that runs it may differ
+(any torch >= 2.10), and `pip install .` with build isolation is safe. It is also a Py_LIMITED_API
+(abi3) module: one build serves every CPython >= 3.10.
+
+CPU sources (csrc/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu and their glue) are added when
+the building torch is a CUDA build and nvcc is found (on PATH or in $CUDA_HOME), for the architectures
+in TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); FASTBERT_NO_CUDA=1 builds the CPU ops only.
 The Triton kernels in kernels/ are installed as the subpackage fastbert.kernels.
 """
 
@@ -11,6 +16,9 @@ import os
 import shutil
 
 from setuptools import setup
+
+ABI_TARGET = (2, 10)  # oldest torch the extension loads under: TORCH_TARGET_VERSION
+PY_LIMITED_API = (3, 10)  # abi3 floor, = requires-python
 
 
 def _links_libstdcxx_dynamically(cxx):
@@ -49,10 +57,20 @@ def _pick_cxx():
         print(f"fastbert setup: compiler check skipped ({type(exc).__name__}: {exc})")
 
 
+def _nvcc():
+    """nvcc on PATH, else $CUDA_HOME/bin/nvcc, else None."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return None
+
+
 def _extensions():
     """fastbert._C: csrc/*.cpp always; with a CUDA torch and nvcc also the torch-free kernels
-    csrc/cuda/*.cu and their torch glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA). FASTBERT_NO_CUDA=1
-    builds the CPU ops only."""
+    csrc/cuda/*.cu and their stable-ABI glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA)."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -64,46 +82,49 @@ def _extensions():
     glue = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpp:
         return [], {}
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < ABI_TARGET:
+        raise RuntimeError(f"fastbert._C needs torch >= {ABI_TARGET[0]}.{ABI_TARGET[1]} to build (the "
+                           f"LibTorch stable ABI), found torch {torch.__version__}")
     _pick_cxx()
+    target = f"0x{ABI_TARGET[0]:02x}{ABI_TARGET[1]:02x}000000000000"
+    macros = [("TORCH_TARGET_VERSION", target), ("FASTBERT_ABI_TARGET", f'"{ABI_TARGET[0]}.{ABI_TARGET[1]}"')]
     cxx = ["-O3", "-std=c++17"]
     if os.name != "nt":
-        cxx.append("-fopenmp")
+        # hidden: the module exports PyInit__C alone, none of the header-only templates it instantiates
+        cxx += ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     include_dirs = [os.path.join(here, "csrc")]
+    nvcc = _nvcc()
     with_cuda = (
         torch.version.cuda is not None
         and bool(cu)
-        and (shutil.which("nvcc") or os.environ.get("CUDA_HOME"))
+        and nvcc is not None
         and os.environ.get("FASTBERT_NO_CUDA", "0") != "1"
     )
+    if torch.version.cuda is not None and not with_cuda and os.environ.get("FASTBERT_NO_CUDA", "0") != "1":
+        print("fastbert setup: torch is a CUDA build but nvcc was not found (PATH, CUDA_HOME): "
+              "building the CPU ops only")
+    # abi3: one module for every CPython >= 3.10 (torch's BuildExtension adds -DPy_LIMITED_API for it)
+    common = dict(include_dirs=include_dirs, define_macros=macros, py_limited_api=True)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if not os.environ.get("CUDA_HOME") and nvcc:
+            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        common["define_macros"] = macros + [("FASTBERT_WITH_CUDA", "1"), ("USE_CUDA", "1")]
         ext = CUDAExtension(
             "fastbert._C",
             cpp + glue + cu,
-            include_dirs=include_dirs,
-            define_macros=[("FASTBERT_WITH_CUDA", "1")],
             # no --use_fast_math: LayerNorm's sqrt/division stay IEEE-rounded like the CPU op
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+            **common,
         )
     else:
-        ext = CppExtension(
-            "fastbert._C",
-            cpp,
-            include_dirs=include_dirs,
-            extra_compile_args=cxx,
-            extra_link_args=["-fopenmp"] if os.name != "nt" else [],
-        )
+        ext = CppExtension("fastbert._C", cpp, extra_compile_args=cxx, **common)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 
 ext_modules, cmdclass = _extensions()
 
 setup(
-    name="fastbert",
-    version="0.1.0",
-    description="Fused Triton and C++/CUDA kernels for BERT pretraining and fine-tuning",
-    python_requires=">=3.10",
     packages=[
         "fastbert",
         "fastbert.reference",
@@ -116,12 +137,8 @@ setup(
     ],
     package_dir={"fastbert.kernels": "kernels"},
     package_data={"fastbert": ["data/*"]},
-    install_requires=["torch>=2.4", "triton>=3.0", "tokenizers>=0.15", "tqdm", "numpy"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "bert-pytorch==0.0.1a4", "ruff"],
-        "bench": ["pytest-benchmark", "matplotlib"],
-    },
-    entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # the wheel is tagged cp310-abi3 when the extension is (a metadata-only build has no extension)
+    options={"bdist_wheel": {"py_limited_api": "cp{}{}".format(*PY_LIMITED_API)}} if ext_modules else {},
 )

@@ -11,11 +11,8 @@
 // Every reduction runs in a fixed order independent of the thread count, so the CPU op is
 // deterministic: the table gradients are a counting sort by row (CSR) then a per-row sum in token
 // order; the LN parameter gradients are per-chunk partial sums added in chunk order.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// Threads: torch's intra-op pool through the stable ABI's parallel_for (torch.set_num_threads governs it).
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -33,14 +30,14 @@ int64_t position_of(const EmbedParams& p, int64_t t) {
 void check_ids_cpu(const EmbedParams& p) {
   for (int64_t t = 0; t < p.tokens; ++t) {
     const int64_t id = p.ids[t];
-    TORCH_CHECK_VALUE(id >= 0 && id < p.vocab, "input_ids out of range: id ", id, " at flat position ", t,
+    FB_CHECK_VALUE(id >= 0 && id < p.vocab, "input_ids out of range: id ", id, " at flat position ", t,
                       " is outside [0, ", p.vocab, ")");
     const int64_t pid = position_of(p, t);
-    TORCH_CHECK_VALUE(pid >= 0 && pid < p.n_pos, "position_ids out of range: position ", pid,
+    FB_CHECK_VALUE(pid >= 0 && pid < p.n_pos, "position_ids out of range: position ", pid,
                       " at flat position ", t, " is outside [0, ", p.n_pos, ")");
     if (p.seg_ids) {
       const int64_t sid = p.seg_ids[t];
-      TORCH_CHECK_VALUE(sid >= 0 && sid < p.n_seg, "segment_ids out of range: segment id ", sid,
+      FB_CHECK_VALUE(sid >= 0 && sid < p.n_seg, "segment_ids out of range: segment id ", sid,
                         " at flat position ", t, " is outside [0, ", p.n_seg, ")");
     }
   }
@@ -92,7 +89,7 @@ inline acc_t lane_sum(int64_t n, F f) {
 
 template <typename scalar_t>
 void forward_impl(const EmbedParams& p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_t_of<scalar_t>;
   const int64_t N = p.hidden;
   const auto* w = static_cast<const scalar_t*>(p.ln_w);
   const auto* bias = static_cast<const scalar_t*>(p.ln_b);
@@ -100,7 +97,7 @@ void forward_impl(const EmbedParams& p) {
   auto* mean_out = static_cast<acc_t*>(p.mean);
   auto* rstd_out = static_cast<acc_t*>(p.rstd);
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
-  at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(N);
     for (int64_t t = begin; t < end; ++t) {
       gather_row<scalar_t, acc_t>(p, t, x.data());
@@ -133,7 +130,7 @@ void forward_impl(const EmbedParams& p) {
 template <typename scalar_t, typename src_t, typename IdxFn>
 void scatter_rows(const src_t* src, int64_t T, int64_t N, int64_t R, IdxFn idx, int64_t padding_idx,
                   scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_t_of<scalar_t>;
   std::vector<int64_t> start(R + 1, 0), order(T);
   for (int64_t t = 0; t < T; ++t) ++start[idx(t) + 1];
   for (int64_t r = 0; r < R; ++r) start[r + 1] += start[r];
@@ -143,7 +140,7 @@ void scatter_rows(const src_t* src, int64_t T, int64_t N, int64_t R, IdxFn idx, 
   }
   constexpr int64_t kCols = 64;
   const int64_t col_blocks = (N + kCols - 1) / kCols;
-  at::parallel_for(0, R * col_blocks, 16, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, R * col_blocks, 16, [&](int64_t begin, int64_t end) {
     acc_t acc[kCols];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / col_blocks;
@@ -162,27 +159,28 @@ void scatter_rows(const src_t* src, int64_t T, int64_t N, int64_t R, IdxFn idx, 
 }
 
 template <typename scalar_t>
-std::vector<at::Tensor> backward_impl(EmbedArgs& a, const at::Tensor& grad, const at::Tensor& mean,
-                                      const at::Tensor& rstd, int64_t padding_idx, int64_t seg_padding_idx,
-                                      bool need_tok, bool need_pos, bool need_seg) {
-  using acc_t = at::opmath_type<scalar_t>;
+std::array<Tensor, 5> backward_impl(EmbedArgs& a, const Tensor& grad, const Tensor& mean, const Tensor& rstd,
+                                    int64_t padding_idx, int64_t seg_padding_idx, bool need_tok, bool need_pos,
+                                    bool need_seg) {
+  using acc_t = acc_t_of<scalar_t>;
   const EmbedParams& p = a.p;
   const int64_t T = p.tokens, N = p.hidden;
-  const auto* g = grad.data_ptr<scalar_t>();
+  const auto* g = ptr<const scalar_t>(grad);
   const bool ln = p.ln_w != nullptr;
-  const auto empty = at::empty({0}, a.tok.options());
-  at::Tensor grad_w = empty, grad_b = empty, dx;
+  const ScalarType st = a.tok.scalar_type();
+  const Tensor empty = new_empty(a.tok, {0}, st);
+  Tensor grad_w = empty, grad_b = empty, dx;
   const acc_t* dxp = nullptr;
   if (ln || p.dropout) {
-    dx = at::empty({T, N}, a.tok.options().dtype(acc_type(a.tok.scalar_type())));
-    auto* dxw = dx.data_ptr<acc_t>();
+    dx = new_empty(a.tok, {T, N}, acc_type(st));
+    auto* dxw = ptr<acc_t>(dx);
     const int64_t chunks = (T + kLnRowsPerChunk - 1) / kLnRowsPerChunk;
     std::vector<acc_t> partial(ln ? chunks * 2 * N : 0, acc_t(0));
     const auto* w = static_cast<const scalar_t*>(p.ln_w);
-    const acc_t* mp = ln ? mean.data_ptr<acc_t>() : nullptr;
-    const acc_t* rp = ln ? rstd.data_ptr<acc_t>() : nullptr;
+    const acc_t* mp = ln ? ptr<const acc_t>(mean) : nullptr;
+    const acc_t* rp = ln ? ptr<const acc_t>(rstd) : nullptr;
     const acc_t scale = static_cast<acc_t>(p.drop_scale);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> x(N), gd(N);
       for (int64_t c = c0; c < c1; ++c) {
         acc_t* pw = ln ? partial.data() + c * 2 * N : nullptr;
@@ -219,11 +217,11 @@ std::vector<at::Tensor> backward_impl(EmbedArgs& a, const at::Tensor& grad, cons
       }
     });
     if (ln) {
-      grad_w = at::empty({N}, a.tok.options());
-      grad_b = at::empty({N}, a.tok.options());
-      auto* gw = grad_w.data_ptr<scalar_t>();
-      auto* gb = grad_b.data_ptr<scalar_t>();
-      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      grad_w = new_empty(a.tok, {N}, st);
+      grad_b = new_empty(a.tok, {N}, st);
+      auto* gw = ptr<scalar_t>(grad_w);
+      auto* gb = ptr<scalar_t>(grad_b);
+      torch::stable::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
           acc_t sw = 0, sb = 0;
           for (int64_t c = 0; c < chunks; ++c) {
@@ -237,79 +235,73 @@ std::vector<at::Tensor> backward_impl(EmbedArgs& a, const at::Tensor& grad, cons
     }
     dxp = dxw;
   }
-  auto scatter = [&](at::Tensor& out, int64_t R, auto idx, int64_t pad) {
-    out = at::zeros({R, N}, a.tok.options());
+  auto scatter = [&](Tensor& out, int64_t R, auto idx, int64_t pad) {
+    out = new_zeros(a.tok, {R, N}, st);
     if (dxp) {
-      scatter_rows(dxp, T, N, R, idx, pad, out.data_ptr<scalar_t>());
+      scatter_rows(dxp, T, N, R, idx, pad, ptr<scalar_t>(out));
     } else {
-      scatter_rows(g, T, N, R, idx, pad, out.data_ptr<scalar_t>());
+      scatter_rows(g, T, N, R, idx, pad, ptr<scalar_t>(out));
     }
   };
-  at::Tensor gt = empty, gp = empty, gs = empty;
+  Tensor gt = empty, gp = empty, gs = empty;
   if (need_tok) scatter(gt, p.vocab, [&](int64_t t) { return p.ids[t]; }, padding_idx);
   if (need_pos) scatter(gp, p.n_pos, [&](int64_t t) { return position_of(p, t); }, -1);
   if (need_seg && p.seg_ids) scatter(gs, p.n_seg, [&](int64_t t) { return p.seg_ids[t]; }, seg_padding_idx);
   return {gt, gp, gs, grad_w, grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_gather_cpu(
-    const at::Tensor& input_ids, const at::Tensor& token_weight, const at::Tensor& position_weight,
-    const c10::optional<at::Tensor>& segment_ids, const c10::optional<at::Tensor>& segment_weight,
-    const c10::optional<at::Tensor>& position_ids, const c10::optional<at::Tensor>& ln_weight,
-    const c10::optional<at::Tensor>& ln_bias, double eps, double dropout_p, int64_t seed, int64_t offset,
-    int64_t /*padding_idx*/, int64_t /*segment_padding_idx*/, bool /*deterministic*/) {
+std::tuple<Tensor, Tensor, Tensor> embedding_gather_cpu(
+    Tensor input_ids, Tensor token_weight, Tensor position_weight, OptTensor segment_ids,
+    OptTensor segment_weight, OptTensor position_ids, OptTensor ln_weight, OptTensor ln_bias, double eps,
+    double dropout_p, int64_t seed, int64_t offset, int64_t /*padding_idx*/, int64_t /*segment_padding_idx*/,
+    bool /*deterministic*/) {
   EmbedArgs a = embed_args(input_ids, token_weight, position_weight, segment_ids, segment_weight,
                            position_ids, ln_weight, ln_bias, eps, dropout_p, seed, offset);
   check_ids_cpu(a.p);
   const int64_t T = a.p.tokens;
-  auto out = at::empty({a.batch, a.p.seq, a.p.hidden}, a.tok.options());
-  const auto stat_opts = a.tok.options().dtype(acc_type(a.tok.scalar_type()));
-  auto mean = at::empty({a.p.ln_w ? T : 0}, stat_opts);
-  auto rstd = at::empty({a.p.ln_w ? T : 0}, stat_opts);
+  const ScalarType st = a.tok.scalar_type();
+  Tensor out = new_empty(a.tok, {a.batch, a.p.seq, a.p.hidden}, st);
+  Tensor mean = new_empty(a.tok, {a.p.ln_w ? T : 0}, acc_type(st));
+  Tensor rstd = new_empty(a.tok, {a.p.ln_w ? T : 0}, acc_type(st));
   a.p.out = out.data_ptr();
   a.p.mean = mean.data_ptr();
   a.p.rstd = rstd.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.tok.scalar_type(), "embedding_gather_cpu",
-                                  [&] { forward_impl<scalar_t>(a.p); });
+  dispatch_floating(st, "token_weight", [&](auto tag) { forward_impl<decltype(tag)>(a.p); });
   return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_gather_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& input_ids, const at::Tensor& token_weight,
-    const at::Tensor& position_weight, const c10::optional<at::Tensor>& segment_ids,
-    const c10::optional<at::Tensor>& segment_weight, const c10::optional<at::Tensor>& position_ids,
-    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
-    const at::Tensor& mean, const at::Tensor& rstd, double dropout_p, int64_t seed, int64_t offset,
-    int64_t padding_idx, int64_t segment_padding_idx, bool need_token, bool need_position,
-    bool need_segment, bool deterministic) {
-  (void)deterministic;  // the CPU op is always deterministic
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embedding_gather_backward_cpu(
+    Tensor grad, Tensor input_ids, Tensor token_weight, Tensor position_weight, OptTensor segment_ids,
+    OptTensor segment_weight, OptTensor position_ids, OptTensor ln_weight, OptTensor ln_bias, Tensor mean,
+    Tensor rstd, double dropout_p, int64_t seed, int64_t offset, int64_t padding_idx, int64_t segment_padding_idx,
+    bool need_token, bool need_position, bool need_segment, bool /*deterministic: the CPU op always is*/) {
   EmbedArgs a = embed_args(input_ids, token_weight, position_weight, segment_ids, segment_weight,
                            position_ids, ln_weight, ln_bias, 0.0, dropout_p, seed, offset);
   check_ids_cpu(a.p);
-  TORCH_CHECK_VALUE(grad.dim() == 3 && grad.size(0) == a.batch && grad.size(1) == a.p.seq &&
-                        grad.size(2) == a.p.hidden,
-                    "grad must be [", a.batch, ", ", a.p.seq, ", ", a.p.hidden, "], got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == token_weight.scalar_type(), "grad dtype ", grad.scalar_type(),
-                   " != table dtype ", token_weight.scalar_type());
+  FB_CHECK_VALUE(grad.dim() == 3 && grad.size(0) == a.batch && grad.size(1) == a.p.seq &&
+                     grad.size(2) == a.p.hidden,
+                 "grad must be [", a.batch, ", ", a.p.seq, ", ", a.p.hidden, "], got ", shape_str(grad));
+  FB_CHECK_TYPE(grad.scalar_type() == token_weight.scalar_type(), "grad dtype ", dtype_str(grad.scalar_type()),
+                " != table dtype ", dtype_str(token_weight.scalar_type()));
   if (a.p.ln_w) {
-    TORCH_CHECK_VALUE(mean.numel() == a.p.tokens && rstd.numel() == a.p.tokens,
-                      "mean/rstd must hold one value per token");
+    FB_CHECK_VALUE(mean.numel() == a.p.tokens && rstd.numel() == a.p.tokens,
+                   "mean/rstd must hold one value per token");
   }
-  const auto g = grad.contiguous();
-  const auto m = mean.contiguous(), r = rstd.contiguous();
-  std::vector<at::Tensor> res;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.tok.scalar_type(), "embedding_backward_cpu", [&] {
-    res = backward_impl<scalar_t>(a, g, m, r, padding_idx, segment_padding_idx, need_token, need_position,
-                                  need_segment);
+  const Tensor g = torch::stable::contiguous(grad);
+  const Tensor m = torch::stable::contiguous(mean), r = torch::stable::contiguous(rstd);
+  std::array<Tensor, 5> res;
+  dispatch_floating(a.tok.scalar_type(), "token_weight", [&](auto tag) {
+    res = backward_impl<decltype(tag)>(a, g, m, r, padding_idx, segment_padding_idx, need_token, need_position,
+                                       need_segment);
   });
   return {res[0], res[1], res[2], res[3], res[4]};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
-  m.impl("embedding_gather", &embedding_gather_cpu);
-  m.impl("embedding_gather_backward", &embedding_gather_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
+  m.impl("embedding_gather", TORCH_BOX(&embedding_gather_cpu));
+  m.impl("embedding_gather_backward", TORCH_BOX(&embedding_gather_backward_cpu));
 }
 
 }  // namespace fastbert

@@ -1,12 +1,21 @@
-// fastbert._C: operator schemas (TORCH_LIBRARY) and the Python module.
+// fastbert._C: operator schemas (STABLE_TORCH_LIBRARY) and the Python module.
+//
+// Built on the LibTorch stable ABI (see common.h): the module imports no C++ symbol of ATen, c10 or
+// torch, only libtorch's C shim, so a build made against one torch >= 2.10 loads under later ones. With
+// Py_LIMITED_API (setup.py) it is also one binary for every CPython >= 3.10 (abi3).
 //
 // CPU kernels: embed.cpp, mlm_mask.cpp. CUDA kernels: cuda/*.cu (torch-free), registered for the CUDA
 // dispatch key by cuda/glue.cpp, which is compiled only in CUDA builds (FASTBERT_WITH_CUDA).
 // Autograd, fake (meta) implementations and the user-facing wrappers live in fastbert/ops/.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/version.h>
 
-TORCH_LIBRARY(fastbert, m) {
+#ifndef FASTBERT_ABI_TARGET
+#define FASTBERT_ABI_TARGET "unknown"
+#endif
+
+STABLE_TORCH_LIBRARY(fastbert, m) {
   // out [B, S, N] = dropout(LN(tok[ids] + pos[pid] + seg[sids])); mean, rstd [T] fp32 (fp64 for fp64
   // tables) when ln_weight is given, else empty. Dropout keeps element e when Philox(seed, offset)
   // says so (see philox.h), so the backward regenerates the mask. padding_idx, segment_padding_idx
@@ -44,8 +53,15 @@ PyObject* with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* abi_target(PyObject*, PyObject*) { return PyUnicode_FromString(FASTBERT_ABI_TARGET); }
+
+PyObject* built_with_torch(PyObject*, PyObject*) { return PyUnicode_FromString(TORCH_VERSION); }
+
 PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"abi_target", abi_target, METH_NOARGS,
+     "The oldest torch this build loads under (LibTorch stable ABI, TORCH_TARGET_VERSION)."},
+    {"built_with_torch", built_with_torch, METH_NOARGS, "The torch version whose headers built this module."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -1,10 +1,6 @@
 // CPU implementation of fastbert::mlm_mask (schema in fastbert.cpp, rules in kernels.h MlmParams).
 // Parallel over rows; every random word comes from Philox keyed by (seed, offset, flat position), so
 // the result does not depend on the thread count and equals the CUDA kernel's bit for bit.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -50,7 +46,7 @@ void mlm_rows(const MlmParams& p) {
   auto* labels = static_cast<index_t*>(p.labels);
   const SpecialSet special(p.special, p.n_special, p.vocab);
   const bool simple = p.word_starts == nullptr && p.max_predictions < 0;
-  at::parallel_for(0, p.rows, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, p.rows, 1, [&](int64_t b0, int64_t b1) {
     if (simple) {  // one pass: each token on its own; parameters in locals (no reloads after stores)
       const uint64_t seed = p.seed, offset = p.offset, choose = p.choose_threshold;
       const auto ignore = static_cast<index_t>(p.ignore_index);
@@ -122,8 +118,8 @@ void mlm_rows(const MlmParams& p) {
 }
 
 template <typename index_t>
-void check_ids(const at::Tensor& ids, int64_t vocab) {
-  const auto* x = ids.data_ptr<index_t>();
+void check_ids(const Tensor& ids, int64_t vocab) {
+  const auto* x = ptr<const index_t>(ids);
   const int64_t n = ids.numel();
   if (n == 0) return;
   index_t lo = x[0], hi = x[0];
@@ -133,43 +129,43 @@ void check_ids(const at::Tensor& ids, int64_t vocab) {
   }
   if (lo >= 0 && static_cast<int64_t>(hi) < vocab) return;
   for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK_VALUE(x[t] >= 0 && x[t] < vocab, "input_ids out of range: id ", static_cast<int64_t>(x[t]),
+    FB_CHECK_VALUE(x[t] >= 0 && x[t] < vocab, "input_ids out of range: id ", static_cast<int64_t>(x[t]),
                       " at flat position ", t, " is outside [0, ", vocab, ")");
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_mask_cpu(
-    const at::Tensor& input_ids, const at::Tensor& special_ids, const c10::optional<at::Tensor>& word_starts,
-    int64_t vocab_size, int64_t mask_id, int64_t ignore_index, int64_t seed, int64_t offset,
-    int64_t choose_threshold, int64_t mask_threshold, int64_t random_threshold, int64_t max_predictions) {
+std::tuple<Tensor, Tensor, Tensor> mlm_mask_cpu(Tensor input_ids, Tensor special_ids, OptTensor word_starts,
+                                                int64_t vocab_size, int64_t mask_id, int64_t ignore_index,
+                                                int64_t seed, int64_t offset, int64_t choose_threshold,
+                                                int64_t mask_threshold, int64_t random_threshold,
+                                                int64_t max_predictions) {
   MlmParams p = mlm_args(input_ids, special_ids, word_starts, vocab_size, mask_id, ignore_index, seed, offset,
                          choose_threshold, mask_threshold, random_threshold, max_predictions);
-  const auto ids = input_ids.contiguous();
-  const auto special = special_ids.contiguous();
-  const int64_t* sp = special.data_ptr<int64_t>();
+  const Tensor ids = torch::stable::contiguous(input_ids);
+  const Tensor special = torch::stable::contiguous(special_ids);
+  const int64_t* sp = ptr<const int64_t>(special);
   for (int64_t i = 0; i < p.n_special; ++i) {
-    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < vocab_size, "special id ", sp[i], " is outside [0, ", vocab_size,
-                      ")");
-    TORCH_CHECK_VALUE(i == 0 || sp[i] > sp[i - 1], "special ids must be sorted and unique");
+    FB_CHECK_VALUE(sp[i] >= 0 && sp[i] < vocab_size, "special id ", sp[i], " is outside [0, ", vocab_size, ")");
+    FB_CHECK_VALUE(i == 0 || sp[i] > sp[i - 1], "special ids must be sorted and unique");
   }
   if (p.ids_int32) {
     check_ids<int32_t>(ids, vocab_size);
   } else {
     check_ids<int64_t>(ids, vocab_size);
   }
-  at::Tensor ws;
-  if (word_starts.has_value() && word_starts->defined()) {
-    ws = word_starts->contiguous();
-    p.word_starts = reinterpret_cast<const uint8_t*>(ws.data_ptr<bool>());
+  OptTensor ws;
+  if (given(word_starts)) {
+    ws = torch::stable::contiguous(*word_starts);
+    p.word_starts = ptr<const uint8_t>(*ws);
   }
-  auto out = at::empty_like(ids);
-  auto labels = at::empty_like(ids);
-  auto chosen = at::empty(ids.sizes(), ids.options().dtype(at::kBool));
+  Tensor out = torch::stable::empty_like(ids);
+  Tensor labels = torch::stable::empty_like(ids);
+  Tensor chosen = new_empty(ids, sizes_of(ids), ScalarType::Bool);
   p.ids = ids.data_ptr();
   p.special = sp;
   p.out = out.data_ptr();
   p.labels = labels.data_ptr();
-  p.chosen = reinterpret_cast<uint8_t*>(chosen.data_ptr<bool>());
+  p.chosen = ptr<uint8_t>(chosen);
   if (p.ids_int32) {
     mlm_rows<int32_t>(p);
   } else {
@@ -180,6 +176,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_mask_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastbert, CPU, m) { m.impl("mlm_mask", &mlm_mask_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(fastbert, CPU, m) { m.impl("mlm_mask", TORCH_BOX(&mlm_mask_cpu)); }
 
 }  // namespace fastbert
