@@ -1,0 +1,103 @@
+"""fastbert._C as built: loaded whenever it was built, on the LibTorch stable ABI, thread-count invariant.
+
+* A compiled _C next to the fastbert under test must load (no silent fallback to the reference);
+  FASTBERT_REQUIRE_EXTENSION=1 (CI) also fails when none was built.
+* The module imports no C++ symbol of c10, ATen or torch (`nm -D --undefined-only`), only libtorch's C
+  shim: that is what lets one build load under every torch >= its ABI target (tools/abi_check.sh
+  builds once and runs the csrc tests under a second torch).
+* The CPU ops split work over torch's intra-op threads (torch.set_num_threads); every reduction runs in
+  a fixed order, so 1, 2, 3 or 5 threads give the same bits.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import _ext
+
+PKG = os.path.dirname(os.path.abspath(fastbert.__file__))
+BUILT = sorted(glob.glob(os.path.join(PKG, "_C*.so")) + glob.glob(os.path.join(PKG, "_C*.pyd")))
+REQUIRE = os.environ.get("FASTBERT_REQUIRE_EXTENSION", "0") == "1"
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"fastbert._C not loaded: {_ext.load_error}")
+
+
+def test_extension_loads_when_built():
+    if not BUILT:
+        if REQUIRE:
+            pytest.fail(f"FASTBERT_REQUIRE_EXTENSION=1 but no fastbert/_C was built in {PKG}")
+        pytest.skip(f"no compiled fastbert._C in {PKG} (source tree without a build)")
+    assert _ext.available(), f"{BUILT[0]} exists but did not load: {_ext.load_error}"
+    for op in ("embedding_gather", "embedding_gather_backward", "mlm_mask"):
+        assert _ext.has_op(op), op
+
+
+@needs_ext
+def test_abi_target_and_build_torch():
+    from fastbert import _C
+
+    assert _C.abi_target() == "2.10"
+    built = tuple(int(x) for x in _C.built_with_torch().split(".")[:2])
+    assert built >= (2, 10), _C.built_with_torch()
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_no_unstable_cxx_symbols():
+    so = [p for p in BUILT if p.endswith(".so")]
+    if not so:
+        pytest.skip("not an ELF build")
+    out = subprocess.run(["nm", "-D", "--undefined-only", "-C", so[0]], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    undefined = [line.split(None, 1)[1] for line in out.splitlines() if len(line.split(None, 1)) == 2]
+    unstable = [s for s in undefined if re.match(r"(c10|at|torch|caffe2|pybind11)::", s)]
+    assert not unstable, f"{len(unstable)} unstable C++ symbols imported, e.g. {unstable[:5]}"
+    # and it does use the C shim (a build on the regular ABI would import neither)
+    assert "torch_library_impl" in out and "torch_parallel_for" in out
+
+
+def _embed_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, seq, hidden, vocab = 6, 160, 96, 257  # 960 tokens: several parallel chunks at any thread count
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    tables = [torch.randn(rows, hidden, generator=g) for rows in (vocab, seq, 3)]
+    sids = torch.randint(0, 3, (batch, seq), generator=g)
+    ln_w, ln_b = torch.randn(hidden, generator=g), torch.randn(hidden, generator=g)
+    grad = torch.randn(batch, seq, hidden, generator=g)
+    return ids, tables, sids, ln_w, ln_b, grad
+
+
+def _run_ops(case):
+    ids, (tok, pos, seg), sids, ln_w, ln_b, grad = case
+    f = torch.ops.fastbert
+    out, mean, rstd = f.embedding_gather(ids, tok, pos, sids, seg, None, ln_w, ln_b, 1e-12, 0.1, 7, 3, 0, -1,
+                                         True)
+    grads = f.embedding_gather_backward(grad, ids, tok, pos, sids, seg, None, ln_w, ln_b, mean, rstd, 0.1, 7,
+                                        3, 0, -1, True, True, True, True)
+    special = torch.tensor([0, 1, 2], dtype=torch.int64)
+    starts = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.7
+    masks = [f.mlm_mask(ids, special, ws, 257, 1, -100, 11, 4, 2**31, 2**32 * 8 // 10, 2**32 // 10, cap)
+             for ws, cap in ((None, -1), (starts, 20))]
+    return [out, mean, rstd, *grads, *(t for m in masks for t in m)]
+
+
+@needs_ext
+def test_same_bits_for_any_thread_count():
+    case = _embed_case(0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = _run_ops(case)
+        for threads in (2, 3, 5):
+            torch.set_num_threads(threads)
+            got = _run_ops(case)
+            for i, (a, b) in enumerate(zip(expected, got)):
+                assert torch.equal(a, b), f"output {i} differs between 1 and {threads} threads"
+    finally:
+        torch.set_num_threads(before)
