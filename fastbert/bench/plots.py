@@ -12,7 +12,7 @@ import os
 import re
 from collections import OrderedDict
 
-from .report import SEQ_KEYS
+SEQ_KEYS = ("seq", "seq_len", "seqlen", "max_seqlen", "S")  # benchmark params that give a seq length
 
 MAX_PANELS = 12
 MAX_BARS = 60

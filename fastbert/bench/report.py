@@ -17,7 +17,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 PROVIDER_KEYS = ("provider", "impl", "backend", "variant", "method")
-SEQ_KEYS = ("seq", "seq_len", "seqlen", "max_seqlen", "S")
 OURS_PATTERN = r"fastbert|triton|fused|ours|\bext\b|\bcpp\b"
 
 
