@@ -68,10 +68,10 @@ def labels_for(name, cfg, inputs):
     return {}
 
 
-def loss_of(out, inputs, weights):
+def loss_of(out, real, weights):
     if getattr(out, "loss", None) is not None:
         return out.loss
-    h = out.last_hidden_state * inputs["attention_mask"][..., None]  # base model: a fixed projection
+    h = out.last_hidden_state * real[..., None]  # base model: a fixed projection
     pooled = 0.0 if out.pooler_output is None else out.pooler_output.sum()
     return (h * weights).sum() + pooled
 
@@ -92,25 +92,24 @@ def primary(out):
     raise AssertionError(f"no output to compare in {type(out).__name__}")
 
 
-def compare_models(stock, patched, inputs, labels, tol=1e-5):
-    """Forward + backward of both; loss, outputs at real tokens and every gradient within tol."""
+def compare_models(stock, patched, inputs, labels, tol=1e-5, real=None):
+    """Forward + backward of both; loss, outputs at real tokens and every gradient within tol.
+    real: [B, S] real-token mask (default: inputs["attention_mask"])."""
+    real = inputs["attention_mask"] if real is None else real
     torch.manual_seed(0)
     weights = torch.randn(HIDDEN)
     outs = []
     for model in (stock, patched):
         model.zero_grad(set_to_none=True)
         out = model(**inputs, **labels)
-        loss_of(out, inputs, weights).backward()
+        loss_of(out, real, weights).backward()
         outs.append(out)
     (ref, ours) = outs
-    assert_close(loss_of(ours, inputs, weights), loss_of(ref, inputs, weights), "loss", tol)
+    assert_close(loss_of(ours, real, weights), loss_of(ref, real, weights), "loss", tol)
     key, ref_logits = primary(ref)
     ours_logits = getattr(ours, key)
-    if ref_logits.dim() >= 3 and ref_logits.shape[:2] == inputs["attention_mask"].shape:  # per token
-        keep = inputs["attention_mask"].bool()
-        assert_close(ours_logits[keep], ref_logits[keep], key, tol)
-    elif ref_logits.dim() == 2 and ref_logits.shape == inputs["attention_mask"].shape:  # QA start logits
-        keep = inputs["attention_mask"].bool()
+    if ref_logits.shape[:2] == real.shape:  # per token ([B, S, ...]; QA start logits [B, S])
+        keep = real.bool()
         assert_close(ours_logits[keep], ref_logits[keep], key, tol)
     else:
         assert_close(ours_logits, ref_logits, key, tol)
@@ -204,8 +203,10 @@ def test_patch_keeps_class_params_and_keys():
     assert is_patched(patched) and not is_patched(stock)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_padded_row_equals_sequence_alone(family):
+@pytest.mark.parametrize("family,fused", [("bert", False), ("roberta", False), ("bert", True)])
+def test_padded_row_equals_sequence_alone(family, fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     cfg = config(family)
     _, model = stock_and_patched(transformers.AutoModel.from_config(cfg).__class__, cfg)
     model.eval()
@@ -232,8 +233,10 @@ def packed(cfg, seqs, flash_kwargs):
     return collator([{"input_ids": s.tolist()} for s in seqs])
 
 
-@pytest.mark.parametrize("flash_kwargs", [False, True])
-def test_packed_batch_runs_varlen_without_cross_contamination(flash_kwargs):
+@pytest.mark.parametrize("flash_kwargs,fused", [(False, False), (True, False), (True, True)])
+def test_packed_batch_runs_varlen_without_cross_contamination(flash_kwargs, fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     cfg = config()
     stock, model = stock_and_patched(transformers.BertModel, cfg)
     seqs = [torch.randint(3, VOCAB, (n,)) for n in (7, 3, 10)]
@@ -310,6 +313,25 @@ def test_decoder_and_cross_attention_match_stock(cross_len):
         enc_mask[1, cross_len // 2:] = 0
         inputs["encoder_attention_mask"] = enc_mask
     compare_models(stock, patched, inputs, labels)
+
+
+def test_custom_4d_mask_and_inputs_embeds_take_the_stock_path():
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertModel, cfg)
+    inputs = padded_batch(cfg)
+    # a 4D boolean mask (True = attend) that is not a padding pattern: each query sees a window
+    pos = torch.arange(SEQ)
+    window = (pos[:, None] - pos[None, :]).abs() <= 3
+    mask4d = window[None, None].expand(BATCH, 1, SEQ, SEQ) & inputs["attention_mask"].bool()[:, None, None, :]
+    custom = dict(inputs, attention_mask=mask4d)
+    compare_models(stock, patched, custom, {}, real=inputs["attention_mask"])
+    with torch.no_grad():
+        assert_close(patched(**custom).last_hidden_state, stock(**custom).last_hidden_state, "4D mask, all")
+        embeds = stock.embeddings.word_embeddings(inputs["input_ids"])
+        by_embeds = dict(inputs, inputs_embeds=embeds, input_ids=None)
+        got, want = patched(**by_embeds).last_hidden_state, stock(**by_embeds).last_hidden_state
+        keep = inputs["attention_mask"].bool()
+        assert_close(got[keep], want[keep], "inputs_embeds")
 
 
 def test_decoder_with_cache_matches_stock():
