@@ -534,3 +534,33 @@ def test_import_fastbert_does_not_import_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "fastbert.hf.patch"
+
+
+def test_encoders_that_reuse_bert_modules():
+    """DPR's encoders hold a transformers BertModel: the same classes, patched the same way."""
+    cfg = transformers.DPRConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                 num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=40,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, projection_dim=16)
+    stock, patched = stock_and_patched(transformers.DPRQuestionEncoder, cfg)
+    assert patched.question_encoder.bert_model.config._attn_implementation == "fastbert"
+    inputs = padded_batch(config())
+    inputs.pop("token_type_ids")
+    with torch.no_grad():
+        assert_close(patched(**inputs).pooler_output, stock(**inputs).pooler_output, "DPR pooled output")
+
+
+def test_dropout_in_training_and_eval_equals_stock():
+    cfg = config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    stock, patched = stock_and_patched(transformers.BertModel, cfg)
+    inputs = padded_batch(cfg)
+    keep = inputs["attention_mask"].bool()
+    patched.train()
+    torch.manual_seed(7)
+    first = patched(**inputs).last_hidden_state
+    second = patched(**inputs).last_hidden_state
+    assert torch.isfinite(first).all() and not torch.allclose(first[keep], second[keep])
+    stock.eval()
+    patched.eval()
+    with torch.no_grad():
+        got, want = patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state
+    assert_close(got[keep], want[keep], "eval")
