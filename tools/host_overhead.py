@@ -1,21 +1,42 @@
-"""Host time of a BERT training step, measured on a CPU with fastbert's Triton launches stubbed out.
+"""Host time of a BERT training step, measured on a CPU where the ops compute (almost) nothing.
 
-On a GPU a BERT-base step at BERT sizes takes about 10 ms of device time; if the Python host work
-(module calls, op wrappers, autograd, launches) takes as long, the step is host-bound and no kernel
-speed-up shows. This tool measures that host work without a GPU: it runs the fast path (the one
-CUDA tensors take: unpadded encoder, fused-op wrappers, autograd.Functions) on tiny CPU tensors with
-every Triton kernel launch replaced by a no-op, so what is timed is the host code around the kernels.
-The baselines (HF BertModel with sdpa and eager attention, bert_pytorch) run at the same tiny size,
-where their CPU ops cost little more than their dispatch. Not measured here: Triton's own launcher
-(tens of microseconds per launch in triton 3.x) and the CUDA driver's launch cost.
+On a GPU a BERT-base step takes about 10 ms of device time; if the Python host work (module calls,
+op wrappers, autograd, dispatch, launches) takes as long, the step is host-bound and no kernel
+speed-up shows. This tool measures that host work without a GPU:
+  - the model is tiny (default hidden 32, 2 heads, 4 x 16 tokens), so each aten op costs its dispatch
+    and not its arithmetic (a matmul here is a few thousand multiply-adds);
+  - fastbert runs its fused path (the one CUDA tensors take) with every Triton kernel launch replaced
+    by a no-op that only counts, so what is timed is the host code around the kernels.
+The baselines (transformers BertModel with sdpa and eager attention, bert_pytorch) run at the same
+size. Each row reports, per training step (forward, a square loss, backward):
+  ms/step, ms/layer  median host time: CPU time of the one thread torch runs on (time.thread_time, so
+                     other processes competing for the CPU do not inflate it)
+  launches           kernels a GPU would launch: Triton launches, plus every aten or fastbert C++ op
+                     that computes (views, detach and allocations launch nothing); each costs the CUDA
+                     driver a few microseconds beyond the host time measured here
+  syncs              values read back to the host (aten _local_scalar_dense: .item(), bool(), int()
+                     of a tensor; nonzero): on a GPU each stops the host until the device catches up
+  aten ops           every aten op dispatched, views included
+Not measured: Triton's own launcher (tens of microseconds per launch in triton 3.x; a CUDA graph
+removes it with the rest of the host work) and the driver's launch cost.
 
-The report also counts aten ops per step (torch profiler): on a GPU each is a kernel launch or more.
+Rows: `fastbert` is the packed step: hf-sdpa's model converted (fastbert.from_hf: the same
+architecture and weights) running Encoder.forward_packed on the batch's real tokens packed into fixed
+slots (fastbert.train.packing), what pretraining runs; `fastbert-hf` the same model on the padded
+batch (unpadded inside: one sync for the count of real tokens); `fastbert-padded` fastbert.BERT (the
+bert_pytorch preset: pre-LN, two more dropouts per layer) on the padded batch; `hf-sdpa`, `hf-eager`
+transformers BertModel; `bert_pytorch` its BERT.
 
-Usage: python tools/host_overhead.py [--layers 12] [--steps 30] [--optimizer] [--profile]
+Timing: each provider is timed in --rounds rounds of --steps steps, providers interleaved, and the
+lowest of its round medians is reported, so a burst of load on a shared machine does not decide.
+
+Usage: python tools/host_overhead.py [--layers 12] [--steps 20] [--rounds 3] [--optimizer] [--profile]
 """
 
 import argparse
+import importlib
 import os
+import pkgutil
 import statistics
 import sys
 import time
@@ -23,15 +44,18 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels (none of them runs)
 os.environ["FASTBERT_BACKEND"] = "triton"
 
+import fastbert.kernels  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from fastbert.kernels import attention as k_attn  # noqa: E402
-from fastbert.kernels import bias_gelu as k_gelu  # noqa: E402
-from fastbert.kernels import layer_norm as k_ln  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fastbert  # noqa: E402
+from fastbert.train.packing import pack_rows  # noqa: E402
 
 LAUNCHES = {"n": 0}
+NO_LAUNCH = ("aten.empty", "aten.new_empty", "aten.detach", "aten.alias", "aten.lift_fresh",
+             "aten._local_scalar_dense", "aten.set_", "aten.resize_")
+SYNCS = ("aten._local_scalar_dense", "aten.nonzero")
 
 
 class _NoLaunch:
@@ -45,10 +69,28 @@ class _NoLaunch:
 
 
 def stub_kernels():
-    for mod in (k_attn, k_gelu, k_ln):
+    """Replace every Triton kernel of every fastbert.kernels module by a counting no-op."""
+    for info in pkgutil.iter_modules(fastbert.kernels.__path__):
+        mod = importlib.import_module(f"fastbert.kernels.{info.name}")
         for name, obj in list(vars(mod).items()):
             if isinstance(obj, triton.runtime.KernelInterface):
                 setattr(mod, name, _NoLaunch())
+
+
+class _Count(TorchDispatchMode):
+    """Counts dispatched ops: all of them, those that would launch a kernel, and host syncs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.launches = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.ops += name.startswith("aten.")
+        if not (getattr(func, "is_view", False) or name.startswith(NO_LAUNCH)):
+            self.launches += 1
+        self.syncs += name.startswith(SYNCS)
+        return func(*args, **(kwargs or {}))
 
 
 def hf_config(args, attn):
@@ -60,82 +102,101 @@ def hf_config(args, attn):
         attn_implementation=attn)
 
 
-def build(provider, args):
+def build(provider, args, batch):
     torch.manual_seed(0)
     if provider == "fastbert-hf":
         import transformers
 
         hf = transformers.BertModel(hf_config(args, "sdpa"), add_pooling_layer=False)
         model = fastbert.from_hf(hf)
-        return model, lambda b: model(b["ids"], b["token_type"], b["mask"])
-    if provider == "fastbert":
+        return model, lambda: model(batch["ids"], batch["token_type"], batch["mask"])
+    if provider == "fastbert":  # the same architecture and weights as hf-sdpa, fed packed
+        import transformers
+
+        model = fastbert.from_hf(transformers.BertModel(hf_config(args, "sdpa"), add_pooling_layer=False))
+        pack = batch["hf_pack"]
+        return model, lambda: model.forward_packed(pack.input_ids, pack.segment_ids, pack.position_ids,
+                                                   pack.cu_seqlens, pack.max_seqlen)
+    if provider == "fastbert-padded":
         model = fastbert.BERT(args.vocab, args.hidden, args.layers, args.heads)
-        return model, lambda b: model(b["ids"], b["seg"])
+        return model, lambda: model(batch["ids"], batch["seg"])
     if provider == "bert_pytorch":
         from bert_pytorch.model import BERT
 
         model = BERT(args.vocab, args.hidden, args.layers, args.heads)
-        return model, lambda b: model(b["ids"], b["seg"])
+        return model, lambda: model(batch["ids"], batch["seg"])
     import transformers
 
     model = transformers.BertModel(hf_config(args, provider.removeprefix("hf-")), add_pooling_layer=False)
-    return model, lambda b: model(input_ids=b["ids"], token_type_ids=b["token_type"],
-                                  attention_mask=b["mask"]).last_hidden_state
+    return model, lambda: model(input_ids=batch["ids"], token_type_ids=batch["token_type"],
+                                attention_mask=batch["mask"]).last_hidden_state
 
 
 def make_batch(args):
+    """Right-padded rows of lengths in [seq/2, seq], and the same rows packed (fastbert's row)."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.seq // 2, args.seq + 1, (args.batch,), generator=g)
     real = torch.arange(args.seq)[None, :] < lengths[:, None]
     ids = torch.randint(1, args.vocab, (args.batch, args.seq), generator=g) * real
     second = torch.arange(args.seq)[None, :] >= (lengths[:, None] // 2)
-    return {"ids": ids, "seg": (1 + second.long()) * real, "token_type": second.long() * real,
-            "mask": real.long()}
+    seg = (1 + second.long()) * real
+    token_type = second.long() * real
+    pack = pack_rows(ids, token_type, torch.zeros(args.batch), tokens=args.batch * args.seq,
+                     max_seqs=2 * args.batch, max_seqlen=args.seq, max_predictions=1)
+    return {"ids": ids, "seg": seg, "token_type": token_type, "mask": real.long(), "hf_pack": pack}
 
 
-def measure(provider, args):
-    model, forward = build(provider, args)
+def setup(provider, args):
+    """(step function, launch/sync/op counts of one step) of a provider, after warm-up steps."""
+    batch = make_batch(args)
+    model, forward = build(provider, args, batch)
     model.train()
     # the optimizer is left out unless asked for: on a GPU it is one fused AdamW for every
     # provider, while on the CPU its per-parameter loop would dominate the step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if args.optimizer else None
-    batch = make_batch(args)
 
     def step():
-        loss = forward(batch).float().square().mean()
+        loss = forward().float().square().mean()
         loss.backward()
         if opt is not None:
             opt.step()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(5):
         step()
     LAUNCHES["n"] = 0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
+    with _Count() as count:
         step()
-        times.append(time.perf_counter() - t0)
-    launches = LAUNCHES["n"] // args.steps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    events = prof.key_averages()
-    aten = sum(e.count for e in events if e.key.startswith("aten::"))
     if args.profile:
-        print(events.table(sort_by="self_cpu_time_total", row_limit=25))
-    return statistics.median(times) * 1e3, launches, aten
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"--- {provider}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return step, (count.launches + LAUNCHES["n"], count.syncs, count.ops)
+
+
+def time_steps(step, n):
+    """Median CPU time of n steps, in ms."""
+    times = []
+    for _ in range(n):
+        t0 = time.thread_time()  # CPU time of this thread: other processes on the machine add nothing
+        step()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=100)
+    parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--providers", default="fastbert,fastbert-hf,bert_pytorch,hf-sdpa,hf-eager")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all providers (best kept)")
+    parser.add_argument("--providers",
+                        default="fastbert,fastbert-padded,fastbert-hf,bert_pytorch,hf-sdpa,hf-eager")
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
     parser.add_argument("--profile", action="store_true", help="print the top ops of each provider")
     args = parser.parse_args(argv)
@@ -144,14 +205,22 @@ def main(argv=None):
     what = "fwd + bwd + AdamW" if args.optimizer else "fwd + bwd"
     print(f"host time per training step ({what}), {args.layers} layers, hidden {args.hidden}, "
           f"batch {args.batch} x seq {args.seq}, torch {torch.__version__}, 1 CPU thread")
-    print(f"{'provider':<14}{'ms/step':>9}{'ms/layer':>10}{'triton launches':>17}{'aten ops':>10}")
+    print(f"{'provider':<16}{'ms/step':>9}{'ms/layer':>10}{'launches':>10}{'syncs':>7}{'aten ops':>10}")
+    steps, counts = {}, {}
     for provider in args.providers.split(","):
         try:
-            ms, launches, aten = measure(provider, args)
+            steps[provider], counts[provider] = setup(provider, args)
         except ImportError as exc:
-            print(f"{provider:<14} skipped: {exc}")
-            continue
-        print(f"{provider:<14}{ms:9.2f}{ms / args.layers:10.3f}{launches:17d}{aten:10d}")
+            print(f"{provider:<16} skipped: {exc}")
+    rows = {p: float("inf") for p in steps}
+    for _ in range(args.rounds):  # providers interleaved; the best round's median of each
+        for provider, step in steps.items():
+            rows[provider] = min(rows[provider], time_steps(step, args.steps))
+    for provider, ms in rows.items():
+        launches, syncs, ops = counts[provider]
+        print(f"{provider:<16}{ms:9.2f}{ms / args.layers:10.3f}{launches:10d}{syncs:7d}{ops:10d}")
+    if "fastbert" in rows and "hf-sdpa" in rows:
+        print(f"host time ratio fastbert / hf-sdpa: {rows['fastbert'] / rows['hf-sdpa']:.2f}")
     return 0
 
 
