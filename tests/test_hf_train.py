@@ -36,15 +36,20 @@ def mlm_batch(vocab, batch=8, seq=16, mask_id=4):
     return {"input_ids": ids.masked_fill(chosen, mask_id), "attention_mask": keep.long(), "labels": labels}
 
 
-def test_convergence_30_steps_same_as_stock():
+@pytest.mark.parametrize("fused,steps", [(False, 30), (True, 6)])
+def test_convergence_same_as_stock(fused, steps, monkeypatch):
     """A small BERT trained 30 AdamW steps with and without the patch from the same init: the loss
-    agrees at every step (errors grow through the optimizer, so 1e-4 relative) and falls."""
+    agrees at every step (errors grow through the optimizer, so 1e-4 relative) and falls. On the fused
+    path (Triton interpreter, slow) 6 steps on smaller batches."""
+    if fused:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     cfg = config()
     torch.manual_seed(0)
     stock = transformers.BertForMaskedLM(cfg).train()
     patched = patch_hf(copy.deepcopy(stock)).train()
     torch.manual_seed(1)
-    batches = [mlm_batch(cfg.vocab_size) for _ in range(3)] * 10  # learnable: three batches, ten epochs
+    batch, seq = (4, 12) if fused else (8, 16)
+    batches = ([mlm_batch(cfg.vocab_size, batch, seq) for _ in range(3)] * 10)[:steps]  # three, repeated
     losses = {}
     for name, model in (("stock", stock), ("patched", patched)):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
@@ -57,7 +62,7 @@ def test_convergence_30_steps_same_as_stock():
             losses[name].append(loss.item())
     for step, (a, b) in enumerate(zip(losses["stock"], losses["patched"], strict=True)):
         assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
-    assert losses["patched"][-1] < losses["patched"][0] - 0.2, losses["patched"]
+    assert losses["patched"][-1] < losses["patched"][0] - (0.2 if steps >= 30 else 0.0), losses["patched"]
 
 
 class _ListDataset(torch.utils.data.Dataset):
