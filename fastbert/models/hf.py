@@ -99,8 +99,10 @@ def fastbert_to_hf_state_dict(sd):
 def from_hf(hf_model, unpad="auto") -> Encoder:
     """A fastbert Encoder (preset "hf") with the weights of a transformers BertModel.
 
-    Its forward(input_ids, token_type_ids=None, attention_mask=None) matches
-    BertModel(...).last_hidden_state.
+    Its forward takes transformers' keyword names, input_ids, token_type_ids=, attention_mask= (1 for
+    real tokens, 0 for padding) and position_ids=, or the same four positionally in that order, and
+    matches BertModel(...).last_hidden_state at real tokens (zeros at padding when it unpads). To
+    keep the transformers model itself (its class, heads and outputs), use fastbert.patch_hf instead.
     """
     model = Encoder(config_from_hf(hf_model.config), unpad=unpad)
     model.load_state_dict(hf_to_fastbert_state_dict(hf_model.state_dict()), strict=True)
