@@ -33,14 +33,20 @@ def _masking():
     return masking_utils
 
 
-def _collector():
-    """transformers' active output collector (a dict of lists) or None; feature-gated."""
+def _find_collector():
     try:
         from transformers.utils import output_capturing
-    except ImportError:  # pragma: no cover - older transformers: no capture hooks
+    except ImportError:  # pragma: no cover - a transformers without capture hooks
         return None
-    active = getattr(output_capturing, "_active_collector", None)
-    return None if active is None else active.get()
+    return getattr(output_capturing, "_active_collector", None)
+
+
+_ACTIVE = _find_collector()
+
+
+def _collector():
+    """transformers' active output collector (a dict of lists) or None; feature-gated."""
+    return None if _ACTIVE is None else _ACTIVE.get()
 
 
 def wants_attentions(module_config=None, kwargs=None) -> bool:
