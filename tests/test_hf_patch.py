@@ -297,8 +297,10 @@ def test_register_is_idempotent():
     assert AttentionMaskInterface._global_mapping["fastbert"] is fhf.fastbert_mask
 
 
-@pytest.mark.parametrize("cross_len", [None, 7, SEQ])
-def test_decoder_and_cross_attention_match_stock(cross_len):
+@pytest.mark.parametrize("cross_len,fused", [(None, False), (7, False), (SEQ, False), (SEQ, True)])
+def test_decoder_and_cross_attention_match_stock(cross_len, fused, monkeypatch):
+    if fused:  # cross-attention over keys as long as the queries runs fastbert's padded attention
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     kw = {"is_decoder": True}
     if cross_len is not None:
         kw["add_cross_attention"] = True
@@ -564,3 +566,14 @@ def test_dropout_in_training_and_eval_equals_stock():
     with torch.no_grad():
         got, want = patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state
     assert_close(got[keep], want[keep], "eval")
+
+
+def test_an_all_padding_row_does_not_disturb_the_others():
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertModel, cfg)
+    inputs = padded_batch(cfg, lengths=[SEQ, 0, 5])
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        got, want = patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state
+    assert torch.isfinite(got).all() and not got[1].any()
+    assert_close(got[keep], want[keep], "rows with tokens")
