@@ -140,6 +140,16 @@ class _EmbedMixin:
                          dropout_p=p, padding_idx=word.padding_idx, segment_padding_idx=tt.padding_idx)
 
 
+def _real_positions(valid, total):
+    """Flat indices of the True entries of valid [B*S]; total (their count, known) spares nonzero's sync."""
+    if hasattr(torch, "nonzero_static"):
+        try:
+            return torch.nonzero_static(valid, size=total).squeeze(1)
+        except (NotImplementedError, RuntimeError):  # a device without it
+            pass
+    return valid.nonzero().squeeze(1)
+
+
 def _scatter(h, index, batch, seq):
     """[1, T, N] or [T, N] real tokens -> [B, S, N] with zeros at padding."""
     h = h.reshape(-1, h.shape[-1])
@@ -180,8 +190,7 @@ class _UnpadEncoderMixin:
         total, max_len = (int(v) for v in torch.stack([cu[-1], lengths.max()]).tolist())  # the one host sync
         if total == batch * seq:  # no padding: the dense layout as it is
             return super().forward(hidden_states, None, *stock[2:], **kwargs)
-        index = torch.nonzero_static(valid, size=total).squeeze(1) if hasattr(torch, "nonzero_static") \
-            else valid.nonzero().squeeze(1)
+        index = _real_positions(valid, total)
         packed = hidden_states.reshape(batch * seq, hidden).index_select(0, index).unsqueeze(0)  # [1, T, N]
         collected = _collector()
         captured = collected.get("hidden_states") if collected is not None else None
