@@ -30,7 +30,11 @@ transformers BertModel; `bert_pytorch` its BERT.
 Timing: each provider is timed in --rounds rounds of --steps steps, providers interleaved, and the
 lowest of its round medians is reported, so a burst of load on a shared machine does not decide.
 
+--per-op adds a table of each fused op's wrapper host time (forward; forward + backward) next to
+torch's native op on the same tensors.
+
 Usage: python tools/host_overhead.py [--layers 12] [--steps 20] [--rounds 3] [--optimizer] [--profile]
+                                     [--per-op]
 """
 
 import argparse
@@ -185,6 +189,52 @@ def time_steps(step, n):
     return statistics.median(times) * 1e3
 
 
+def per_op(args, calls=200):
+    """Host time of each fused op's wrapper (launches stubbed) next to torch's native op, in us per
+    call: forward alone, and forward + backward of a sum. embed is fastbert's C++ op, which runs (on
+    these tiny tensors its arithmetic is a small part)."""
+    import torch.nn.functional as F
+
+    from fastbert import ops
+
+    n, tokens, heads = args.hidden, args.batch * args.seq, args.heads
+    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+    x, r, w, b = leaf(tokens, n), leaf(tokens, n), leaf(n), leaf(n)
+    h, bias = leaf(tokens, 4 * n), leaf(4 * n)
+    q, k, v = (leaf(tokens, heads, n // heads) for _ in range(3))
+    cu = torch.arange(0, tokens + 1, args.seq, dtype=torch.int32)
+    qb, kb, vb = (t.detach().view(args.batch, args.seq, heads, -1).transpose(1, 2).requires_grad_()
+                  for t in (q, k, v))
+    ids = torch.randint(1, args.vocab, (args.batch, args.seq))
+    seg = torch.zeros_like(ids)
+    tok, pos, segw = leaf(args.vocab, n), leaf(512, n), leaf(2, n)
+    cases = {
+        "layer_norm (+residual)": (lambda: ops.layer_norm(x, w, b, 1e-12, residual=r)[0],
+                                   lambda: F.layer_norm(x + r, (n,), w, b, 1e-12)),
+        "bias_gelu": (lambda: ops.bias_gelu(h, bias), lambda: F.gelu(h + bias)),
+        "attention (varlen)": (lambda: ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=args.seq),
+                               lambda: F.scaled_dot_product_attention(qb, kb, vb)),
+        "embed (+LayerNorm)": (lambda: ops.embed(ids, tok, pos, seg, segw, ln_weight=w, ln_bias=b),
+                               lambda: F.layer_norm(F.embedding(ids, tok) + pos[:args.seq]
+                                                    + F.embedding(seg, segw), (n,), w, b)),
+    }
+
+    def us(fn):
+        for _ in range(10):
+            fn()
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn()
+        return (time.thread_time() - t0) / calls * 1e6
+
+    print(f"per-op host time, us per call ({tokens} tokens, hidden {n}; fastbert launches stubbed)")
+    print(f"{'op':<24}{'fastbert fwd':>14}{'native fwd':>12}{'fastbert f+b':>14}{'native f+b':>12}")
+    for name, (fast, native) in cases.items():
+        row = [us(fast), us(native), us(lambda f=fast: f().sum().backward()),
+               us(lambda f=native: f().sum().backward())]
+        print(f"{name:<24}" + "".join(f"{t:{wd}.1f}" for t, wd in zip(row, (14, 12, 14, 12))))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -199,6 +249,8 @@ def main(argv=None):
                         default="fastbert,fastbert-padded,fastbert-hf,bert_pytorch,hf-sdpa,hf-eager")
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
     parser.add_argument("--profile", action="store_true", help="print the top ops of each provider")
+    parser.add_argument("--per-op", action="store_true",
+                        help="also time each fused op's wrapper against torch's native op")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub_kernels()
@@ -219,6 +271,8 @@ def main(argv=None):
     for provider, ms in rows.items():
         launches, syncs, ops = counts[provider]
         print(f"{provider:<16}{ms:9.2f}{ms / args.layers:10.3f}{launches:10d}{syncs:7d}{ops:10d}")
+    if args.per_op:
+        per_op(args)
     if "fastbert" in rows and "hf-sdpa" in rows:
         print(f"host time ratio fastbert / hf-sdpa: {rows['fastbert'] / rows['hf-sdpa']:.2f}")
     return 0
