@@ -13,6 +13,7 @@ padded layout, so its logits are compared at every position.
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -23,6 +24,26 @@ import fastbert
 from fastbert.hf import is_patched, patch_hf, unpatch_hf
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ, BATCH = 64, 32, 2, 2, 64, 11, 3
+CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_device(monkeypatch):
+    """Route fastbert.ops to the Triton kernels; returns the device to run on: CUDA where there is a GPU,
+    else CPU tensors in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    if not (CUDA or INTERP):
+        pytest.skip("the fused path needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    device = "cuda" if CUDA else "cpu"
+    assert fastbert.ops.use_triton(torch.empty(1, device=device))
+    return device
+
+
+def to(tree, device):
+    """Tensors of a dict (or a tensor) moved to device."""
+    if isinstance(tree, dict):
+        return {k: to(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
 
 
 def config(family="bert", **kw):
@@ -100,7 +121,7 @@ def compare_models(stock, patched, inputs, labels, tol=1e-5, real=None):
     real: [B, S] real-token mask (default: inputs["attention_mask"])."""
     real = inputs["attention_mask"] if real is None else real
     torch.manual_seed(0)
-    weights = torch.randn(HIDDEN)
+    weights = torch.randn(HIDDEN).to(real.device)
     outs = []
     for model in (stock, patched):
         model.zero_grad(set_to_none=True)
@@ -135,9 +156,9 @@ def assert_grads_close(stock, patched, tol=1e-5):
     assert checked > 10
 
 
-def stock_and_patched(cls, cfg, **patch_kw):
+def stock_and_patched(cls, cfg, device="cpu", **patch_kw):
     torch.manual_seed(1)
-    stock = cls(cfg)
+    stock = cls(cfg).to(device)
     patched = patch_hf(copy.deepcopy(stock), **patch_kw)
     return stock, patched
 
@@ -149,24 +170,24 @@ ROBERTA_HEADS = ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassi
                  "RobertaForTokenClassification", "RobertaForQuestionAnswering", "RobertaForMultipleChoice"]
 
 
-def run_head(name):
+def run_head(name, device="cpu"):
     family = "roberta" if name.startswith("Roberta") else "bert"
     cfg = config(family, num_labels=2 if name.endswith("QuestionAnswering") else 3)
-    stock, patched = stock_and_patched(getattr(transformers, name), cfg)
+    stock, patched = stock_and_patched(getattr(transformers, name), cfg, device)
     stock.train()  # dropout is 0: train mode exercises the training forwards
     patched.train()
     if name.endswith("ForMultipleChoice"):
         flat = padded_batch(cfg, batch=2 * 2)
         inputs = {k: v.view(2, 2, -1) for k, v in flat.items()}
         labels = {"labels": torch.randint(0, 2, (2,))}
-        compare_models(stock, patched, inputs, labels)
+        compare_models(stock, patched, to(inputs, device), to(labels, device))
         return
     inputs = padded_batch(cfg)
     if name.endswith("NextSentencePrediction"):
         labels = {"labels": torch.randint(0, 2, (BATCH,))}
     else:
         labels = labels_for(name, cfg, inputs)
-    compare_models(stock, patched, inputs, labels)
+    compare_models(stock, patched, to(inputs, device), to(labels, device))
 
 
 @pytest.mark.parametrize("name", BERT_HEADS + ROBERTA_HEADS)
@@ -176,9 +197,8 @@ def test_every_head_matches_stock(name):
 
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "BertForMaskedLM",
                                   "RobertaForTokenClassification", "BertForMultipleChoice"])
-def test_every_head_matches_stock_fused(name, triton_backend):
-    assert fastbert.ops.use_triton(torch.empty(1))
-    run_head(name)
+def test_every_head_matches_stock_fused(name, monkeypatch):
+    run_head(name, fused_device(monkeypatch))
 
 
 def test_question_answering_keeps_the_padded_layout():
@@ -208,12 +228,11 @@ def test_patch_keeps_class_params_and_keys():
 
 @pytest.mark.parametrize("family,fused", [("bert", False), ("roberta", False), ("bert", True)])
 def test_padded_row_equals_sequence_alone(family, fused, monkeypatch):
-    if fused:
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    device = fused_device(monkeypatch) if fused else "cpu"
     cfg = config(family)
-    _, model = stock_and_patched(transformers.AutoModel.from_config(cfg).__class__, cfg)
+    _, model = stock_and_patched(transformers.AutoModel.from_config(cfg).__class__, cfg, device)
     model.eval()
-    inputs = padded_batch(cfg, batch=3, seq=13, lengths=[13, 5, 9])
+    inputs = to(padded_batch(cfg, batch=3, seq=13, lengths=[13, 5, 9]), device)
     with torch.no_grad():
         out = model(**inputs).last_hidden_state
         for b, n in enumerate([13, 5, 9]):
@@ -238,12 +257,12 @@ def packed(cfg, seqs, flash_kwargs):
 
 @pytest.mark.parametrize("flash_kwargs,fused", [(False, False), (True, False), (True, True)])
 def test_packed_batch_runs_varlen_without_cross_contamination(flash_kwargs, fused, monkeypatch):
-    if fused:
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    device = fused_device(monkeypatch) if fused else "cpu"
     cfg = config()
-    stock, model = stock_and_patched(transformers.BertModel, cfg)
+    stock, model = stock_and_patched(transformers.BertModel, cfg, device)
     seqs = [torch.randint(3, VOCAB, (n,)) for n in (7, 3, 10)]
-    batch = packed(cfg, seqs, flash_kwargs)
+    batch = to(packed(cfg, seqs, flash_kwargs), device)
+    seqs = [to(s, device) for s in seqs]
     assert batch["input_ids"].shape == (1, 20) and "attention_mask" not in batch
     batch.pop("labels", None)
     with torch.no_grad():
@@ -302,13 +321,13 @@ def test_register_is_idempotent():
 
 @pytest.mark.parametrize("cross_len,fused", [(None, False), (7, False), (SEQ, False), (SEQ, True)])
 def test_decoder_and_cross_attention_match_stock(cross_len, fused, monkeypatch):
-    if fused:  # cross-attention over keys as long as the queries runs fastbert's padded attention
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    # cross-attention over keys as long as the queries runs fastbert's padded attention
+    device = fused_device(monkeypatch) if fused else "cpu"
     kw = {"is_decoder": True}
     if cross_len is not None:
         kw["add_cross_attention"] = True
     cfg = config(**kw)
-    stock, patched = stock_and_patched(transformers.BertLMHeadModel, cfg)
+    stock, patched = stock_and_patched(transformers.BertLMHeadModel, cfg, device)
     inputs = padded_batch(cfg)
     labels = {"labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
     if cross_len is not None:
@@ -317,7 +336,7 @@ def test_decoder_and_cross_attention_match_stock(cross_len, fused, monkeypatch):
         enc_mask = torch.ones(BATCH, cross_len, dtype=torch.long)
         enc_mask[1, cross_len // 2:] = 0
         inputs["encoder_attention_mask"] = enc_mask
-    compare_models(stock, patched, inputs, labels)
+    compare_models(stock, patched, to(inputs, device), to(labels, device))
 
 
 def test_custom_4d_mask_and_inputs_embeds_take_the_stock_path():
@@ -383,10 +402,9 @@ def test_output_hidden_states_and_attentions_as_stock():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_gradient_checkpointing_matches_stock(fused, monkeypatch):
-    if fused:
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    device = fused_device(monkeypatch) if fused else "cpu"
     cfg = config()
-    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg)
+    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg, device)
     for m in (stock, patched):
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x
             m.activation_checkpointing_enable({"use_reentrant": False})
@@ -394,8 +412,8 @@ def test_gradient_checkpointing_matches_stock(fused, monkeypatch):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
         assert all(layer.gradient_checkpointing for layer in m.bert.encoder.layer)
-    inputs = padded_batch(cfg)
-    compare_models(stock, patched, inputs, {"labels": torch.randint(0, 3, (BATCH,))})
+    labels = {"labels": torch.randint(0, 3, (BATCH,))}
+    compare_models(stock, patched, to(padded_batch(cfg), device), to(labels, device))
 
 
 def compile_and_count(model, inputs):
@@ -418,14 +436,13 @@ def compile_and_count(model, inputs):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_torch_compile_fullgraph(fused, monkeypatch):
-    if fused:
-        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    device = fused_device(monkeypatch) if fused else "cpu"
     cfg = config()
-    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg)
+    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg, device)
     patched.train()
     stock.train()
-    inputs = padded_batch(cfg, batch=2, seq=8)
-    labels = torch.randint(0, 3, (2,))
+    inputs = to(padded_batch(cfg, batch=2, seq=8), device)
+    labels = torch.randint(0, 3, (2,)).to(device)
     out, ops = compile_and_count(patched, dict(inputs, labels=labels))  # fullgraph: a break raises
     out.loss.backward()
     ref = stock(**inputs, labels=labels)
