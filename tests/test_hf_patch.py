@@ -597,3 +597,21 @@ def test_an_all_padding_row_does_not_disturb_the_others():
         got, want = patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state
     assert torch.isfinite(got).all() and not got[1].any()
     assert_close(got[keep], want[keep], "rows with tokens")
+
+
+@pytest.mark.parametrize("how", ["autocast", "weights"])
+def test_bf16(how):
+    """bf16 (under autocast, or bf16 weights): patched within bf16 rounding of stock, finite grads."""
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertForSequenceClassification, cfg)
+    if how == "weights":
+        stock, patched = stock.to(torch.bfloat16), patched.to(torch.bfloat16)
+    inputs = padded_batch(cfg)
+    labels = torch.randint(0, 3, (BATCH,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        ref = stock(**inputs, labels=labels)
+        out = patched(**inputs, labels=labels)
+    assert out.logits.dtype == ref.logits.dtype
+    assert_close(out.logits.float(), ref.logits.float(), f"bf16 {how} logits", tol=2e-2)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
