@@ -130,8 +130,8 @@ class _EmbedMixin:
                 token_type_ids = torch.gather(buffered, 1, position_ids).expand(batch, seq)
             else:
                 token_type_ids = torch.zeros_like(input_ids)
-        if position_ids.dim() == 2 and position_ids.shape[0] != batch:
-            position_ids = position_ids.expand(batch, seq)
+        if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+            position_ids = position_ids[0]  # [S], shared by every row
         pos_weight = pos_table.weight
         if pos_table.padding_idx is not None and pos_weight.requires_grad:
             pos_weight = _ZeroRowGrad.apply(pos_weight, pos_table.padding_idx)
