@@ -58,19 +58,30 @@ def _pick_cxx():
 
 
 def _nvcc():
-    """nvcc on PATH, else $CUDA_HOME/bin/nvcc, else None."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
+    """nvcc in $CUDA_HOME (or $CUDA_PATH), else on PATH, else in /usr/local/cuda; None when absent."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return None
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _set_cuda_home(nvcc):
+    """torch.utils.cpp_extension takes CUDA_HOME from the environment, else two folders above the nvcc on
+    PATH, which is wrong for a wrapper script (seen: /usr/local/bin/nvcc exec-ing the toolkit's). Set it,
+    before cpp_extension is imported, to the folder whose include/ has cuda_runtime.h."""
+    if os.environ.get("CUDA_HOME") or nvcc is None:
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _extensions():
     """fastbert._C: csrc/*.cpp always; with a CUDA torch and nvcc also the torch-free kernels
     csrc/cuda/*.cu and their stable-ABI glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA)."""
+    nvcc = _nvcc()
+    _set_cuda_home(nvcc)
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -93,7 +104,6 @@ def _extensions():
         # hidden: the module exports PyInit__C alone, none of the header-only templates it instantiates
         cxx += ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     include_dirs = [os.path.join(here, "csrc")]
-    nvcc = _nvcc()
     with_cuda = (
         torch.version.cuda is not None
         and bool(cu)
@@ -107,8 +117,6 @@ def _extensions():
     common = dict(include_dirs=include_dirs, define_macros=macros, py_limited_api=True)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        if not os.environ.get("CUDA_HOME") and nvcc:
-            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         common["define_macros"] = macros + [("FASTBERT_WITH_CUDA", "1"), ("USE_CUDA", "1")]
         ext = CUDAExtension(
             "fastbert._C",
