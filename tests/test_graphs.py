@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fastbert.reference.model import BertConfig
-from fastbert.train.graphs import GraphedTrainStep, warmup_linear_lr
+from fastbert.train.graphs import GraphedTrainStep, packed_pretrain_step, warmup_linear_lr
 from fastbert.train.heads import PretrainModel
 from fastbert.train.optim import warmup_linear
-from fastbert.train.packing import IGNORE_INDEX, PackedPretrain, pack_rows
+from fastbert.train.packing import IGNORE_INDEX, PackedPretrain, pack_rows, step_counts
 
 CUDA = torch.cuda.is_available()
 VOCAB = 101
@@ -206,3 +206,25 @@ def test_replays_draw_new_dropout_masks():
         losses.append(helper.read_metrics()["loss"])
     assert all(np.isfinite(losses))
     assert losses[3] != losses[4]  # two replays
+
+
+def test_packed_pretrain_step_sums():
+    """packed_pretrain_step (eager): the summed metrics are the packs' loss sums and hit counts, and
+    the loss is normalised by the step-wide counts of step_counts."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    packs = [pack(rng, "cpu"), pack(rng, "cpu")]
+    model = packed_model("cpu").model  # the PretrainModel
+    with torch.no_grad():
+        outs = [PackedPretrain(model)(*p.inputs()) for p in packs]
+    masked, examples = step_counts(packs, "cpu")
+    assert float(masked) == sum(p.n_masked for p in packs)
+    assert float(examples) == sum(p.n_examples for p in packs)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    step = packed_pretrain_step(model, opt, accumulation=2)
+    step(packs, shared=(masked, examples))
+    got = step.read_metrics()
+    for i, name in enumerate(("mlm", "mlm_hit", "nsp", "nsp_hit")):
+        want = sum(float(o[i]) for o in outs)
+        assert abs(got[name] - want) <= 1e-5 * max(1.0, abs(want)), name
+    want = sum(float(o[0]) / float(masked) + float(o[2]) / float(examples) for o in outs)
+    assert abs(got["loss"] - want) <= 1e-5 * want

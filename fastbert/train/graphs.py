@@ -220,3 +220,33 @@ class GraphedTrainStep:
             for n in names:
                 self._metrics[n].zero_()
         return dict(zip(names, values))
+
+
+def packed_pretrain_step(model, optimizer, *, accumulation=1, max_grad_norm=None, lr_schedule=None,
+                         autocast=None, cuda_graphs=False, warmup=3, forward=None):
+    """The pretraining step on packs (fastbert.train.packing) as a GraphedTrainStep.
+
+    model: a fastbert.train.heads.PretrainModel; forward: what to call instead of
+    PackedPretrain(model) (e.g. its DistributedDataParallel wrapper; CUDA graphs are for one process
+    here). Call it with the step's packs on the device and their step-wide counts:
+
+        step = packed_pretrain_step(model, opt, accumulation=2, cuda_graphs=True, ...)
+        packs = [p.to(device) for p in packed_data.step_batches(epoch, k)]
+        step(packs, shared=step_counts(packs, device))
+        sums = step.read_metrics()  # {"loss", "mlm", "nsp", "mlm_hit", "nsp_hit"}: sums since last read
+
+    The loss of each pack is mlm_sum / masked + nsp_sum / examples with the step's counts, so the
+    gradient of a step does not depend on how its examples were split into packs.
+    """
+    from .packing import PackedPretrain
+
+    module = forward if forward is not None else PackedPretrain(model)
+
+    def loss_fn(*args):
+        *inputs, max_seqlen, n_masked, n_examples = args
+        mlm_sum, mlm_hit, nsp_sum, nsp_hit = module(*inputs, max_seqlen)
+        loss = mlm_sum / n_masked + nsp_sum / n_examples
+        return loss, {"mlm": mlm_sum, "nsp": nsp_sum, "mlm_hit": mlm_hit, "nsp_hit": nsp_hit}
+
+    return GraphedTrainStep(loss_fn, optimizer, accumulation=accumulation, max_grad_norm=max_grad_norm,
+                            lr_schedule=lr_schedule, autocast=autocast, warmup=warmup, enabled=cuda_graphs)

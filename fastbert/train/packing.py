@@ -342,3 +342,18 @@ class PackedPretrain(nn.Module):
         mlm_sum = F.cross_entropy(logits, mlm_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         mlm_hits = ((logits.argmax(1) == mlm_labels) & (mlm_labels != IGNORE_INDEX)).sum()
         return mlm_sum, mlm_hits, nsp_sum, nsp_hits
+
+
+def step_counts(packs, device, world_packs=None):
+    """(masked tokens, examples) of a step's packs as two device scalars, for normalising the loss.
+
+    The counts are host integers (known when the packs were built), copied through pinned memory
+    without a sync; under torchrun pass world_packs, the counts of every rank's packs summed (e.g. by
+    an all-reduce of a CPU tensor), so every split over processes gives the same gradient."""
+    masked = sum(p.n_masked for p in packs) if world_packs is None else world_packs[0]
+    examples = sum(p.n_examples for p in packs) if world_packs is None else world_packs[1]
+    t = torch.tensor([max(1, masked), max(1, examples)], dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    t = t.to(device, non_blocking=True)
+    return t[0], t[1]
