@@ -615,3 +615,20 @@ def test_bf16(how):
     assert_close(out.logits.float(), ref.logits.float(), f"bf16 {how} logits", tol=2e-2)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("selection", [[1, -1], 2, [0]])
+def test_selected_hidden_states_as_stock(selection):
+    """output_hidden_states given as indices: the same entries present (others None), scattered back."""
+    cfg = config()
+    stock, patched = stock_and_patched(transformers.BertModel, cfg)
+    inputs = padded_batch(cfg)
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = stock(**inputs, output_hidden_states=selection).hidden_states
+        out = patched(**inputs, output_hidden_states=selection).hidden_states
+    assert [h is None for h in out] == [h is None for h in ref]
+    for i, (a, b) in enumerate(zip(ref, out, strict=True)):
+        if a is not None:
+            assert b.shape == a.shape
+            assert_close(b[keep], a[keep], f"hidden_states[{i}]")
