@@ -21,9 +21,10 @@ through the FusedOp fastbert::attention_fwd / attention_bwd, head_dim a multiple
 64, 80, 128 tuned), fp16/bf16/fp32 (fp32 matmuls as tf32x3, about fp32 accuracy, or plain tf32 when
 torch.backends.cuda.matmul.allow_tf32 is set); the native form, padded mode on
 F.scaled_dot_product_attention (boolean mask from key_padding_mask), for CPU tensors and input the
-kernel does not take; the reference (fastbert.reference.ops.attention) for varlen mode and batches
-with a sequence whose keys are all padding (SDPA would give NaN where fastbert promises zeros) off
-the kernel, and everywhere under FASTBERT_BACKEND=reference.
+kernel does not take (varlen mode on CPU tensors: padded to [B, max_len] around SDPA); the reference
+(fastbert.reference.ops.attention) for varlen CUDA tensors off the kernel and for batches with a
+sequence whose keys are all padding (SDPA would give NaN where fastbert promises zeros), and
+everywhere under FASTBERT_BACKEND=reference.
 """
 
 import torch
@@ -99,27 +100,59 @@ def _check(q):
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None):
     impl = choose("attention", q, _check, (q,),
-                  native=lambda: cu_seqlens is None and _native_supports(q, k, v, key_padding_mask))
+                  native=lambda: _native_supports(q, k, v, key_padding_mask, cu_seqlens))
     if impl == TRITON:
         return fused_attention(q, k, v, key_padding_mask, dropout_p, scale, cu_seqlens, max_seqlen)
     if impl == NATIVE:
+        if cu_seqlens is not None:
+            return _native_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
         return _native(q, k, v, key_padding_mask, dropout_p, scale)
     return ref.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                          scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def _native_supports(q, k, v, key_padding_mask):
+def _native_supports(q, k, v, key_padding_mask, cu_seqlens=None):
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return False
-    if q.dim() != 4 or not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
+    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
         return False  # the reference gives the error or handles the case
-    if not q.dtype.is_floating_point:
+    if not q.dtype.is_floating_point or q.device.type != "cpu" and cu_seqlens is not None:
+        return False  # native varlen (below) reads lengths on the host: CPU tensors only
+    if cu_seqlens is not None:
+        return (q.dim() == 3 and key_padding_mask is None and isinstance(cu_seqlens, torch.Tensor)
+                and cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2)
+    if q.dim() != 4:
         return False
     if key_padding_mask is None:
         return True
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
         return False
     return not bool(key_padding_mask.all(-1).any())  # a sequence with no valid key
+
+
+def _native_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale):
+    """Varlen mode on SDPA: [T, H, D] scattered into a zero-padded [B, S, H, D] batch, attention with
+    the padding keys masked, gathered back. The lengths are read on the host (CPU tensors only)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if bool((lengths < 0).any()) or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
+        return ref.attention(q, k, v, dropout_p=dropout_p, scale=scale, cu_seqlens=cu_seqlens,
+                             max_seqlen=max_seqlen)  # the reference names the problem
+    if q.shape[0] == 0:
+        return torch.zeros_like(q)
+    seq = int(lengths.max())
+    if max_seqlen is not None and seq > max_seqlen:
+        raise ValueError(f"attention: a sequence has length {seq} > max_seqlen {max_seqlen}")
+    batch, total = lengths.numel(), q.shape[0]
+    which = torch.repeat_interleave(torch.arange(batch), lengths)  # [T] sequence of each token
+    pos = torch.arange(total) - cu_seqlens[:-1].long()[which]  # [T] position inside it
+    pad = torch.arange(seq)[None, :] >= lengths[:, None]  # [B, S] True at padding keys
+    pad[lengths == 0] = False  # empty sequences have no queries: any finite result will do
+
+    def padded(t):
+        return t.new_zeros(batch, seq, *t.shape[1:]).index_put((which, pos), t)
+
+    out = _native(padded(q), padded(k), padded(v), pad, dropout_p, scale)  # [B, S, H, D]
+    return out[which, pos]
 
 
 def _native(q, k, v, key_padding_mask, dropout_p, scale):
