@@ -101,3 +101,27 @@ def test_same_bits_for_any_thread_count():
                 assert torch.equal(a, b), f"output {i} differs between 1 and {threads} threads"
     finally:
         torch.set_num_threads(before)
+
+
+def test_build_lines_warn_when_a_cuda_device_lacks_kernels(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "has_cuda", lambda: False)
+    lines = _ext.build_lines()
+    warning = [line for line in lines if line.startswith("WARNING")]
+    assert len(warning) == 1 and "pip install" in warning[0] and "nvcc" in warning[0], lines
+    if _ext.available():
+        assert any("loads under torch >= 2.10" in line for line in lines), lines
+    monkeypatch.setattr(_ext, "has_cuda", lambda: True)
+    assert not any(line.startswith("WARNING") for line in _ext.build_lines())
+
+
+@needs_ext
+def test_dtype_errors_are_marked_for_python():
+    ids = torch.zeros(2, 3)  # float ids: a type error the stable ABI can only raise as ValueError
+    special = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^TypeError: input_ids must be int64 or int32") as info:
+        torch.ops.fastbert.mlm_mask(ids, special, None, 10, 1, -100, 0, 0, 0, 0, 0, -1)
+    with pytest.raises(TypeError, match="^input_ids must be int64 or int32"):
+        _ext.reraise_typed(info.value)
+    with pytest.raises(ValueError, match="input_ids must be"):  # a plain ValueError passes through
+        _ext.reraise_typed(ValueError("input_ids must be [batch, seq]"))
