@@ -6,6 +6,7 @@
 #
 #   bash tools/abi_check.sh                      # runtime torch==2.14.1
 #   bash tools/abi_check.sh torch==2.14.1 torch==2.11.0
+#   bash tools/abi_check.sh /path/to/python3.12:torch==2.14.1   # another CPython too (the wheel is abi3)
 #
 # FASTBERT_ABI_BUILD_PY  python whose torch builds the wheel (default .venv/bin/python: torch 2.13.0 CPU)
 # FASTBERT_ABI_WORK      scratch folder for the wheel and the environments (default /tmp/fastbert-abi);
@@ -28,18 +29,22 @@ echo "   $(basename "$wheel") in $(( $(date +%s) - start )) s"
 status=0
 summary=()
 for spec in "${specs[@]}"; do
+  interp=python3
+  if [[ "$spec" == *:* ]]; then interp="${spec%%:*}"; spec="${spec#*:}"; fi
+  pyver=$("$interp" -c 'import sys; print(f"py{sys.version_info[0]}.{sys.version_info[1]}")')
   name="${spec//==/-}"
+  [ "$interp" = python3 ] || name="$name-$pyver"
   env="$work/${name//[^A-Za-z0-9.-]/_}"
-  echo "== $spec ($env)"
+  echo "== $spec on $pyver ($env)"
   if [ ! -x "$env/bin/python" ]; then
-    python3 -m venv "$env"
+    "$interp" -m venv "$env"
     "$env/bin/python" -m pip install -q "$spec"
   fi
   # the same wheel file, no rebuild; its dependencies are already met by the torch above
   "$env/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
   "$env/bin/python" -m pip install -q "$wheel" pytest
   # (from outside the checkout: `python -c` would import the checkout's fastbert/)
-  versions=$(cd "$work" && "$env/bin/python" -c 'import torch, fastbert._C as C; print(f"ran under torch {torch.__version__}, built with torch {C.built_with_torch()}, ABI target {C.abi_target()}")')
+  versions=$(cd "$work" && "$env/bin/python" -c 'import sys, torch, fastbert._C as C; print(f"ran under torch {torch.__version__} on Python {sys.version.split()[0]}, built with torch {C.built_with_torch()}, ABI target {C.abi_target()}")')
   echo "   $versions"
   rc=0
   FASTBERT_REQUIRE_EXTENSION=1 "$env/bin/python" -m pytest -q -p no:cacheprovider \
