@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ABI_TARGET = (2, 10)  # oldest torch the extension loads under: TORCH_TARGET_VERSION
 PY_LIMITED_API = (3, 10)  # abi3 floor, = requires-python
@@ -133,16 +133,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=[
-        "fastbert",
-        "fastbert.reference",
-        "fastbert.ops",
-        "fastbert.modules",
-        "fastbert.models",
-        "fastbert.train",
-        "fastbert.bench",
-        "fastbert.kernels",
-    ],
+    # every package under fastbert/ (a new subpackage is installed without listing it here), and
+    # kernels/ as fastbert.kernels
+    packages=[*find_packages(include=["fastbert", "fastbert.*"]), "fastbert.kernels"],
     package_dir={"fastbert.kernels": "kernels"},
     package_data={"fastbert": ["data/*"]},
     ext_modules=ext_modules,

@@ -61,3 +61,16 @@ def test_dev_extra_contains_test_and_bench():
     dev = _dist_names(requirements.extra(project, "dev"))
     for name in ("test", "bench"):
         assert _dist_names(requirements.extra(project, name)) <= dev, name
+
+
+def test_installed_copy_has_every_subpackage():
+    """A non-editable install carries every package of the checkout's fastbert/ (and kernels/)."""
+    import fastbert
+
+    installed = os.path.dirname(os.path.abspath(fastbert.__file__))
+    checkout = os.path.join(ROOT, "fastbert")
+    if installed == checkout:
+        pytest.skip("testing the checkout itself (editable install or source tree)")
+    packages = [d for d in os.listdir(checkout) if os.path.exists(os.path.join(checkout, d, "__init__.py"))]
+    missing = [d for d in packages + ["kernels"] if not os.path.isdir(os.path.join(installed, d))]
+    assert not missing, f"the installed fastbert ({installed}) lacks {missing}"
