@@ -1,11 +1,13 @@
 """Packed, static pretraining batches: whole examples in a fixed token budget, kept apart.
 
-A padded batch spends compute on padding: on the embedded corpus's sentence pairs about half of a
-[B, S] batch is padding. Packing puts whole examples back to back into T token slots instead, and
-variable-length attention keeps them apart, so no token attends across examples and the result is the
-padded model's, token for token ("sequence packing without cross-contamination": Krell et al. 2021,
-"Efficient Sequence Packing without Cross-contamination: Accelerating Large Language Models without
-Impacting Performance", arXiv:2107.02027, which reports about 2x on Wikipedia BERT pretraining).
+A padded batch spends compute on padding: the embedded corpus's sentence pairs average 37 tokens, so
+rows padded to 128 are 71% padding (length-grouped batches padded to their longest row, as PretrainData
+builds them, 10%, at the price of batches sorted by length). Packing puts whole examples back to back
+into T token slots instead, and variable-length attention keeps them apart, so no token attends across
+examples and the result is the padded model's, token for token ("sequence packing without cross-
+contamination": Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination:
+Accelerating Large Language Models without Impacting Performance", arXiv:2107.02027, which reports
+about 2x on Wikipedia BERT pretraining).
 
 What one pack (a `PackedBatch`) holds, with T tokens, R sequence slots and P prediction slots fixed
 for a run, so that every tensor has the same shape on every step:
@@ -30,16 +32,19 @@ tensors through pinned memory with non_blocking=True. The model takes the pack d
 (`Encoder.forward_packed`, `PackedPretrain`), so forward, loss and backward make no device-to-host
 sync and the step can be captured in a CUDA graph (fastbert.train.graphs).
 
-Which examples share a pack: best-fit decreasing over a window of examples (`plan_packs`; Krell et
-al. compare it with their histogram-based packers: at T much larger than the sequence length, as
-here, every one of them leaves only a few slots empty). Give R room: zero-length slots cost almost
-nothing (an attention program that exits, a row of the NSP gather), while too few slots leave tokens
-empty. Measured on the embedded corpus's sentence pairs (mean 37 tokens) with T = 8192: R = 136 fills
-44% of the tokens, R = 256 88%, R = 512 97% (216 examples per pack); T / 16 is a safe default.
+Which examples share a pack: best-fit decreasing over a window of examples (`plan_packs`). Krell et al.
+design histogram-based packers for packs of one maximum sequence length; here a pack is a whole step's
+budget, many sequence lengths, where best fit leaves little room (below). Give R room: zero-length
+slots cost almost nothing (an attention program that exits, a row of the NSP gather), while too few
+slots leave tokens empty. Measured on the embedded corpus's sentence pairs (mean 37 tokens) with T =
+8192: R = 136 fills 44% of the tokens, R = 256 88%, R = 512 97% (216 examples per pack); T / 16 is a
+safe default.
 
-    packed = PackedPretrainData(data, tokens=8192, max_seqs=128, max_predictions=1280, ...)
-    for batch in packed.step_batches(epoch, step):   # CPU PackedBatch objects
+    packed = PackedPretrainData(data, tokens=8192, max_seqs=512, max_predictions=1536, ...)
+    step_model = PackedPretrain(model)               # model: a fastbert.train.heads.PretrainModel
+    for batch in packed.step_batches(epoch, step):   # CPU PackedBatch objects, masked
         mlm_sum, mlm_hits, nsp_sum, nsp_hits = step_model(*batch.to("cuda").inputs())
+(fastbert.train.graphs.packed_pretrain_step wraps the whole step: loss, backward, optimizer.)
 """
 
 from dataclasses import dataclass, fields, replace
