@@ -19,6 +19,8 @@ and writes one row of a [G, N] partial buffer; a second small kernel sums the G 
 order (so the result is the same run to run) and casts to the parameter dtype.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -46,8 +48,14 @@ def ln_settings(n, device=None):
     so that a tile holds >= TILE elements and each thread about 8 of them (16 at n > 4096, where
     16 warps is the limit). Elsewhere (the interpreter, whose cost is ~20 ms per program) tiles of
     32 rows; the kernel code is the same, and the tests also run the CUDA configs in the interpreter."""
+    cuda = device is None or getattr(device, "type", device) == "cuda"
+    return _settings(n, cuda)
+
+
+@functools.lru_cache(maxsize=256)
+def _settings(n, cuda):  # cached: the launchers ask on every call
     block_n = max(next_power_of_2(n), MIN_BLOCK)
-    if device is not None and torch.device(device).type != "cuda":
+    if not cuda:
         return 32, block_n, 4
     block_m = max(1, TILE // block_n)
     # 8 warps up to 2048 features (8 values per thread); 32 warps above, where 16 warps left the

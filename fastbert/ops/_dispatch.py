@@ -33,7 +33,10 @@ CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}  # op -> torch.o
 
 
 def backend() -> str:
-    name = os.environ.get("FASTBERT_BACKEND", "auto").strip().lower()
+    raw = os.environ.get("FASTBERT_BACKEND", "auto")
+    if raw in BACKENDS:  # the common case: no normalising
+        return raw
+    name = raw.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"FASTBERT_BACKEND={name!r}; expected one of {', '.join(BACKENDS)}")
     return name

@@ -76,7 +76,7 @@ def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"bias_gelu dropout_p {dropout_p} outside [0, 1)")
     impl = choose("bias_gelu", x, _check, (x, bias, approximate),
-                  native=isinstance(bias, torch.Tensor) and x.dtype.is_floating_point)
+                  native=lambda: isinstance(bias, torch.Tensor) and x.dtype.is_floating_point)
     if impl == TRITON:
         seed = dropout_seed(x.device) if dropout_p > 0.0 else None
         return _OP(x, bias, seed, approximate, float(dropout_p))

@@ -120,7 +120,7 @@ def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropo
     if variant not in ref.LN_VARIANTS:
         raise ValueError(f"layer_norm variant {variant!r}; expected one of {ref.LN_VARIANTS}")
     impl = choose("layer_norm", x, _check, (x, weight, bias, residual, variant, dropout_p),
-                  native=_native_supports(x, weight, bias, residual))
+                  native=lambda: _native_supports(x, weight, bias, residual))
     if impl == TRITON:
         seed = dropout_seed(x.device) if dropout_p > 0.0 else None
         y, s, _, _ = _OP(x, weight, bias, residual, seed, float(eps), variant == "bert_pytorch",
