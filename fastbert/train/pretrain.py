@@ -55,7 +55,9 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
 OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
 
 # the CPU demo's defaults (no --size/--batch/--lr/budget given), chosen by the sweep in train/SWEEP.md
-CPU_DEFAULTS = {"size": "tiny", "batch": 32, "lr": 1e-3, "max_steps": None, "time_limit": 120.0}
+# (2000 steps, about 8M tokens: an estimated 7-8 minutes at the 17-20k tokens/s seen on an idle 2-core
+# VM; the 600 s limit caps slower or busier machines)
+CPU_DEFAULTS = {"size": "tiny", "batch": 32, "lr": 1e-3, "max_steps": 2000, "time_limit": 600.0}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -107,8 +109,9 @@ def build_parser(p=None):
     t.add_argument("--epochs", type=float)
     t.add_argument("--halt-at", type=int, help="stop at this step as if interrupted (the schedule still "
                    "runs to --max-steps; for preemption drills and the resume test)")
-    t.add_argument("--time-limit", type=float, help="stop after this many seconds (default 120 when "
-                   "neither --max-steps nor --epochs is given); counted from the first step")
+    t.add_argument("--time-limit", type=float, help="stop after this many seconds, counted from the first "
+                   "step; when neither --max-steps nor --epochs is given: on CPU --max-steps 2000 with "
+                   "--time-limit 600, on CUDA --time-limit 120")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on "
                    "CUDA, fp32 on CPU)")
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
@@ -285,7 +288,8 @@ class Setup:
     def data_args(self):
         """The data options a checkpoint records (a resumed run warns when they differ)."""
         return {"corpus": os.path.abspath(self.opts.corpus), "seq_len": self.opts.seq_len,
-                "seed": self.opts.seed, "pairs": self.opts.pairs, "global_batch": self.data.global_batch}
+                "seed": self.opts.seed, "pairs": self.opts.pairs, "global_batch": self.data.global_batch,
+                "heldout": self.opts.heldout}
 
 
 def _resolve_options(args, cuda):
