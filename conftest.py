@@ -6,7 +6,9 @@ extension (`pip install .` builds fastbert/_C into site-packages) nor fastbert.k
 installed as that subpackage, setup.py's package_dir). So, before any test module imports fastbert:
 
 * fastbert installed without -e (site-packages holds its own fastbert/): the repository root leaves
-  sys.path and the installed package is tested, with its _C and its kernels;
+  sys.path and the installed package is tested, with its _C and its kernels; PYTHONSAFEPATH=1 is
+  exported so that the tests' child processes (`python -m fastbert.info`, `python -c`, torchrun
+  workers, started from the root) do not put the checkout first either (Python >= 3.11);
 * an editable install (`pip install --no-build-isolation -e .`): the checkout is the installed package;
   nothing changes;
 * nothing installed: the checkout is tested as a source tree. fastbert.kernels resolves to kernels/ as
@@ -55,6 +57,7 @@ def _choose():
     installed = _installed_elsewhere()
     if installed is not None:
         sys.path[:] = [p for p in sys.path if not _is_root(p)]
+        os.environ["PYTHONSAFEPATH"] = "1"
         for name in [m for m in sys.modules if m == "fastbert" or m.startswith("fastbert.")]:
             del sys.modules[name]  # imported from the checkout before this ran (a plugin): forget it
         _MODE = "installed"
