@@ -125,3 +125,33 @@ def test_dtype_errors_are_marked_for_python():
         _ext.reraise_typed(info.value)
     with pytest.raises(ValueError, match="input_ids must be"):  # a plain ValueError passes through
         _ext.reraise_typed(ValueError("input_ids must be [batch, seq]"))
+
+
+def _cuda_include():
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if nvcc:
+        homes.insert(1, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return next((os.path.join(h, "include") for h in homes
+                 if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or _cuda_include() is None,
+                    reason="needs a C++ compiler and the CUDA toolkit's headers")
+def test_cuda_glue_compiles_against_the_stable_headers():
+    """csrc/cuda/glue.cpp (built only with a CUDA torch) against this torch's stable-ABI headers,
+    compile only: the CUDA glue is checked on machines without a CUDA torch too."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    glue = os.path.join(root, "csrc", "cuda", "glue.cpp")
+    if not os.path.exists(glue):
+        pytest.skip("no csrc/ here")
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DUSE_CUDA", "-DFASTBERT_WITH_CUDA",
+           "-DTORCH_TARGET_VERSION=0x020a000000000000", *(f"-I{p}" for p in include_paths()),
+           f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(root, 'csrc')}",
+           f"-I{_cuda_include()}", glue]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
