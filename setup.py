@@ -5,9 +5,10 @@ libtorch only through its C shim, so the torch that builds it and the torch that
 (any torch >= 2.10), and `pip install .` with build isolation is safe. It is also a Py_LIMITED_API
 (abi3) module: one build serves every CPython >= 3.10.
 
-CPU sources (csrc/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu and their glue) are added when
-the building torch is a CUDA build and nvcc is found (on PATH or in $CUDA_HOME), for the architectures
-in TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); FASTBERT_NO_CUDA=1 builds the CPU ops only.
+CPU sources (csrc/*.cpp) are always built, as fastbert._C. The CUDA sources (csrc/cuda/*.cu and their
+glue) are built, as fastbert._C_cuda, when the building torch is a CUDA build and nvcc is found (on PATH
+or in $CUDA_HOME), for the architectures in TORCH_CUDA_ARCH_LIST (default "8.0;9.0");
+FASTBERT_NO_CUDA=1 builds the CPU ops only.
 The Triton kernels in kernels/ are installed as the subpackage fastbert.kernels.
 """
 
@@ -78,8 +79,8 @@ def _set_cuda_home(nvcc):
 
 
 def _extensions():
-    """fastbert._C: csrc/*.cpp always; with a CUDA torch and nvcc also the torch-free kernels
-    csrc/cuda/*.cu and their stable-ABI glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA)."""
+    """fastbert._C from csrc/*.cpp always; with a CUDA torch and nvcc also fastbert._C_cuda, the
+    torch-free kernels csrc/cuda/*.cu and their stable-ABI glue csrc/cuda/*.cpp (FASTBERT_WITH_CUDA)."""
     nvcc = _nvcc()
     _set_cuda_home(nvcc)
     try:
@@ -114,20 +115,23 @@ def _extensions():
         print("fastbert setup: torch is a CUDA build but nvcc was not found (PATH, CUDA_HOME): "
               "building the CPU ops only")
     # abi3: one module for every CPython >= 3.10 (torch's BuildExtension adds -DPy_LIMITED_API for it)
-    common = dict(include_dirs=include_dirs, define_macros=macros, py_limited_api=True)
+    exts = [CppExtension("fastbert._C", cpp, include_dirs=include_dirs, define_macros=macros,
+                         extra_compile_args=cxx, py_limited_api=True)]
     if with_cuda:
+        # the CUDA kernels as a module of their own: it links libtorch_cuda and the CUDA runtime, so
+        # under a CPU torch (pip's isolated build may use a CUDA torch for a CPU-torch environment) only
+        # it fails to load and fastbert._C keeps the CPU ops
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        common["define_macros"] = macros + [("FASTBERT_WITH_CUDA", "1"), ("USE_CUDA", "1")]
-        ext = CUDAExtension(
-            "fastbert._C",
-            cpp + glue + cu,
+        exts.append(CUDAExtension(
+            "fastbert._C_cuda",
+            glue + cu,
+            include_dirs=include_dirs,
+            define_macros=macros + [("FASTBERT_WITH_CUDA", "1"), ("USE_CUDA", "1")],
             # no --use_fast_math: LayerNorm's sqrt/division stay IEEE-rounded like the CPU op
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
-            **common,
-        )
-    else:
-        ext = CppExtension("fastbert._C", cpp, extra_compile_args=cxx, **common)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+            py_limited_api=True,
+        ))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 
 ext_modules, cmdclass = _extensions()

@@ -5,7 +5,8 @@
 // Py_LIMITED_API (setup.py) it is also one binary for every CPython >= 3.10 (abi3).
 //
 // CPU kernels: embed.cpp, mlm_mask.cpp. CUDA kernels: cuda/*.cu (torch-free), registered for the CUDA
-// dispatch key by cuda/glue.cpp, which is compiled only in CUDA builds (FASTBERT_WITH_CUDA).
+// dispatch key by cuda/glue.cpp, which is the separate module fastbert._C_cuda (built only with a CUDA
+// torch and nvcc; fastbert._ext imports it after this one, when torch is a CUDA build).
 // Autograd, fake (meta) implementations and the user-facing wrappers live in fastbert/ops/.
 #include <Python.h>
 #include <torch/csrc/stable/library.h>
@@ -45,20 +46,15 @@ STABLE_TORCH_LIBRARY(fastbert, m) {
 
 namespace {
 
-PyObject* with_cuda(PyObject*, PyObject*) {
-#ifdef FASTBERT_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
+// The CUDA kernels live in fastbert._C_cuda; kept for callers of the old single-module build.
+PyObject* with_cuda(PyObject*, PyObject*) { Py_RETURN_FALSE; }
 
 PyObject* abi_target(PyObject*, PyObject*) { return PyUnicode_FromString(FASTBERT_ABI_TARGET); }
 
 PyObject* built_with_torch(PyObject*, PyObject*) { return PyUnicode_FromString(TORCH_VERSION); }
 
 PyMethodDef methods[] = {
-    {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"with_cuda", with_cuda, METH_NOARGS, "False: the CUDA kernels are the module fastbert._C_cuda."},
     {"abi_target", abi_target, METH_NOARGS,
      "The oldest torch this build loads under (LibTorch stable ABI, TORCH_TARGET_VERSION)."},
     {"built_with_torch", built_with_torch, METH_NOARGS, "The torch version whose headers built this module."},

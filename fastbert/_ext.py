@@ -1,9 +1,13 @@
-"""Loads the compiled extension fastbert._C once; keeps the reason when it cannot.
+"""Loads the compiled extension once: fastbert._C (schemas, CPU kernels) and, under a CUDA torch,
+fastbert._C_cuda (the CUDA kernels, a module of its own: it links libtorch_cuda and the CUDA runtime,
+so a build made with a CUDA torch still gives a CPU torch its CPU ops). Keeps the reason when one
+cannot load.
 
-available()      the extension loaded
+available()      fastbert._C loaded
 has_op(name)     torch.ops.fastbert.<name> is registered
-has_cuda()       the extension was built with its CUDA kernels
-load_error       why it did not load (None when it did)
+has_cuda()       the CUDA kernels loaded (fastbert._C_cuda)
+load_error       why fastbert._C did not load (None when it did)
+cuda_load_error  why fastbert._C_cuda did not load (None when it did, or when torch is a CPU build)
 build_lines()    lines for `python -m fastbert.info`: ABI target, build torch, and a warning with the fix
                  when a CUDA device is present but the CUDA kernels were not built
 reraise_typed(e) a ValueError from a C++ op re-raised as the TypeError it stands for (see below)
@@ -11,10 +15,13 @@ warn_once(key, msg)      one RuntimeWarning per key per process
 philox_seed_offset(gen)  the (seed, offset) pair keying the Philox streams of the C++/CUDA ops
 """
 
+import importlib.util
 import warnings
 
 _C = None
+_C_cuda = None
 load_error: str | None = None
+cuda_load_error: str | None = None
 _warned: set = set()
 
 try:
@@ -31,6 +38,18 @@ except Exception as exc:  # noqa: BLE001
         stacklevel=2,
     )
 
+if _C is not None:
+    import torch
+
+    if torch.version.cuda is not None:
+        try:
+            from fastbert import _C_cuda  # type: ignore[attr-defined,no-redef]
+        except Exception as exc:  # noqa: BLE001  (not built: the build saw no CUDA torch or no nvcc)
+            _C_cuda = None
+            built = importlib.util.find_spec("fastbert._C_cuda") is not None
+            cuda_load_error = (f"{type(exc).__name__}: {exc}" if built else
+                               "not built (the build saw no CUDA torch or no nvcc)")
+
 
 def available() -> bool:
     return _C is not None
@@ -46,8 +65,8 @@ def has_op(name: str) -> bool:
 
 
 def has_cuda() -> bool:
-    """True when the extension was built with its CUDA kernels."""
-    return _C is not None and bool(getattr(_C, "with_cuda", lambda: False)())
+    """True when the CUDA kernels loaded (fastbert._C_cuda)."""
+    return _C is not None and _C_cuda is not None
 
 
 # The command that rebuilds the extension with its CUDA kernels, from a checkout.
@@ -68,8 +87,11 @@ def build_lines() -> list[str]:
         built = getattr(_C, "built_with_torch", lambda: "unknown")()
         lines.append(f"fastbert._C ABI: LibTorch stable ABI, loads under torch >= {target} "
                      f"(built with torch {built}, running torch {torch.__version__})")
+        if torch.version.cuda is None and importlib.util.find_spec("fastbert._C_cuda") is not None:
+            lines.append("fastbert._C_cuda (the CUDA kernels) was built but is unused: torch is a CPU build")
     if torch.cuda.is_available() and not has_cuda():
-        why = "fastbert._C did not load" if _C is None else "fastbert._C was built without its CUDA kernels"
+        why = ("fastbert._C did not load" if _C is None else
+               f"fastbert's CUDA kernels did not load ({cuda_load_error or 'not built'})")
         lines.append(f"WARNING: a CUDA device is present but {why}: embed and mlm_mask run their PyTorch "
                      f"reference on it. Fix: {CUDA_FIX}")
     return lines

@@ -23,6 +23,7 @@ from fastbert import _ext
 
 PKG = os.path.dirname(os.path.abspath(fastbert.__file__))
 BUILT = sorted(glob.glob(os.path.join(PKG, "_C*.so")) + glob.glob(os.path.join(PKG, "_C*.pyd")))
+BUILT_CUDA = [p for p in BUILT if os.path.basename(p).startswith("_C_cuda")]
 REQUIRE = os.environ.get("FASTBERT_REQUIRE_EXTENSION", "0") == "1"
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"fastbert._C not loaded: {_ext.load_error}")
@@ -36,6 +37,8 @@ def test_extension_loads_when_built():
     assert _ext.available(), f"{BUILT[0]} exists but did not load: {_ext.load_error}"
     for op in ("embedding_gather", "embedding_gather_backward", "mlm_mask"):
         assert _ext.has_op(op), op
+    if BUILT_CUDA and torch.version.cuda is not None:  # the CUDA kernels load under any CUDA torch
+        assert _ext.has_cuda(), f"{BUILT_CUDA[0]} exists but did not load: {_ext.cuda_load_error}"
 
 
 @needs_ext
@@ -50,16 +53,19 @@ def test_abi_target_and_build_torch():
 @needs_ext
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
 def test_no_unstable_cxx_symbols():
-    so = [p for p in BUILT if p.endswith(".so")]
-    if not so:
+    modules = [p for p in BUILT if p.endswith(".so")]
+    if not modules:
         pytest.skip("not an ELF build")
-    out = subprocess.run(["nm", "-D", "--undefined-only", "-C", so[0]], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    undefined = [line.split(None, 1)[1] for line in out.splitlines() if len(line.split(None, 1)) == 2]
-    unstable = [s for s in undefined if re.match(r"(c10|at|torch|caffe2|pybind11)::", s)]
-    assert not unstable, f"{len(unstable)} unstable C++ symbols imported, e.g. {unstable[:5]}"
-    # and it does use the C shim (a build on the regular ABI would import neither)
-    assert "torch_library_impl" in out and "torch_parallel_for" in out
+    for so in modules:  # _C and, in CUDA builds, _C_cuda
+        out = subprocess.run(["nm", "-D", "--undefined-only", "-C", so], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        undefined = [line.split(None, 1)[1] for line in out.splitlines() if len(line.split(None, 1)) == 2]
+        unstable = [s for s in undefined if re.match(r"(c10|at|torch|caffe2|pybind11)::", s)]
+        assert not unstable, f"{so}: {len(unstable)} unstable C++ symbols imported, e.g. {unstable[:5]}"
+        # and it does use the C shim (a build on the regular ABI would not)
+        assert "torch_library_impl" in out, so
+        if so not in BUILT_CUDA:  # the CPU ops thread through the shim's parallel_for
+            assert "torch_parallel_for" in out, so
 
 
 def _embed_case(seed):

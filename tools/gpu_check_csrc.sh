@@ -30,7 +30,7 @@ grep "fastbert setup" "$OUT/build.log"
 ldd fastbert/_C*.so | grep -E "stdc|gomp|gcc_s"
 # C++ errors must reach Python as ValueError (a statically linked libstdc++ made them segfault)
 repro || echo "REPRO FAILED: an op error crashed the interpreter"
-python3 -c "import torch, fastbert._C as C; print('with_cuda', C.with_cuda(), torch.cuda.get_device_name())"
+python3 -c "import torch; from fastbert import _ext; print('CUDA kernels', _ext.has_cuda(), _ext.cuda_load_error, torch.cuda.get_device_name())"
 timeout 150 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_embed.py tests/test_mlm_mask.py \
   -k "not bad_inputs" 2>&1 | tee "$OUT/tests.log" | grep -vE "^\s*$" | tail -25
 timeout 60 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_embed.py tests/test_mlm_mask.py \

@@ -1,9 +1,12 @@
-// Torch glue of the CUDA ops, compiled only in CUDA builds (FASTBERT_WITH_CUDA): checks arguments
+// fastbert._C_cuda: torch glue of the CUDA ops, built only with a CUDA torch and nvcc, as a module of its
+// own beside fastbert._C (which defines the schemas and the CPU kernels): it links libtorch_cuda and
+// the CUDA runtime, so under a CPU torch it fails to load while fastbert._C still does. It checks arguments
 // (shared with the CPU ops, common.h), allocates outputs, launches the torch-free kernels of
 // embed_kernels.cu / mlm_mask_kernels.cu on the current stream, and turns the device-side error
 // flag into a ValueError (this reads one int back, so each call synchronises once).
 // LibTorch stable ABI only (see common.h): device guard, current stream and the dispatcher calls
 // (sort, expand) go through libtorch's C shim.
+#include <Python.h>
 #include <cuda_runtime.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -230,3 +233,10 @@ STABLE_TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
 }
 
 }  // namespace fastbert
+
+namespace {
+PyModuleDef cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
+                           "fastbert CUDA kernels: registers torch.ops.fastbert.* for CUDA tensors", -1, nullptr};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&cuda_module); }
