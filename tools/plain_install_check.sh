@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The plain install path, as a user of the field runs it: an environment that already holds its own
-# torch (by default torch==2.14.1, a CUDA build, unlike the project's .venv), then `pip install .` with
-# build isolation on (pip picks the torch that builds fastbert._C), then `python -m pytest` from the
-# repository root on the csrc tests, which must run on the installed, compiled extension
-# (FASTBERT_REQUIRE_EXTENSION=1: no silent fallback to the reference), and a benchmark smoke run.
+# torch, then `pip install .` with build isolation on (pip picks the torch that builds fastbert._C:
+# the newest, today 2.14.1, a CUDA build, so with nvcc present the CUDA kernels are built too), then
+# `python -m pytest` from the repository root on the csrc tests, which must run on the installed,
+# compiled extension (FASTBERT_REQUIRE_EXTENSION=1: no silent fallback to the reference), and a
+# benchmark smoke run. The default environment torch, 2.13.0 CPU (a local wheel on the project's
+# machines), differs from the build torch in version and in kind: the stable ABI has to carry the CPU
+# ops across, and the CUDA module (fastbert._C_cuda) must stay out of the way.
 #
 # FASTBERT_PLAIN_VENV   the environment (default /tmp/fastbert-plain; made anew each run)
-# FASTBERT_PLAIN_TORCH  the torch the environment starts with (default torch==2.14.1)
+# FASTBERT_PLAIN_TORCH  the torch the environment starts with (default torch==2.13.0)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 venv="${FASTBERT_PLAIN_VENV:-/tmp/fastbert-plain}"
-torch_spec="${FASTBERT_PLAIN_TORCH:-torch==2.14.1}"
+torch_spec="${FASTBERT_PLAIN_TORCH:-torch==2.13.0}"
 py="$venv/bin/python"
 t0=$(date +%s)
 rm -rf "$venv"
