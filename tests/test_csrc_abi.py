@@ -155,7 +155,7 @@ def test_cuda_glue_compiles_against_the_stable_headers():
     glue = os.path.join(root, "csrc", "cuda", "glue.cpp")
     if not os.path.exists(glue):
         pytest.skip("no csrc/ here")
-    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-DUSE_CUDA", "-DFASTBERT_WITH_CUDA",
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-fvisibility=hidden", "-DUSE_CUDA", "-DFASTBERT_WITH_CUDA",
            "-DTORCH_TARGET_VERSION=0x020a000000000000", *(f"-I{p}" for p in include_paths()),
            f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(root, 'csrc')}",
            f"-I{_cuda_include()}", glue]

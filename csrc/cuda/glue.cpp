@@ -15,12 +15,20 @@
 #include "../common.h"
 #include "../kernels.h"
 
+// STABLE_TORCH_ERROR_CODE_CHECK (with libtorch's message) is in the headers of torch >= 2.13 only;
+// older headers (2.10, 2.11: the GPU machines' torch) have TORCH_ERROR_CODE_CHECK.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define FB_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define FB_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
 namespace fastbert {
 namespace {
 
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  FB_SHIM_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 }
 
@@ -39,7 +47,7 @@ int read_error(const Tensor& flag) {
 // first entries of the stack.
 template <size_t N>
 void call_aten(const char* name, const char* overload, std::array<StableIValue, N>& stack) {
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  FB_SHIM_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
 }
 
 // (sorted keys, permutation) of the flat index tensor, stable so equal keys keep token order.
