@@ -12,7 +12,6 @@ build_lines()    lines for `python -m fastbert.info`: ABI target, build torch, a
                  when a CUDA device is present but the CUDA kernels were not built
 reraise_typed(e) a ValueError from a C++ op re-raised as the TypeError it stands for (see below)
 warn_once(key, msg)      one RuntimeWarning per key per process
-philox_seed_offset(gen)  the (seed, offset) pair keying the Philox streams of the C++/CUDA ops
 """
 
 import importlib.util
@@ -120,17 +119,3 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def philox_seed_offset(generator=None) -> tuple[int, int]:
-    """Draw a 64-bit seed and a 64-bit offset from a torch.Generator (the default CPU generator when
-    None). The ops' random words are a function of (seed, offset, position) only, so one generator
-    state gives the same result on CPU and CUDA, and each call advances the generator."""
-    import torch
-
-    g = torch.default_generator if generator is None else generator
-    if not isinstance(g, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    pair = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=g, device=g.device)
-    seed, offset = pair.tolist()
-    return seed, offset

@@ -18,7 +18,7 @@ OPS = (*_dispatch.TRITON_OPS, *_dispatch.CPP_OPS)
 NATIVE = {  # what a Triton op's native form runs
     "layer_norm": "torch (F.layer_norm)",
     "bias_gelu": "torch (F.gelu)",
-    "attention": "torch (SDPA; varlen: ref)",
+    "attention": "torch (SDPA)",
 }
 NAMES = {_dispatch.TRITON: "triton", _dispatch.CPP: "C++ (fastbert._C)", _dispatch.REFERENCE: "reference"}
 FALLBACK = "off-kernel input falls back to the native form"
@@ -67,6 +67,7 @@ def report():
         f"{os.environ.get('TRITON_INTERPRET', '0')}",
         f"fastbert._C {'loaded' if _ext.available() else 'NOT loaded: ' + str(_ext.load_error)}"
         + (f" (CUDA kernels: {'yes' if _ext.has_cuda() else 'no'})" if _ext.available() else ""),
+        *_ext.build_lines(),  # ABI target and build torch; a WARNING with the fix when CUDA lacks kernels
         "",
         f"{'op':<12} {'cpu':<30} cuda",
     ]

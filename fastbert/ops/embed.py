@@ -52,6 +52,26 @@ def _norm_padding(idx, rows, name):
     return idx % rows
 
 
+_INDEX = (torch.int64, torch.int32)
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtypes(input_ids, token_weight, position_weight, segment_ids, segment_weight, position_ids,
+                  ln_weight, ln_bias):
+    """TypeError for a wrong dtype on every path (fastbert._C, on the LibTorch stable ABI, can only
+    raise ValueError)."""
+    for name, t in (("input_ids", input_ids), ("segment_ids", segment_ids), ("position_ids", position_ids)):
+        if t is not None and t.dtype not in _INDEX:
+            raise TypeError(f"{name} must be int64 or int32, got {t.dtype}")
+    if token_weight.dtype not in _FLOAT:
+        raise TypeError(f"token_weight must be float32, float16, bfloat16 or float64, "
+                        f"got {token_weight.dtype}")
+    for name, t in (("position_weight", position_weight), ("segment_weight", segment_weight),
+                    ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None and t.dtype != token_weight.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} != token_weight dtype {token_weight.dtype}")
+
+
 def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None,
           position_ids=None, ln_weight=None, ln_bias=None, eps=1e-12, dropout_p=0.0, *,
           padding_idx=None, segment_padding_idx=None, deterministic=True, generator=None):
@@ -59,6 +79,8 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
         raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
     if segment_ids is not None and segment_weight is None:
         raise ValueError("segment_ids given without segment_weight")
+    _check_dtypes(input_ids, token_weight, position_weight, segment_ids, segment_weight, position_ids,
+                  ln_weight, ln_bias)
     if choose("embed", input_ids) != CPP:
         return _reference(input_ids, token_weight, position_weight, segment_ids, segment_weight,
                           position_ids, ln_weight, ln_bias, eps, dropout_p, padding_idx,
