@@ -17,6 +17,7 @@ Rounds: FASTBERT_BENCH_ROUNDS (default 15 on CUDA, 5 on CPU) unless the caller p
 With --benchmark-disable fn runs once, untimed (a smoke test for CI).
 """
 
+import contextlib
 import functools
 import os
 import platform
@@ -168,6 +169,21 @@ def run(benchmark, fn, device, bytes_moved=None, flops=None, tokens=None, rounds
 def devices():
     """Devices to benchmark on: CUDA when present, else CPU."""
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def training_step(loss_fn, opt, autocast=None):
+    """step(*args) for the training benchmarks: loss_fn(*args) under torch.autocast(**autocast) (when
+    given), backward, the optimizer step, gradients zeroed (set to None); returns the loss."""
+
+    def step(*args):
+        with torch.autocast(**autocast) if autocast else contextlib.nullcontext():
+            loss = loss_fn(*args)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def row_op_setup():

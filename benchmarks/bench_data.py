@@ -39,7 +39,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from _util import devices, run
+from _util import devices, run, training_step
 
 import fastbert.ops as ops
 from fastbert.reference import ops as ref_ops
@@ -178,13 +178,8 @@ def test_pretrain_step(benchmark, provider):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda" or None)
 
-    def step():
-        with torch.autocast(DEVICE, dtype=P_AMP or torch.bfloat16, enabled=P_AMP is not None):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = training_step(loss_fn, opt, dict(device_type=DEVICE, dtype=P_AMP or torch.bfloat16,
+                                            enabled=P_AMP is not None))
 
     cfg = BertConfig.hf(P_VOCAB, P_HIDDEN, P_LAYERS, P_HEADS, 4 * P_HIDDEN)
     tokens = P_BATCH * P_SEQ

@@ -31,16 +31,14 @@ import math
 
 import pytest
 import torch
-from _util import devices, run
+from _util import devices, run, training_step
 
 DEVICE = devices()[0]
 CUDA = DEVICE == "cuda"
-if CUDA:
-    VOCAB, HIDDEN, LAYERS, HEADS, FFN, BATCH = 30522, 768, 12, 12, 3072, 64
-    DTYPE = torch.bfloat16
-else:
-    VOCAB, HIDDEN, LAYERS, HEADS, FFN, BATCH = 1000, 128, 2, 2, 512, 16
-    DTYPE = torch.float32
+# (vocab, hidden, layers, heads, FFN width, batch, dtype): BERT-base on CUDA, a small model on the CPU
+SIZES = {True: (30522, 768, 12, 12, 3072, 64, torch.bfloat16),
+         False: (1000, 128, 2, 2, 512, 16, torch.float32)}
+VOCAB, HIDDEN, LAYERS, HEADS, FFN, BATCH, DTYPE = SIZES[CUDA]
 MAX_LEN = 128
 DROPOUT = 0.1
 PROVIDERS = ("hf-sdpa", "fastbert-patch", "fastbert-padded")
@@ -115,14 +113,8 @@ def make_step(model, workload):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if CUDA else None)
 
-    def step(b):
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    return training_step(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                         labels=b["labels"]).loss, opt)
 
 
 def _free():

@@ -32,7 +32,7 @@ bert_pytorch in tokens/s on the realistic variant, MFU >= 50%.
 import numpy as np
 import pytest
 import torch
-from _util import devices, run
+from _util import devices, run, training_step
 
 from fastbert.reference import ops as ref_ops
 from fastbert.reference.model import BertConfig
@@ -171,14 +171,7 @@ def test_pretrain(benchmark, request, provider, variant):
         if isinstance(loss_fn, tuple):
             loss_fn = loss_fn[0]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA or None)
-
-        def step():
-            with torch.autocast(**amp):
-                loss = loss_fn()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+        step = training_step(loss_fn, opt, amp)
 
     cfg = BertConfig.hf(VOCAB, HIDDEN, LAYERS, HEADS, 4 * HIDDEN)
     tokens = int(lengths.sum())

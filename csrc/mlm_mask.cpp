@@ -25,6 +25,7 @@ template <typename index_t>
 #if defined(__GNUC__)
 __attribute__((noinline))
 #endif
+// Deliberate twin of the write loop in csrc/cuda/mlm_mask_kernels.cu (the same rule on the GPU).
 void write_token(const MlmParams& p, int64_t t, int64_t id, bool chosen, index_t* out, index_t* labels) {
   p.chosen[t] = chosen;
   if (!chosen) {
@@ -153,6 +154,7 @@ std::tuple<Tensor, Tensor, Tensor> mlm_mask_cpu(Tensor input_ids, Tensor special
   } else {
     check_ids<int64_t>(ids, vocab_size);
   }
+  // Deliberate twin of the CUDA op's set-up in csrc/cuda/glue.cpp (the same outputs, host buffers).
   OptTensor ws;
   if (given(word_starts)) {
     ws = torch::stable::contiguous(*word_starts);

@@ -70,6 +70,7 @@ __device__ __forceinline__ void report(int* error, int code) {
 
 }  // namespace fastbert
 
+// One case per dtype, each the same body: the repetition is the point of the macro.
 #define FB_DISPATCH_DTYPE(dtype, T, ...)           \
   switch (dtype) {                                 \
     case ::fastbert::DType::kFloat32: {            \

@@ -373,6 +373,8 @@ int pack_width(int64_t N, std::initializer_list<const void*> ptrs) {
 
 void embed_forward_cuda(const EmbedParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
+  // Deliberate twin of the launch in embed_backward_dx_cuda: one template instance per (vector
+  // width, LayerNorm) pair, picked at run time.
   FB_DISPATCH_DTYPE(p.dtype, T, {
     using A = typename Acc<T>::type;
     const int vec = pack_width<T>(p.hidden, {p.tok, p.pos, p.seg, p.ln_w, p.ln_b, p.out});
@@ -395,6 +397,7 @@ void embed_forward_cuda(const EmbedParams& p, cudaStream_t stream) {
 void embed_backward_dx_cuda(const EmbedBackwardParams& q, cudaStream_t stream) {
   const EmbedParams& p = q.fwd;
   if (p.tokens == 0) return;
+  // Deliberate twin of the launch in embed_forward_cuda (see there).
   FB_DISPATCH_DTYPE(p.dtype, T, {
     using A = typename Acc<T>::type;
     const int vec = pack_width<T>(p.hidden, {p.tok, p.pos, p.seg, p.ln_w, q.grad});

@@ -208,7 +208,8 @@ std::tuple<Tensor, Tensor, Tensor> mlm_mask_cuda_op(Tensor input_ids, Tensor spe
                          choose_threshold, mask_threshold, random_threshold, max_predictions);
   FB_CHECK_VALUE(p.seq <= kMlmMaxSeqCuda, "sequence length ", p.seq, " is above the CUDA mlm_mask limit (",
                  kMlmMaxSeqCuda, ")");
-  // special ids: sorted, unique and in range, checked by the Python wrapper (fastbert.ops.mlm_mask)
+  // special ids: sorted, unique and in range, checked by the Python wrapper (fastbert.ops.mlm_mask).
+  // Deliberate twin of the CPU op's set-up in csrc/mlm_mask.cpp (the same outputs, device buffers).
   const Tensor ids = torch::stable::contiguous(input_ids);
   const Tensor special = torch::stable::contiguous(special_ids);
   OptTensor ws;

@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kMlmThreads) mlm_mask_kernel(const MlmParams p
   }
   auto* out = static_cast<index_t*>(p.out);
   auto* labels = static_cast<index_t*>(p.labels);
+  // Deliberate twin of write_token in csrc/mlm_mask.cpp (the same rule on the CPU).
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     const int64_t t = base + s;
     const int64_t id = ids[t];

@@ -58,42 +58,40 @@ def config_from_hf(hf_config) -> BertConfig:
     )
 
 
-def hf_to_fastbert_state_dict(sd):
-    """Rename a BertModel state dict (optionally prefixed 'bert.') to fastbert's names."""
-    out = {}
-    for name, t in sd.items():
-        key = name[5:] if name.startswith("bert.") else name
-        if _IGNORED.match(key):
-            continue
-        if key in _EMBED:
-            out[_EMBED[key]] = t
-            continue
-        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if not m or m.group(2) not in _LAYER:
-            raise KeyError(f"unexpected HF BERT parameter {name!r}")
-        i, mod, leaf = m.groups()
-        target = _LAYER[mod]
-        leaf = _norm_leaf(leaf) if target.endswith("norm") else _leaf(leaf)
-        out[f"transformer_blocks.{i}.{target}.{leaf}"] = t
-    return out
-
-
-def fastbert_to_hf_state_dict(sd):
-    """Inverse of hf_to_fastbert_state_dict (names of a BertModel without pooler)."""
-    embed = {v: k for k, v in _EMBED.items()}
-    layer = {v: k for k, v in _LAYER.items()}
+def _rename(sd, embed, pattern, layer, leaf_of, name_of, error):
+    """Rename a state dict: embedding keys through `embed`, per-layer keys matched by `pattern`
+    (groups: layer index, module, leaf) through `layer` and `leaf_of`, composed by `name_of`."""
     out = {}
     for name, t in sd.items():
         if name in embed:
             out[embed[name]] = t
             continue
-        m = re.match(r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias|a_2|b_2)$", name)
+        m = re.match(pattern, name)
         if not m or m.group(2) not in layer:
-            raise KeyError(f"parameter {name!r} has no HF BertModel counterpart")
+            raise KeyError(error.format(name=name))
         i, mod, leaf = m.groups()
-        leaf = {"a_2": "weight", "b_2": "bias"}.get(leaf, leaf)
-        out[f"encoder.layer.{i}.{layer[mod]}.{leaf}"] = t
+        target = layer[mod]
+        out[name_of(i, target, leaf_of(target, leaf))] = t
     return out
+
+
+def hf_to_fastbert_state_dict(sd):
+    """Rename a BertModel state dict (optionally prefixed 'bert.') to fastbert's names."""
+    keys = {(name[5:] if name.startswith("bert.") else name): t for name, t in sd.items()}
+    keys = {k: t for k, t in keys.items() if not _IGNORED.match(k)}
+    return _rename(keys, _EMBED, r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", _LAYER,
+                   lambda target, leaf: _norm_leaf(leaf) if target.endswith("norm") else _leaf(leaf),
+                   lambda i, target, leaf: f"transformer_blocks.{i}.{target}.{leaf}",
+                   "unexpected HF BERT parameter {name!r}")
+
+
+def fastbert_to_hf_state_dict(sd):
+    """Inverse of hf_to_fastbert_state_dict (names of a BertModel without pooler)."""
+    embed, layer = {v: k for k, v in _EMBED.items()}, {v: k for k, v in _LAYER.items()}
+    return _rename(sd, embed, r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias|a_2|b_2)$", layer,
+                   lambda target, leaf: {"a_2": "weight", "b_2": "bias"}.get(leaf, leaf),
+                   lambda i, target, leaf: f"encoder.layer.{i}.{target}.{leaf}",
+                   "parameter {name!r} has no HF BertModel counterpart")
 
 
 def from_hf(hf_model, unpad="auto") -> Encoder:
