@@ -17,6 +17,8 @@ Keyword-only options:
   generator                         source of the dropout seed (see fastbert.ops._rng.philox_seed_offset):
                                     the keep-mask is Philox(seed, offset, element), identical on CPU
                                     and CUDA and regenerated in the backward (fastbert.ops._rng).
+                                    While a CUDA graph is being captured the dropout runs as
+                                    F.dropout after the op instead (new masks at every replay).
 
 The C++ op runs on CPU (parallel over tokens) and on CUDA (when fastbert._C has its CUDA kernels).
 FASTBERT_BACKEND=reference, or a fastbert._C that did not load, selects the eager reference.
@@ -88,14 +90,17 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
     pad = _norm_padding(padding_idx, token_weight.shape[0], "padding_idx")
     seg_pad = -1 if segment_weight is None else _norm_padding(
         segment_padding_idx, segment_weight.shape[0], "segment_padding_idx")
+    # Inside a CUDA graph capture the op's host-side Philox seed would be replayed unchanged: the
+    # dropout then runs as torch's own (its CUDA generator advances at every replay) after the op.
+    separate = dropout_p > 0.0 and input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
     seed = offset = 0
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and not separate:
         seed, offset = philox_seed_offset(generator)
     out, _, _ = torch.ops.fastbert.embedding_gather(
         input_ids, token_weight, position_weight, segment_ids,
         segment_weight if segment_ids is not None else None, position_ids, ln_weight, ln_bias,
-        float(eps), float(dropout_p), seed, offset, pad, seg_pad, bool(deterministic))
-    return out
+        float(eps), 0.0 if separate else float(dropout_p), seed, offset, pad, seg_pad, bool(deterministic))
+    return torch.nn.functional.dropout(out, dropout_p) if separate else out
 
 
 def _acc(dtype):
