@@ -46,9 +46,13 @@ def implementation(op, device):
     return describe(op, impl) + note
 
 
-def last_used():
-    """{op: implementation} of the latest call of each op on each device, e.g. after a training step."""
-    return {f"{op} [{dev}]": describe(op, impl) for (op, dev), impl in _dispatch.last_choices().items()}
+def last_used(device=None):
+    """{op: implementation} of the latest call of each op on `device` ("cpu", "cuda"), e.g. after a
+    training step; {"op [device]": implementation} over every device when device is None."""
+    choices = _dispatch.last_choices().items()
+    if device is not None:
+        return {op: describe(op, impl) for (op, dev), impl in choices if dev == device}
+    return {f"{op} [{dev}]": describe(op, impl) for (op, dev), impl in choices}
 
 
 def report():

@@ -114,6 +114,13 @@ def build_parser(p=None):
                    "--time-limit 600, on CUDA --time-limit 120")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on "
                    "CUDA, fp32 on CPU)")
+    t.add_argument("--packed", action="store_true", help="pack whole examples into fixed budgets of batch x "
+                   "seq-len token slots per micro-batch (Krell et al. 2021): static shapes, no host sync in "
+                   "the step (fastbert.train.packed_run)")
+    t.add_argument("--pack-seqs", type=int, help="sequence slots per pack (default: batch x seq-len / 16)")
+    t.add_argument("--cuda-graphs", action="store_true", help="capture the whole packed step (forward, loss, "
+                   "backward, clipping, capturable AdamW, LR schedule on the device) in one CUDA graph after "
+                   "3 warm-up steps and replay it; implies --packed; needs CUDA and one process")
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
     t.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP under torchrun")
@@ -313,6 +320,12 @@ def _resolve_options(args, cuda):
             o.max_steps, o.time_limit = CPU_DEFAULTS["max_steps"], CPU_DEFAULTS["time_limit"]
     if o.lr is None:
         o.lr = CPU_DEFAULTS["lr"] if not cuda else 1e-3
+    if o.cuda_graphs and not cuda:
+        raise ConfigError("--cuda-graphs needs a CUDA device (run with --device cuda on a machine with a "
+                          "GPU); without one, leave it out (--packed runs the same step eagerly)")
+    o.packed = o.packed or o.cuda_graphs
+    if o.pack_seqs is not None and o.pack_seqs <= 0:
+        raise ConfigError(f"--pack-seqs must be positive, got {o.pack_seqs}")
     o.dtype = o.dtype or ("bf16" if cuda else "fp32")
     if o.dtype == "fp16" and not cuda:
         raise ConfigError("--dtype fp16 needs CUDA (use bf16 or fp32 on CPU)")
@@ -667,11 +680,22 @@ def run(args):
     o = s.opts
     t = build(s)
     _banner(s, t)
-    from fastbert.info import implementation
+    from fastbert.info import implementation, last_used
 
     ops_used = {op: implementation(op, s.device.type) for op in OPS}
     _log(s.rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
+    packed = None
+    if o.packed:
+        from .packed_run import PackedLoop
+
+        packed = PackedLoop(s, t, ConfigError)
+        d = packed.data
+        _log(s.rank, f"packed: {d.tokens} token slots, {d.max_seqs} sequence slots and {d.max_predictions} "
+                     f"prediction slots per pack, {packed.steps_per_epoch} steps per epoch"
+                     f"{', CUDA graph' if packed.graphs else ''}")
     masker, metrics, logger = Masker(s), Metrics(), Logger(s, t.step)
+    steps_per_epoch = packed.steps_per_epoch if packed else s.data.steps_per_epoch
+    first = t.step
     last_saved = t.step if o.resume else None
     comm = s.device if s.world > 1 and s.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
     t_train = time.perf_counter()
@@ -686,10 +710,19 @@ def run(args):
                 dist.broadcast(stop, 0)
             if stop.item():
                 break
-        epoch, k = divmod(t.step, s.data.steps_per_epoch)
-        train_step(s, t, masker, s.data.step_batches(epoch, k, s.rank, s.world), metrics, comm)
+        if packed:
+            packed.step(metrics)
+        else:
+            epoch, k = divmod(t.step, steps_per_epoch)
+            train_step(s, t, masker, s.data.step_batches(epoch, k, s.rank, s.world), metrics, comm)
+        if t.step == first + 1:  # what the first step ran, per op (fastbert.ops' own record)
+            ops_used = last_used(s.device.type)
+            _log(s.rank, "ops run: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
         if logger.after_step(t.step, comm):
-            logger.log(t.step, metrics.reduce(s.world, comm), t.scheduler.get_last_lr()[0])
+            if packed:
+                packed.flush(metrics)  # the device sums: one read-back per logging interval
+            lr = packed.lr() if packed else t.scheduler.get_last_lr()[0]
+            logger.log(t.step, metrics.reduce(s.world, comm), lr)
             metrics.reset()
         if t.step % o.save_every == 0:
             _save(s, t)
