@@ -670,7 +670,10 @@ def prepare(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlen
         _fail(f"varlen mode (cu_seqlens given) needs q [T, H, D], got {tuple(q.shape)}")
     if not varlen and q.dim() != 4:
         _fail(f"padded mode needs q [B, S, H, D] (or [T, H, D] with cu_seqlens), got {tuple(q.shape)}")
-    check_supported(q)
+    dim = q.shape[-1]  # the head-dim limit of check_supported, inline (a call saved per launch)
+    if dim > MAX_HEAD_DIM or dim % 8 != 0 or dim == 0:
+        _fail(f"head_dim {dim} unsupported; expected a multiple of 8 up to {MAX_HEAD_DIM} "
+              "(32, 64, 80, 128 are tuned)")
     if not 0.0 <= float(dropout_p) < 1.0:
         _fail(f"dropout_p {dropout_p} outside [0, 1)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -81,40 +81,44 @@ def _triton_device(x, name) -> bool:
     return _TRITON and x.device.type == "cpu"
 
 
-def _accepts(check, args) -> bool:
-    try:
-        check(*args)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 def choose(op, x, check=None, args=(), native=True) -> str:
     """The implementation op runs for this call. x: the op's leading tensor (or anything with .device
     and .is_cuda); check(*args): the kernel's input check, raising ValueError/TypeError naming what the
     kernel does not take (None: the input is taken); native: whether torch's own ops compute the op's
     function for this input (otherwise the fallback is the reference), or a callable that says so
     (evaluated only when a fallback is needed, since it may cost a host sync)."""
-    name = backend()
-    if not isinstance(getattr(x, "device", None), torch.device):
+    # the common cases inline (this runs on every op call: a BERT step makes hundreds)
+    name = os.environ.get("FASTBERT_BACKEND", "auto")
+    if name not in BACKENDS:
+        name = backend()  # normalises, or raises naming the bad value
+    tensor = x.__class__ is torch.Tensor or isinstance(x, torch.Tensor)  # not info's stand-ins
+    if not tensor and not isinstance(getattr(x, "device", None), torch.device):
         return REFERENCE  # not a tensor: the reference raises the error that names it
     if op in CPP_OPS:
         impl = REFERENCE
         if name != "reference" and _ext.has_op(CPP_OPS[op]):
             if x.device.type == "cpu" or (x.is_cuda and _ext.has_cuda()):
                 impl = CPP
-            elif isinstance(x, torch.Tensor):  # not for info's stand-ins
+            elif tensor:
                 _ext.warn_once(f"{op}-{x.device.type}",
                                f"fastbert._C has no {x.device.type} kernels; {op} uses the reference")
     elif name == "reference":
         impl = REFERENCE
-    elif _triton_device(x, name) and (check is None or name == "triton" or _accepts(check, args)):
-        if name == "triton" and check is not None:
-            check(*args)  # the kernel's own error for input it does not take
+    elif (_TRITON if x.is_cuda else _triton_device(x, name)):
         impl = TRITON
+        if check is not None:
+            if name == "triton":
+                check(*args)  # the kernel's own error for input it does not take
+            else:
+                try:
+                    check(*args)
+                except (ValueError, TypeError):
+                    impl = None  # auto: input the kernel does not take falls back
     else:
+        impl = None
+    if impl is None:
         impl = NATIVE if (native() if callable(native) else native) else REFERENCE
-    if isinstance(x, torch.Tensor):
+    if tensor:
         _last[op, x.device.type] = impl
     return impl
 

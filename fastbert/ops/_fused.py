@@ -14,6 +14,8 @@ run one torch.autograd.Function whose forward and backward call the launchers di
 save() and backward(). Without gradients, the forward launcher runs alone.
 """
 
+import operator
+
 import torch
 
 
@@ -30,6 +32,11 @@ class FusedOp:
                                               schema=bwd_schema)
         self.bwd_op.register_fake(bwd_fake)
         bwd_op = self.bwd_op
+        # the outputs that carry no gradient, picked without a generator (host time: every call)
+        nondiff = None
+        if non_differentiable:
+            pick = operator.itemgetter(*non_differentiable)
+            nondiff = (lambda out: pick(out)) if len(non_differentiable) > 1 else (lambda out: (pick(out),))
 
         def compiled_backward(ctx, *grads):
             return backward(ctx, grads, bwd_op)
@@ -43,8 +50,8 @@ class FusedOp:
             def forward(ctx, *args):
                 out = fwd(*args)
                 save(ctx, args, out)
-                if non_differentiable:
-                    ctx.mark_non_differentiable(*(out[i] for i in non_differentiable))
+                if nondiff is not None:
+                    ctx.mark_non_differentiable(*nondiff(out))
                 return out
 
             @staticmethod

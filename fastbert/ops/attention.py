@@ -40,6 +40,7 @@ if triton_available():
     from fastbert.kernels import attention as _k
 else:  # pragma: no cover - triton is a dependency; the reference keeps working without it
     _k = None
+_CHECK = _k.check_supported if _k is not None else None  # the kernel's input check (choose() calls it)
 
 
 def _fwd_fake(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
@@ -93,13 +94,10 @@ def fused_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, c
     return _OP(q, k, v, seqinfo, mask, rng, mode, float(dropout_p), scale, max_seqlen)[0]
 
 
-def _check(q):
-    _k.check_supported(q)
-
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None):
-    impl = choose("attention", q, _check, (q,),
+    impl = choose("attention", q, _CHECK, (q,),
                   native=lambda: _native_supports(q, k, v, key_padding_mask, cu_seqlens))
     if impl == TRITON:
         return fused_attention(q, k, v, key_padding_mask, dropout_p, scale, cu_seqlens, max_seqlen)

@@ -27,6 +27,7 @@ if triton_available():
     from fastbert.kernels import bias_gelu as _k
 else:  # pragma: no cover - triton is a dependency; the reference keeps working without it
     _k = None
+_CHECK = _k.check_inputs if _k is not None else None  # the kernel's input check (choose() calls it)
 
 
 def _fwd(x, bias, seed, approximate, dropout_p):
@@ -66,16 +67,13 @@ _OP = FusedOp(
 ) if _k is not None else None
 
 
-def _check(x, bias, approximate):
-    _k.check_inputs(x, bias, approximate)
-
 
 def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):
     if approximate not in ref.GELU_FORMS:
         raise ValueError(f"bias_gelu approximate={approximate!r}; expected one of {ref.GELU_FORMS}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"bias_gelu dropout_p {dropout_p} outside [0, 1)")
-    impl = choose("bias_gelu", x, _check, (x, bias, approximate),
+    impl = choose("bias_gelu", x, _CHECK, (x, bias, approximate),
                   native=lambda: isinstance(bias, torch.Tensor) and x.dtype.is_floating_point)
     if impl == TRITON:
         seed = dropout_seed(x.device) if dropout_p > 0.0 else None

@@ -30,6 +30,7 @@ if triton_available():
     from fastbert.kernels import layer_norm as _k
 else:  # pragma: no cover - triton is a dependency; the reference keeps working without it
     _k = None
+_CHECK = _k.check_inputs if _k is not None else None  # the kernel's input check (choose() calls it)
 
 Tensor = torch.Tensor
 
@@ -112,14 +113,11 @@ def _native(x, weight, bias, eps, residual, variant, dropout_p):
     return y if residual is None else (y, s)
 
 
-def _check(x, weight, bias, residual, variant, dropout_p):
-    _k.check_inputs(x, weight, bias, residual, variant, dropout_p)
-
 
 def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropout_p=0.0):
     if variant not in ref.LN_VARIANTS:
         raise ValueError(f"layer_norm variant {variant!r}; expected one of {ref.LN_VARIANTS}")
-    impl = choose("layer_norm", x, _check, (x, weight, bias, residual, variant, dropout_p),
+    impl = choose("layer_norm", x, _CHECK, (x, weight, bias, residual, variant, dropout_p),
                   native=lambda: _native_supports(x, weight, bias, residual))
     if impl == TRITON:
         seed = dropout_seed(x.device) if dropout_p > 0.0 else None
