@@ -96,10 +96,15 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
     seed = offset = 0
     if dropout_p > 0.0 and not separate:
         seed, offset = philox_seed_offset(generator)
-    out, _, _ = torch.ops.fastbert.embedding_gather(
-        input_ids, token_weight, position_weight, segment_ids,
-        segment_weight if segment_ids is not None else None, position_ids, ln_weight, ln_bias,
-        float(eps), 0.0 if separate else float(dropout_p), seed, offset, pad, seg_pad, bool(deterministic))
+    args = (input_ids, token_weight, position_weight, segment_ids,
+            segment_weight if segment_ids is not None else None, position_ids, ln_weight, ln_bias,
+            float(eps), 0.0 if separate else float(dropout_p), seed, offset, pad, seg_pad,
+            bool(deterministic))
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+            t is not None and t.requires_grad for t in args[1:8]):
+        out = _Eager.apply(*args)  # eager training: one autograd.Function, no torch.library glue
+    else:
+        out = torch.ops.fastbert.embedding_gather(*args)[0]
     return torch.nn.functional.dropout(out, dropout_p) if separate else out
 
 
@@ -143,6 +148,23 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
             gs if need[4] and sids is not None else None, None,
             gw if need[6] else None, gb if need[7] else None,
             None, None, None, None, None, None, None)
+
+
+class _Eager(torch.autograd.Function):
+    """The op's autograd for eager calls: the registered autograd (register_autograd below, which
+    torch.compile traces) goes through torch.library's Python glue on every call, about 100 us of
+    host time; this calls the op below the autograd key with the same save and backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, mean, rstd = torch.ops.fastbert.embedding_gather.default(*inputs)
+        _setup_context(ctx, inputs, (out, mean, rstd))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, None, None)
 
 
 if _ext.has_op(_OP):
