@@ -584,15 +584,22 @@ def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqle
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
-    """Launch the backward (the forward's saved tensors and arguments). Returns (dq, dk, dv) like q."""
+def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen,
+                  grads=None):
+    """Launch the backward (the forward's saved tensors and arguments). Returns (dq, dk, dv) like q.
+    grads: (dq, dk, dv) to write into instead of new tensors, shaped like q with one set of strides
+    for the three and a contiguous head dim (the fused block passes views of one [T, 3N] buffer)."""
     batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     new = allocator()
-    dq, dk, dv = (new(q.shape, q.dtype, q.device) for _ in range(3))
+    if grads is None:
+        dq, dk, dv = new(q.shape, q.dtype, q.device), new(q.shape, q.dtype, q.device), \
+            new(q.shape, q.dtype, q.device)
+    else:
+        dq, dk, dv = grads
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     thresh, drop_scale = _drop_params(dropout_p)

@@ -5,6 +5,8 @@
     attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
+    fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole post-LN block in one
+        autograd node where every op would take its Triton kernel (eager); None elsewhere
 
 Each is documented in its own module. FASTBERT_BACKEND (see _dispatch) forces a path; `python -m
 fastbert.info` shows which implementation each op uses on each device, and last_choices() what the
@@ -14,9 +16,10 @@ latest calls ran.
 from ._dispatch import backend, choose, last_choices, use_triton
 from .attention import attention
 from .bias_gelu import bias_gelu
+from .block import fused_block
 from .embed import embed
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
 
-__all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "last_choices", "layer_norm", "mlm_mask",
-           "use_triton"]
+__all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "last_choices",
+           "layer_norm", "mlm_mask", "use_triton"]

@@ -201,6 +201,14 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        # fastbert.ops runs the whole block as one autograd node where every op takes its Triton
+        # kernel (eager, post-LN: fastbert.ops.block); it returns None otherwise, and the reference
+        # ops have no such hook: the code below is the block's math
+        fused = getattr(self.attention.ops, "fused_block", None)
+        if fused is not None:
+            y = fused(self, x, key_padding_mask, cu_seqlens, max_seqlen)
+            if y is not None:
+                return y
         # a dropout followed by a residual add and a LayerNorm runs inside the norm op (one fused
         # kernel on the Triton path; F.dropout then the norm in the reference, the same RNG draws
         # in the same order as a separate nn.Dropout)

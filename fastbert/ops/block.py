@@ -1,0 +1,228 @@
+"""fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen): a whole post-LN transformer block
+(the "hf" preset) as ONE autograd node in eager mode, or None where it does not apply.
+
+Why: at BERT sizes a GPU runs a block's kernels in well under a millisecond, so the host work around
+them (module calls, one choose() and one autograd.Function per op, three Q/K/V linears, a dropout
+seed per op, input checks per launch) decides the step time. The per-op path (each op through its
+FusedOp) stays what torch.compile traces and what every other case runs; this path takes the block
+when all of its ops would take their Triton kernels anyway:
+
+    qkv = x @ [Wq; Wk; Wv]^T + [bq; bk; bv]          one addmm on the three weights (cat per call)
+    o   = attention(qkv views, varlen or dense)        the attention launcher, no copies of q, k, v
+    h   = LN1(dropout(o @ Wo^T + bo) + x)              LayerNorm launcher with dropout + residual
+    y   = LN2(dropout(w_2(bias_gelu(h @ W1^T, b1))) + h)
+
+and a hand-written backward: the launchers' backward kernels and mm's (weight gradients by mm, bias
+gradients by sum), dq/dk/dv written into one [T, 3N] buffer so that one mm gives dx and one dW for
+the three Q/K/V weights (returned as views, one per parameter: the state dict keeps its keys). The
+math is the per-op path's, launcher for launcher; tests/test_fused_block.py checks outputs and every
+parameter gradient against the per-op path and the reference.
+
+Saved for the backward (per real token, as the per-op path): the block input, qkv, the attention
+output, both LayerNorm sums, the FFN input, pre-activation and activation, and per-row statistics;
+the concatenated weight is rebuilt in the backward, not kept. The block's dropout seeds (LayerNorm
+1 and 2, attention's (seed, offset) pair, the FFN's) come from ONE torch.randint per block on x's
+device, each kernel reading its own element, so torch.manual_seed, activation checkpointing (which
+restores the generators) and CUDA graphs behave as with the per-op draws.
+
+Where it applies (otherwise the caller runs the per-op path): not while torch.compile traces; the
+"hf" preset (post-LN); the backend would pick Triton for x (FASTBERT_BACKEND, device, interpreter);
+no autocast; x contiguous in fp32/fp16/bf16 with every block parameter of its dtype and device;
+varlen input ([T, N] with cu_seqlens and an int max_seqlen) or dense padded input ([B, S, N], no
+key padding mask); hidden <= 8192, head dim a multiple of 8 up to 128; FASTBERT_ATTN_CHECK unset.
+FASTBERT_FUSED_BLOCK=0 turns it off (the per-op path everywhere).
+"""
+
+import os
+
+import torch
+
+from . import _dispatch
+from ._dispatch import TRITON, triton_available
+
+if triton_available():
+    from fastbert.kernels import _common as _kc
+    from fastbert.kernels import attention as _ka
+    from fastbert.kernels import bias_gelu as _kg
+    from fastbert.kernels import layer_norm as _kl
+else:  # pragma: no cover - triton is a dependency
+    _kc = _ka = _kg = _kl = None
+
+_HIGH = 2**62  # as fastbert.ops._rng.dropout_seed
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTBERT_FUSED_BLOCK", "1") != "0"
+
+
+def _leaves(block):
+    """(q, k, v, output linear, norm1, norm2, w_1, w_2, dropout, feed_forward) modules of a block,
+    looked up in the _modules dicts (nn.Module.__getattr__ costs about a microsecond per lookup)."""
+    mods = block._modules
+    att = mods["attention"]._modules
+    ff = mods["feed_forward"]
+    ffm = ff._modules
+    q, k, v = att["linear_layers"]._modules.values()
+    return (q, k, v, att["output_linear"], mods["input_sublayer"]._modules["norm"],
+            mods["output_sublayer"]._modules["norm"], ffm["w_1"], ffm["w_2"], mods["dropout"], ff)
+
+
+def _params(leaves):
+    """The block's 16 parameters in _PostLN's order (leaves: _leaves(block))."""
+    q, k, v, o, n1, n2, w1, w2 = leaves[:8]
+    qp, kp, vp, op, n1p, n2p, w1p, w2p = (m._parameters for m in (q, k, v, o, n1, n2, w1, w2))
+    return (qp["weight"], kp["weight"], vp["weight"], qp["bias"], kp["bias"], vp["bias"], op["weight"],
+            op["bias"], n1p["a_2"], n1p["b_2"], w1p["weight"], w1p["bias"], w2p["weight"], w2p["bias"],
+            n2p["a_2"], n2p["b_2"])
+
+
+def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+    """The block's output through the fused eager path, or None when the per-op path must run."""
+    if torch.compiler.is_compiling() or _kl is None:
+        return None
+    cfg = block.cfg
+    if cfg.preset != "hf" or key_padding_mask is not None or not enabled():
+        return None
+    if not isinstance(x, torch.Tensor):
+        return None
+    name = os.environ.get("FASTBERT_BACKEND", "auto")
+    if name not in _dispatch.BACKENDS:
+        name = _dispatch.backend()
+    if name == "reference" or not (_dispatch._TRITON if x.is_cuda else _dispatch._triton_device(x, name)):
+        return None
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOAT or torch.is_autocast_enabled(device.type) or not x.is_contiguous():
+        return None
+    if os.environ.get("FASTBERT_ATTN_CHECK") == "1":
+        return None  # the per-op attention checks cu_seqlens' values
+    n, heads = x.shape[-1], cfg.heads
+    if n != cfg.hidden or n > _kl.MAX_HIDDEN or n % heads:
+        return None
+    head_dim = n // heads
+    if head_dim % 8 or head_dim > _ka.MAX_HEAD_DIM:
+        return None
+    if cu_seqlens is not None:
+        if (x.dim() != 2 or max_seqlen is None or isinstance(max_seqlen, bool)
+                or not isinstance(max_seqlen, int) or not isinstance(cu_seqlens, torch.Tensor)
+                or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+                or cu_seqlens.device != device):
+            return None  # the per-op path names the problem
+        mode, seqinfo = _ka.MODE_VARLEN, cu_seqlens.contiguous()
+        hshape = (x.shape[0], heads, head_dim)
+    else:
+        if x.dim() != 3 or (max_seqlen is not None and max_seqlen != x.shape[1]):
+            return None
+        mode, seqinfo, max_seqlen = _ka.MODE_DENSE, None, x.shape[1]
+        hshape = (x.shape[0], x.shape[1], heads, head_dim)
+    leaves = _leaves(block)
+    params = _params(leaves)
+    for t in params:
+        if t.dtype != dtype or t.device != device:
+            return None
+    _, _, _, _, norm1, norm2, _, _, drop, ff = leaves
+    p = drop.p if block.training else 0.0
+    pa = cfg.attn_dropout if block._modules["attention"].training else 0.0
+    pf = ff._modules["dropout"].p if ff.training else 0.0
+    if not (0.0 <= p < 1.0 and 0.0 <= pa < 1.0 and 0.0 <= pf < 1.0):
+        return None
+    # what ran, for fastbert.ops.last_choices() (pretrain logs it after the first step)
+    last = _dispatch._last
+    dev = device.type
+    last["attention", dev] = last["layer_norm", dev] = last["bias_gelu", dev] = TRITON
+    n_seeds = (2 if p > 0.0 else 0) + (2 if pa > 0.0 else 0) + (1 if pf > 0.0 else 0)
+    seeds = torch.randint(0, _HIGH, (n_seeds,), dtype=torch.int64, device=device) if n_seeds else None
+    meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p), float(pa), float(pf),
+            float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
+            norm2.variant == "bert_pytorch", cfg.gelu)
+    if torch.is_grad_enabled():
+        return _PostLN.apply(meta, x, seqinfo, seeds, *params)
+    return _forward(meta, x, seqinfo, seeds, params)[0]
+
+
+def _seed_views(seeds, p, pa, pf):
+    """(LN1 seed, LN2 seed, attention (seed, offset), FFN seed) views of the block's draw, or None."""
+    if seeds is None:
+        return None, None, None, None
+    i = 0
+    s1 = s2 = sa = sf = None
+    if p > 0.0:
+        s1, s2, i = seeds[0:1], seeds[1:2], 2
+    if pa > 0.0:
+        sa, i = seeds[i:i + 2], i + 2
+    if pf > 0.0:
+        sf = seeds[i:i + 1]
+    return s1, s2, sa, sf
+
+
+def _qkv_views(qkv, hshape):
+    """q, k, v views [.., H, D] of the [M, 3N] projection (the attention kernels take the strides)."""
+    return qkv.view(*hshape[:-2], 3, *hshape[-2:]).unbind(-3)
+
+
+def _forward(meta, x, seqinfo, seeds, params):
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
+    wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
+    s1_seed, s2_seed, sa_seed, sf_seed = _seed_views(seeds, p, pa, pf)
+    n = x.shape[-1]
+    x2 = x.view(-1, n)
+    m = x2.shape[0]
+    qkv = torch.addmm(torch.cat((bq, bk, bv)), x2, torch.cat((wq, wk, wv)).t())  # [M, 3N]
+    q, k, v = _qkv_views(qkv, hshape)
+    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
+    o2 = o.view(m, n)
+    a = torch.addmm(bo, o2, wo.t())
+    h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p, s1_seed, validate=False)
+    f = torch.mm(h, w1.t())
+    g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
+    u = torch.addmm(b2, g, w2.t())
+    y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
+    saved = (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2)
+    return y.view(x.shape), saved
+
+
+class _PostLN(torch.autograd.Function):
+    """One post-LN block: inputs (meta, x, seqinfo, seeds, 16 parameters in _params' order)."""
+
+    @staticmethod
+    def forward(ctx, meta, x, seqinfo, seeds, *params):
+        y, saved = _forward(meta, x, seqinfo, seeds, params)
+        wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
+        ctx.save_for_backward(*saved, seqinfo, seeds, wq, wk, wv, wo, g1, w1, b1, w2, g2)
+        ctx.meta = meta
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2, seqinfo, seeds,
+         wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = ctx.meta
+        s1_seed, s2_seed, sa_seed, sf_seed = _seed_views(seeds, p, pa, pf)
+        m, n = x2.shape
+        # LN2: y = LN(dropout(u) + h)
+        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(dy.reshape(m, n), None, s2, g2, mean2, rstd2, unb2, p,
+                                                  s2_seed)
+        du = dx2 if p > 0.0 else dsum2
+        # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = h @ W1^T
+        dw2 = du.t().mm(g)
+        db2 = du.sum(0)
+        df, db1 = _kg.bias_gelu_bwd(du.mm(w2), f, b1, approx, dropout_p=pf, seed=sf_seed)
+        dw1 = df.t().mm(h)
+        dh = torch.addmm(dsum2, df, w1)  # the residual's gradient (LN2's sum) + the FFN's
+        # LN1: h = LN(dropout(a) + x)
+        dsum1, dx1, dg1, dc1 = _kl.layer_norm_bwd(dh, None, s1, g1, mean1, rstd1, unb1, p, s1_seed)
+        da = dx1 if p > 0.0 else dsum1
+        dwo = da.t().mm(o2)
+        dbo = da.sum(0)
+        do = da.mm(wo).view(hshape)
+        # attention, its dq, dk, dv written as views of one [M, 3N] buffer
+        dqkv = _kc.allocator()((m, 3 * n), qkv.dtype, qkv.device)
+        q, k, v = _qkv_views(qkv, hshape)
+        _ka.attention_bwd(do, q, k, v, o2.view(hshape), lse, seqinfo, None, sa_seed, mode, pa, scale,
+                          max_seqlen, grads=_qkv_views(dqkv, hshape))
+        dx = torch.addmm(dsum1, dqkv, torch.cat((wq, wk, wv)))  # residual + the three projections
+        dwq, dwk, dwv = dqkv.t().mm(x2).chunk(3)
+        dbq, dbk, dbv = dqkv.sum(0).chunk(3)
+        return (None, dx.view(ctx.x_shape), None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
+                dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)

@@ -1,0 +1,326 @@
+"""The fused eager block (fastbert.ops.block): a whole post-LN block as one autograd node.
+
+Against the per-op path (FASTBERT_FUSED_BLOCK=0: each op through its FusedOp) and the reference
+encoder (fastbert.reference, pure PyTorch), same weights: outputs and every parameter gradient on
+packed varlen input and on dense padded input, several sizes, dropout 0, fp32. With dropout: the
+block equals the per-op ops composed by hand with the seeds the block draws (so the backward
+regenerates the forward's masks), is reproducible from torch.manual_seed and differs across calls,
+and activation checkpointing reproduces its gradients. Also: what it saves scales with the real
+tokens, where it does not apply it returns None (the per-op path runs), and torch.compile traces the
+per-op path with no graph break. Kernels: compiled on CUDA, the Triton interpreter on CPU.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.ops import block as fused
+from fastbert.reference.model import BertConfig
+from fastbert.reference.model import Encoder as ReferenceEncoder
+
+CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
+VOCAB = 100
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    monkeypatch.setenv("FASTBERT_POISON", "1")  # an element a kernel does not write shows as NaN
+    monkeypatch.delenv("FASTBERT_FUSED_BLOCK", raising=False)
+    yield
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """{"n": number of fused block forwards} (through fastbert.ops.block._forward)."""
+    calls = {"n": 0}
+    forward = fused._forward
+
+    def spy(*args):
+        calls["n"] += 1
+        return forward(*args)
+
+    monkeypatch.setattr(fused, "_forward", spy)
+    return calls
+
+
+def config(hidden=64, heads=2, ffn=128, layers=2, dropout=0.0, preset="hf"):
+    if preset == "hf":
+        return BertConfig.hf(VOCAB, hidden, layers, heads, ffn, dropout=dropout, attn_dropout=dropout,
+                             emb_dropout=dropout, max_position=64)
+    return BertConfig.bert_pytorch(VOCAB, hidden, layers, heads, dropout=dropout, attn_dropout=dropout,
+                                   emb_dropout=dropout)
+
+
+def models(cfg, seed=0):
+    """(reference encoder, fast encoder), the same random weights (off their init values)."""
+    torch.manual_seed(seed)
+    ref = ReferenceEncoder(cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fast = fastbert.Encoder(cfg)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref.to(DEVICE).train(), fast.to(DEVICE).train()
+
+
+def packed(lengths, slots=None, seed=0):
+    """A packed batch: ids, segments, positions [T], cu_seqlens, max_seqlen; T = slots (>= the sum of
+    lengths: the rest is one last sequence of filler, as fastbert.train.packing leaves it) and a
+    zero-length sequence where lengths has a 0."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = list(lengths)
+    total = sum(lengths)
+    if slots is not None and slots > total:
+        lengths.append(slots - total)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    tokens = int(cu[-1])
+    ids = torch.randint(1, VOCAB, (tokens,), generator=g)
+    seg = torch.randint(0, 2, (tokens,), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    return ids.to(DEVICE), seg.to(DEVICE), pos.to(DEVICE), cu.to(DEVICE), max(lengths)
+
+
+def run(model, inputs, weight, packed_mode=True):
+    """(output, {name: gradient}) of sum(model(inputs) * weight)."""
+    model.zero_grad(set_to_none=True)
+    out = model.forward_packed(*inputs) if packed_mode else model(*inputs)
+    (out * weight).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(got, want, what):
+    out_g, grads_g = got
+    out_w, grads_w = want
+    assert (out_g - out_w).abs().max() <= 2e-5 * max(1.0, float(out_w.abs().max())), what
+    assert grads_g.keys() == grads_w.keys(), what
+    for name, g in grads_w.items():
+        err = float((grads_g[name] - g).abs().max())
+        assert err <= 1e-4 * max(float(g.abs().max()), 1e-2), (what, name, err)
+
+
+SIZES = [  # hidden, heads, ffn, sequence lengths of the pack (0: an empty sequence), slots
+    (64, 2, 128, (7, 13, 0, 13, 1), 40),
+    (32, 4, 64, (16, 3, 9), 28),  # head dim 8
+    (128, 2, 256, (5, 30), 35),  # head dim 64, a sequence longer than the kernels' blocks
+]
+
+
+@pytest.mark.parametrize("hidden,heads,ffn,lengths,slots", SIZES)
+def test_packed_matches_per_op_and_reference(hidden, heads, ffn, lengths, slots, count_fused, monkeypatch):
+    ref, fast = models(config(hidden, heads, ffn))
+    inputs = packed(lengths, slots, seed=hidden)
+    weight = torch.randn(slots, hidden, device=DEVICE)
+    got = run(fast, inputs, weight)
+    assert count_fused["n"] == 2  # both layers took the fused block
+    monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "0")
+    per_op = run(fast, inputs, weight)
+    assert count_fused["n"] == 2
+    want = run(ref, inputs, weight)
+    assert torch.isfinite(got[0]).all()
+    assert_close(got, per_op, "per-op")
+    assert_close(got, want, "reference")
+
+
+@pytest.mark.parametrize("hidden,heads,ffn", [(64, 2, 128), (32, 4, 64)])
+def test_dense_and_unpadded_match_reference(hidden, heads, ffn, count_fused):
+    """Encoder.forward: a batch without padding runs the block on [B, S, N] (dense attention); a padded
+    batch is unpadded to varlen [T, N] (max_seqlen the padded length)."""
+    ref, fast = models(config(hidden, heads, ffn))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 11), generator=g).to(DEVICE)
+    seg = torch.randint(0, 2, (3, 11), generator=g).to(DEVICE)
+    mask = (torch.arange(11)[None, :] < torch.tensor([11, 4, 8])[:, None]).long().to(DEVICE)
+    for attention_mask in (None, mask):
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else mask.bool()
+        weight = torch.randn(3, 11, hidden, device=DEVICE) * real[..., None]
+        before = count_fused["n"]
+        got = run(fast, (ids, seg, attention_mask), weight, packed_mode=False)
+        assert count_fused["n"] == before + 2
+        want = run(ref, (ids, seg, attention_mask), weight, packed_mode=False)
+        got = (got[0][real], got[1])
+        want = (want[0][real], want[1])
+        assert_close(got, want, f"mask {attention_mask is not None}")
+
+
+def test_eval_and_no_grad(count_fused):
+    ref, fast = models(config())
+    ref.eval()
+    fast.eval()
+    inputs = packed((9, 12), 24)
+    with torch.no_grad():
+        got, want = fast.forward_packed(*inputs), ref.forward_packed(*inputs)
+    assert count_fused["n"] == 2
+    assert (got - want).abs().max() <= 2e-5
+
+
+def hand_composed_block(blk, x, cu, max_seqlen, seeds):
+    """The post-LN block from the per-op FusedOps, given the block's seeds [LN1, LN2, attention seed,
+    attention offset] (fastbert.ops.block's order)."""
+    # the modules (fastbert.ops' attributes of these names are the op functions)
+    att_op, gelu_op, ln_op = (importlib.import_module(f"fastbert.ops.{name}")
+                              for name in ("attention", "bias_gelu", "layer_norm"))
+
+    cfg = blk.cfg
+    att, ff = blk.attention, blk.feed_forward
+    n1, n2 = blk.input_sublayer.norm, blk.output_sublayer.norm
+    p = blk.dropout.p
+    shape = (x.shape[0], cfg.heads, cfg.head_dim)
+    q, k, v = (lin(x).view(shape) for lin in att.linear_layers)
+    o = att_op.fused_attention(q, k, v, dropout_p=cfg.attn_dropout, cu_seqlens=cu, max_seqlen=max_seqlen,
+                               rng=seeds[2:4])
+    a = att.output_linear(o.reshape(x.shape))
+    h = ln_op._OP(a, n1.a_2, n1.b_2, x, seeds[0:1], n1.eps, False, p)[0]
+    f = gelu_op._OP(torch.nn.functional.linear(h, ff.w_1.weight), ff.w_1.bias, None, cfg.gelu, 0.0)
+    return ln_op._OP(ff.w_2(f), n2.a_2, n2.b_2, h, seeds[1:2], n2.eps, False, p)[0]
+
+
+def test_dropout_masks_match_hand_composed_ops(count_fused):
+    """With dropout, the block equals the per-op kernels composed by hand with the seeds it drew (one
+    torch.randint of 4 per block: LN1, LN2, attention's (seed, offset)), outputs and gradients: the
+    backward regenerates the forward's masks."""
+    _, fast = models(config(dropout=0.2, layers=1))
+    blk = fast.transformer_blocks[0]
+    ids, seg, pos, cu, max_seqlen = packed((9, 14, 0, 5), 32)
+    x0 = torch.randn(32, 64, device=DEVICE)
+    weight = torch.randn(32, 64, device=DEVICE)
+    results = []
+    for mode in ("fused", "hand"):
+        blk.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(7)
+        if mode == "fused":
+            y = blk(x, None, cu, max_seqlen)
+        else:
+            seeds = torch.randint(0, 2**62, (4,), dtype=torch.int64, device=DEVICE)
+            y = hand_composed_block(blk, x, cu, max_seqlen, seeds)
+        (y * weight).sum().backward()
+        grads = {n: p.grad.clone() for n, p in blk.named_parameters()}
+        grads["input"] = x.grad
+        results.append((y.detach(), grads))
+    assert count_fused["n"] == 1
+    clean = blk.eval()(x0, None, cu, max_seqlen).detach()
+    assert not torch.allclose(results[0][0], clean)  # dropout did drop
+    assert_close(results[0], results[1], "hand-composed")
+
+
+def test_dropout_seeded_and_fresh_per_call():
+    _, fast = models(config(dropout=0.1))
+    inputs = packed((12, 7, 10), 32)
+    weight = torch.randn(32, 64, device=DEVICE)
+
+    def step(seed):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return run(fast, inputs, weight)
+
+    a, b, c, d = step(3), step(3), step(4), step(None)
+    assert torch.isfinite(a[0]).all() and all(torch.isfinite(g).all() for g in a[1].values())
+    assert torch.equal(a[0], b[0])
+    assert all(torch.equal(a[1][n], b[1][n]) for n in a[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(c[0], d[0])
+
+
+def test_activation_checkpointing_reproduces_gradients():
+    """torch.utils.checkpoint recomputes the block in the backward: the block's seed draw is replayed
+    (checkpoint restores the generators), so the gradients equal those without checkpointing."""
+    from fastbert.train.pretrain import _enable_activation_checkpointing
+
+    inputs = packed((12, 7, 10), 32)
+    weight = torch.randn(32, 64, device=DEVICE)
+    results = []
+    for checkpointed in (False, True):
+        _, fast = models(config(dropout=0.1))
+        if checkpointed:
+            _enable_activation_checkpointing(fast)
+        torch.manual_seed(11)
+        results.append(run(fast, inputs, weight))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, g in results[0][1].items():
+        assert torch.allclose(results[1][1][name], g, rtol=1e-5, atol=1e-6), name
+
+
+def test_saved_activations_scale_with_real_tokens(count_fused):
+    """What the fused block keeps for the backward: per token and layer at most the block input, qkv,
+    the attention output, both norms' sums, the FFN input (8 x N values), the FFN pre-activation and
+    activation (2 x FFN), plus two rows of headroom for the embedding and per-row statistics; no
+    tensor with two sequence-length dimensions; no concatenated weight."""
+    cfg = config(dropout=0.1)
+    _, fast = models(cfg)
+    tokens = 40
+    ids, seg, pos, cu, max_seqlen = packed((13, 27), tokens)
+    params = {p.untyped_storage().data_ptr() for p in fast.parameters()}
+    saved = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fast.forward_packed(ids, seg, pos, cu, max_seqlen)
+    assert count_fused["n"] == cfg.n_layers
+    assert all(shape.count(27) < 2 for shape, _ in saved.values()), sorted(saved.values())
+    assert not any(shape == (3 * cfg.hidden, cfg.hidden) for shape, _ in saved.values())
+    budget = (cfg.n_layers * (8 * cfg.hidden + 2 * cfg.intermediate) + 2 * cfg.hidden) * 4 * tokens
+    total = sum(nbytes for _, nbytes in saved.values())
+    assert total <= budget, (total, budget)
+
+
+def test_where_it_does_not_apply(count_fused, monkeypatch):
+    """None (the per-op path) for the bert_pytorch preset, under autocast, with a key padding mask,
+    with FASTBERT_FUSED_BLOCK=0 and on the reference backend; the fused block records what it ran
+    in last_choices()."""
+    x = torch.randn(10, 64, device=DEVICE)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    _, fast = models(config(preset="bert_pytorch"))
+    assert fused.fused_block(fast.transformer_blocks[0], x, None, cu, 6) is None
+    _, fast = models(config())
+    blk = fast.transformer_blocks[0]
+    assert fused.fused_block(blk, x, None, cu, 6) is not None
+    choices = fastbert.ops.last_choices()
+    assert all(choices[op, x.device.type] == "triton" for op in ("attention", "layer_norm", "bias_gelu"))
+    pad = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    assert fused.fused_block(blk, x.view(2, 5, 64), pad) is None
+    assert fused.fused_block(blk, x.double(), None, cu, 6) is None
+    assert fused.fused_block(blk, x, None, cu, None) is None  # max_seqlen unknown: needs a sync
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert fused.fused_block(blk, x, None, cu, 6) is None
+    monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "0")
+    assert fused.fused_block(blk, x, None, cu, 6) is None
+    monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "1")
+    monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+    assert fused.fused_block(blk, x, None, cu, 6) is None
+    assert count_fused["n"] == 1
+
+
+def test_torch_compile_runs_the_per_op_path(count_fused):
+    """torch.compile(fullgraph=True) of the packed encoder traces the per-op custom ops (the fused
+    block steps aside while compiling): no graph break, eager's outputs and gradients."""
+    torch._dynamo.reset()
+    _, fast = models(config())
+    inputs = packed((9, 12, 3), 28)
+    weight = torch.randn(28, 64, device=DEVICE)
+
+    def loss(*args):
+        return (fast.forward_packed(*args) * weight).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=False, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        fast.zero_grad(set_to_none=True)
+        value = fn(*inputs)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in fast.named_parameters()}))
+    assert count_fused["n"] == 2  # the eager run only
+    (lc, gc), (le, ge) = results
+    assert abs(float(lc) - float(le)) <= 1e-5 * max(1.0, abs(float(le)))
+    for name, g in ge.items():
+        assert (gc[name] - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max())), name
