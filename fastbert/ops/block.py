@@ -36,6 +36,7 @@ FASTBERT_FUSED_BLOCK=0 turns it off (the per-op path everywhere).
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import _dispatch
 from ._dispatch import TRITON, triton_available
@@ -130,28 +131,26 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     last = _dispatch._last
     dev = device.type
     last["attention", dev] = last["layer_norm", dev] = last["bias_gelu", dev] = TRITON
-    n_seeds = (2 if p > 0.0 else 0) + (2 if pa > 0.0 else 0) + (1 if pf > 0.0 else 0)
-    seeds = torch.randint(0, _HIGH, (n_seeds,), dtype=torch.int64, device=device) if n_seeds else None
+    seeds = _draw_seeds(device, p, pa, pf)
     meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p), float(pa), float(pf),
             float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
             norm2.variant == "bert_pytorch", cfg.gelu)
     if torch.is_grad_enabled():
-        return _PostLN.apply(meta, x, seqinfo, seeds, *params)
+        return _PostLN.apply(meta, x, seqinfo, *seeds, *params)
     return _forward(meta, x, seqinfo, seeds, params)[0]
 
 
-def _seed_views(seeds, p, pa, pf):
-    """(LN1 seed, LN2 seed, attention (seed, offset), FFN seed) views of the block's draw, or None."""
-    if seeds is None:
+def _draw_seeds(device, p, pa, pf):
+    """(LN1 seed, LN2 seed, attention (seed, offset), FFN seed): views of ONE torch.randint on the
+    device (None where that dropout is off), elements [LN1, LN2, attention seed, offset, FFN] of the
+    ones that are on, in this order."""
+    sizes = ((1, 1) if p > 0.0 else ()) + ((2,) if pa > 0.0 else ()) + ((1,) if pf > 0.0 else ())
+    if not sizes:
         return None, None, None, None
-    i = 0
-    s1 = s2 = sa = sf = None
-    if p > 0.0:
-        s1, s2, i = seeds[0:1], seeds[1:2], 2
-    if pa > 0.0:
-        sa, i = seeds[i:i + 2], i + 2
-    if pf > 0.0:
-        sf = seeds[i:i + 1]
+    parts = iter(torch.randint(0, _HIGH, (sum(sizes),), dtype=torch.int64, device=device).split(sizes))
+    s1, s2 = (next(parts), next(parts)) if p > 0.0 else (None, None)
+    sa = next(parts) if pa > 0.0 else None
+    sf = next(parts) if pf > 0.0 else None
     return s1, s2, sa, sf
 
 
@@ -163,46 +162,47 @@ def _qkv_views(qkv, hshape):
 def _forward(meta, x, seqinfo, seeds, params):
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
-    s1_seed, s2_seed, sa_seed, sf_seed = _seed_views(seeds, p, pa, pf)
+    s1_seed, s2_seed, sa_seed, sf_seed = seeds
     n = x.shape[-1]
-    x2 = x.view(-1, n)
+    x2 = x if x.dim() == 2 else x.view(-1, n)
     m = x2.shape[0]
-    qkv = torch.addmm(torch.cat((bq, bk, bv)), x2, torch.cat((wq, wk, wv)).t())  # [M, 3N]
+    qkv = F.linear(x2, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))  # [M, 3N]
     q, k, v = _qkv_views(qkv, hshape)
     o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
     o2 = o.view(m, n)
-    a = torch.addmm(bo, o2, wo.t())
+    a = F.linear(o2, wo, bo)
     h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p, s1_seed, validate=False)
-    f = torch.mm(h, w1.t())
+    f = F.linear(h, w1)
     g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
-    u = torch.addmm(b2, g, w2.t())
+    u = F.linear(g, w2, b2)
     y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
     saved = (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2)
-    return y.view(x.shape), saved
+    return (y if x.dim() == 2 else y.view(x.shape)), saved
 
 
 class _PostLN(torch.autograd.Function):
-    """One post-LN block: inputs (meta, x, seqinfo, seeds, 16 parameters in _params' order)."""
+    """One post-LN block: inputs (meta, x, seqinfo, 4 seed views (_draw_seeds), 16 parameters in
+    _params' order)."""
 
     @staticmethod
-    def forward(ctx, meta, x, seqinfo, seeds, *params):
-        y, saved = _forward(meta, x, seqinfo, seeds, params)
+    def forward(ctx, meta, x, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed, *params):
+        y, saved = _forward(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
         wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
-        ctx.save_for_backward(*saved, seqinfo, seeds, wq, wk, wv, wo, g1, w1, b1, w2, g2)
+        ctx.save_for_backward(*saved, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed,
+                              wq, wk, wv, wo, g1, w1, b1, w2, g2)
         ctx.meta = meta
         ctx.x_shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2, seqinfo, seeds,
-         wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
+        (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2, seqinfo, s1_seed, s2_seed,
+         sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
         hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = ctx.meta
-        s1_seed, s2_seed, sa_seed, sf_seed = _seed_views(seeds, p, pa, pf)
         m, n = x2.shape
         # LN2: y = LN(dropout(u) + h)
-        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(dy.reshape(m, n), None, s2, g2, mean2, rstd2, unb2, p,
-                                                  s2_seed)
+        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(dy if dy.dim() == 2 else dy.reshape(m, n), None, s2, g2,
+                                                  mean2, rstd2, unb2, p, s2_seed)
         du = dx2 if p > 0.0 else dsum2
         # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = h @ W1^T
         dw2 = du.t().mm(g)
@@ -224,5 +224,7 @@ class _PostLN(torch.autograd.Function):
         dx = torch.addmm(dsum1, dqkv, torch.cat((wq, wk, wv)))  # residual + the three projections
         dwq, dwk, dwv = dqkv.t().mm(x2).chunk(3)
         dbq, dbk, dbv = dqkv.sum(0).chunk(3)
-        return (None, dx.view(ctx.x_shape), None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
+        if len(ctx.x_shape) != 2:
+            dx = dx.view(ctx.x_shape)
+        return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
                 dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
