@@ -141,7 +141,7 @@ setup(
     # kernels/ as fastbert.kernels
     packages=[*find_packages(include=["fastbert", "fastbert.*"]), "fastbert.kernels"],
     package_dir={"fastbert.kernels": "kernels"},
-    package_data={"fastbert": ["data/*"]},
+    package_data={"fastbert": ["data/*.*", "data/world/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # the wheel is tagged cp310-abi3 when the extension is (a metadata-only build has no extension)

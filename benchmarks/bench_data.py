@@ -2,7 +2,7 @@
 
 test_data_path: batches of MLM + NSP examples per second.
 
-Both providers read the same corpus, the embedded one (fastbert/data/corpus.txt.gz), and deliver
+Both providers read the same corpus, the embedded stdlib prose (fastbert/data/corpus.txt.gz), and deliver
 ROWS sequences of at most SEQ tokens with masked ids, labels, segments and is_next on the device:
   fastbert      PretrainData.step_batches on the memory-mapped shard (vectorised numpy collation of
                 length-grouped [CLS] A [SEP] B [SEP] rows), copy to the device, fastbert.ops.mlm_mask
@@ -46,7 +46,7 @@ from fastbert.reference import ops as ref_ops
 from fastbert.reference.model import BertConfig
 from fastbert.train.data import PretrainData, cached_shard
 from fastbert.train.heads import PretrainModel
-from fastbert.train.pretrain import DEFAULT_CORPUS, flops_per_step
+from fastbert.train.pretrain import STDLIB_CORPUS, flops_per_step
 from fastbert.train.vocab import train_vocab
 
 DEVICE = devices()[0]
@@ -56,9 +56,9 @@ ROWS, SEQ = 256, 128
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_data")
-    vocab = train_vocab([DEFAULT_CORPUS], vocab_size=8000, progress=False)
-    shard = cached_shard(DEFAULT_CORPUS, vocab, str(root / "cache"), progress=False)
-    with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+    vocab = train_vocab([STDLIB_CORPUS], vocab_size=8000, progress=False)
+    shard = cached_shard(STDLIB_CORPUS, vocab, str(root / "cache"), progress=False)
+    with gzip.open(STDLIB_CORPUS, "rt", encoding="utf-8") as f:
         docs = [d.splitlines() for d in f.read().split("\n\n")]
     tab = root / "corpus.tab.txt"
     with open(tab, "w", encoding="utf-8") as f:

@@ -13,7 +13,7 @@ for every provider, so every provider processes the same real tokens:
   bert_pytorch          bert_pytorch.model.BERTLM(BERT) with NLLLoss(ignore_index=0), as its trainer
 Variants:
   full       every example SEQ tokens long (no padding: packing cannot help; it measures the step)
-  realistic  example lengths drawn from the embedded corpus's sentence pairs ([CLS] A [SEP] B [SEP]
+  realistic  example lengths drawn from the embedded stdlib corpus's sentence pairs ([CLS] A [SEP] B [SEP]
              of consecutive sentences, fastbert.train.data.PretrainData pairs="sentence", WordPiece
              vocabulary of 8000 trained on it; mean about 37 tokens), clipped to SEQ; the padded
              providers get the rows padded to the batch's longest (rounded up to 8, as PretrainData
@@ -38,7 +38,7 @@ from fastbert.reference import ops as ref_ops
 from fastbert.reference.model import BertConfig
 from fastbert.train.heads import PretrainModel
 from fastbert.train.packing import PackedPretrain, pack_rows
-from fastbert.train.pretrain import DEFAULT_CORPUS, PEAK_BF16_TFLOPS, flops_per_step
+from fastbert.train.pretrain import PEAK_BF16_TFLOPS, STDLIB_CORPUS, flops_per_step
 
 DEVICE = devices()[0]
 CUDA = DEVICE == "cuda"
@@ -55,13 +55,13 @@ PROVIDERS = ["fastbert-padded", "fastbert-packed", "fastbert-packed-graph", "hf-
 
 @pytest.fixture(scope="module")
 def corpus_lengths(tmp_path_factory):
-    """Lengths of the embedded corpus's sentence-pair examples, in WordPiece tokens."""
+    """Lengths of the stdlib corpus's sentence-pair examples, in WordPiece tokens."""
     from fastbert.train.data import PretrainData, cached_shard
     from fastbert.train.vocab import train_vocab
 
     root = tmp_path_factory.mktemp("bench_pretrain")
-    vocab = train_vocab([DEFAULT_CORPUS], vocab_size=8000, progress=False)
-    shard = cached_shard(DEFAULT_CORPUS, vocab, str(root / "cache"), progress=False)
+    vocab = train_vocab([STDLIB_CORPUS], vocab_size=8000, progress=False)
+    shard = cached_shard(STDLIB_CORPUS, vocab, str(root / "cache"), progress=False)
     data = PretrainData(shard, 512, 1, seed=0, cls_id=vocab.cls_id, sep_id=vocab.sep_id, pairs="sentence")
     _, la, _, lb, _, _ = data.plan(0)
     return la + lb + 3

@@ -2,16 +2,18 @@
 
 Inputs
   --task sequence  CSV or TSV (by extension; .tsv = tab) with rows `text,label` or `text_a,text_b,label`;
-                   a first row whose last field is "label" is a header. Default: the embedded
-                   fastbert/data/classify.tsv (stdlib sentence -> module family, 6 classes).
+                   a first row whose last field is "label" is a header. Default: the demo's
+                   fastbert/data/world/classify_train.tsv, held out: classify_test.tsv (sentence ->
+                   the kind of the noun it names, 6 classes; tools/build_world.py).
   --task token     CoNLL-style: `word TAG` per line (first and last column), a blank line between
                    sentences; each word's first WordPiece carries its tag, the other pieces are ignored.
-                   Default: the embedded fastbert/data/tokens.txt (NAME vs O).
+                   Default: fastbert/data/world/tags_train.txt, held out: tags_test.txt (each noun
+                   tagged with its kind, other words O).
 The model is the checkpoint's encoder (--checkpoint FILE, or a run directory: its latest checkpoint)
 with a dropout + linear classifier on [CLS] (sequence) or on every token (token). Without --eval a
-seeded --eval-fraction of the rows is held out. After each epoch it prints the held-out accuracy and
-macro-F1 (token task: also the micro-F1 of the non-O tags), and saves the fine-tuned state with its
-label list under --out when given.
+seeded --eval-fraction of the rows is held out (the default data has its own held-out file). After
+each epoch it prints the held-out accuracy and macro-F1 (token task: also the micro-F1 of the non-O
+tags), and saves the fine-tuned state with its label list under --out when given.
 """
 
 import argparse
@@ -35,6 +37,14 @@ from .optim import param_groups, warmup_linear
 from .vocab import Vocab, VocabError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+WORLD = os.path.join(DATA_DIR, "world")
+DEFAULT_DATA = {  # task -> (training file, held-out file): the demo's (tools/build_world.py)
+    "sequence": (os.path.join(WORLD, "classify_train.tsv"), os.path.join(WORLD, "classify_test.tsv")),
+    "token": (os.path.join(WORLD, "tags_train.txt"), os.path.join(WORLD, "tags_test.txt")),
+}
+# BERT's usual 3 epochs, stretched for small sets: the demo's 576 training rows are 18 steps an
+# epoch, and 54 steps left the fine-tuning half done (train/SWEEP.md)
+DEFAULT_EPOCHS, MIN_STEPS = 3, 200
 
 
 class FinetuneError(ValueError):
@@ -200,7 +210,9 @@ def build_parser(p=None):
     p.add_argument("--train", help="training file (default: the embedded set of the task)")
     p.add_argument("--eval", help="held-out file (default: --eval-fraction of --train)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--epochs", type=float,
+                   help=f"passes over the training rows (default: {DEFAULT_EPOCHS:g}, or more for small "
+                   f"sets so that training takes at least {MIN_STEPS} steps)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=_lr_arg, default="auto",
@@ -272,7 +284,7 @@ def prepare(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FinetuneError("--device cuda but no CUDA device is available")
     for name in ("batch", "epochs", "seq_len"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if isinstance(args.lr, float) and not args.lr > 0:
         raise FinetuneError(f"--lr must be positive, got {args.lr}")
@@ -296,10 +308,11 @@ def prepare(args):
     encoder_state = {k[5:]: v for k, v in state["model"].items() if k.startswith("bert.")}
     del state
     token = args.task == "token"
-    default = os.path.join(DATA_DIR, "tokens.txt" if token else "classify.tsv")
+    default_train, default_eval = DEFAULT_DATA[args.task]
     read = read_token_file if token else read_sequence_file
-    train_rows = read(args.train or default)
-    eval_rows = read(args.eval) if args.eval else None
+    train_rows = read(args.train or default_train)
+    eval_path = args.eval or (default_eval if args.train is None else None)
+    eval_rows = read(eval_path) if eval_path else None
     both = train_rows + (eval_rows or [])
     if token:
         names = sorted({t for _, tags in both for t in tags})
@@ -367,7 +380,10 @@ def train_once(task, args, train, held, rng, seed, lr, from_scratch, say=print):
     """Fine-tune one classifier; returns (model, history of per-epoch held-out scores)."""
     model = build_classifier(task, seed, from_scratch, args.dropout)
     steps_per_epoch = max(1, len(train) // args.batch)
-    total = max(1, int(args.epochs * steps_per_epoch))
+    if args.epochs is not None:
+        total = max(1, int(args.epochs * steps_per_epoch))
+    else:
+        total = max(DEFAULT_EPOCHS * steps_per_epoch, MIN_STEPS)
     if args.max_steps:
         total = min(total, args.max_steps)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr,

@@ -1,10 +1,11 @@
 """`fastbert pretrain`: BERT pretraining (masked LM + next sentence prediction) on fastbert's encoder.
 
-With no arguments it trains a WordPiece vocabulary on the embedded corpus (fastbert/data/corpus.txt.gz,
-cached under <out>/cache), tokenizes the corpus once into a memory-mapped shard, and pretrains a
-small model (on CPU: the demo's defaults, CPU_DEFAULTS, chosen by the sweep in fastbert/train/SWEEP.md;
-on CUDA: base for 120 s), printing loss, MLM/NSP accuracy and tokens/s (non-padding tokens) of the
-training batches. --heldout of the documents (5%, spread over the corpus, the same for every seed)
+With no arguments it trains a WordPiece vocabulary on the demo's embedded corpus
+(fastbert/data/world/corpus.txt.gz, see fastbert/data/README.md; cached under <out>/cache), tokenizes
+the corpus once into a memory-mapped shard, and pretrains a small model (on CPU: the demo's defaults,
+CPU_DEFAULTS, chosen by the sweep in fastbert/train/SWEEP.md; on CUDA: base for 120 s), printing
+loss, MLM/NSP accuracy and tokens/s (non-padding tokens) of the training batches.
+--heldout of the documents (5%, spread over the corpus, the same for every seed)
 are kept out of training, and the held-out MLM loss and accuracy and NSP accuracy on them are
 reported at the end. --device cuda runs the fused ops in bf16 autocast and also reports model
 TFLOP/s and MFU.
@@ -46,7 +47,8 @@ from .optim import param_groups, warmup_linear
 from .vocab import Vocab, VocabError, read_vocab, train_vocab
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-DEFAULT_CORPUS = os.path.join(DATA_DIR, "corpus.txt.gz")
+DEFAULT_CORPUS = os.path.join(DATA_DIR, "world", "corpus.txt.gz")  # the demo's (tools/build_world.py)
+STDLIB_CORPUS = os.path.join(DATA_DIR, "corpus.txt.gz")  # real prose (tools/build_corpus.py)
 DEFAULT_OUT = os.path.join("runs", "fastbert")
 SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and large
     "tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8),
@@ -54,10 +56,11 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
 }
 OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
 
-# the CPU demo's defaults (no --size/--batch/--lr/budget given), chosen by the sweep in train/SWEEP.md
-# (2000 steps, about 8M tokens: an estimated 7-8 minutes at the 17-20k tokens/s seen on an idle 2-core
-# VM; the 600 s limit caps slower or busier machines)
-CPU_DEFAULTS = {"size": "tiny", "batch": 32, "lr": 1e-3, "max_steps": 2000, "time_limit": 600.0}
+# the CPU demo's defaults (no --size/--batch/--lr/--seq-len/budget given), chosen by the sweep in
+# train/SWEEP.md: 3000 steps of 32 x 64 tokens (6M tokens) took 375 s with one thread on the busy
+# 2-core VM; the 600 s limit caps slower machines
+CPU_DEFAULTS = {"size": "tiny", "batch": 32, "seq_len": 64, "lr": 1e-3, "max_steps": 3000,
+                "time_limit": 600.0}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -69,7 +72,8 @@ def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="fastbert pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="text corpus (default: the embedded one)")
+    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="text corpus (default: the demo's embedded one; "
+                   "real prose: fastbert/data/corpus.txt.gz)")
     d.add_argument("--format", default="auto", choices=["auto", "plain", "tab"],
                    help="plain: sentence per line, blank line between documents; tab: `A\\tB` per line")
     d.add_argument("--vocab", help="vocab.txt or bert_pytorch WordVocab pickle (default: train WordPiece)")
@@ -77,7 +81,7 @@ def build_parser(p=None):
     d.add_argument("--out", help=f"run directory (default: {DEFAULT_OUT}; when that holds a previous run "
                    f"and --resume is not given, the next free {DEFAULT_OUT}-N)")
     d.add_argument("--cache-dir", help="vocab and shard cache (default: <out>/cache)")
-    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--seq-len", type=int, help="tokens per sequence (default: 64 on CPU, 128 on CUDA)")
     d.add_argument("--pairs", default="auto", choices=["auto", "sentence", "packed"],
                    help="NSP examples: one sentence each (bert_pytorch) or chunks of sentences filling "
                    "seq_len (Google BERT); auto: sentence for the tab format, packed for plain text")
@@ -304,6 +308,7 @@ def _resolve_options(args, cuda):
     o = argparse.Namespace(**vars(args))
     o.size = o.size or ("base" if cuda else CPU_DEFAULTS["size"])
     o.batch = o.batch or (128 if cuda else CPU_DEFAULTS["batch"])
+    o.seq_len = o.seq_len or (128 if cuda else CPU_DEFAULTS["seq_len"])
     for name in ("batch", "accum", "save_every", "log_every", "vocab_size", "seq_len"):
         if getattr(o, name) is not None and getattr(o, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(o, name)}")
