@@ -274,7 +274,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
         raise ValueError("layer_norm: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
     n = x.shape[-1]
     m = x.numel() // n
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = x.dtype if residual is None or residual.dtype == x.dtype else \
+        torch.promote_types(x.dtype, residual.dtype)
     store_sum = residual is not None or has_dropout
     _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     y = _alloc(x.shape, out_dtype, x.device)
@@ -319,9 +320,10 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
     rows_per_program = cdiv(cdiv(m, g), block_m) * block_m
     g = cdiv(m, rows_per_program)
     part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
+    dw_part, db_part = part.unbind(0)
     _ln_bwd_kernel[(g,)](
         dy, dy if dsum_out is None else dsum_out, s, weight, mean, rstd, dsum,
-        dx if has_dropout else dsum, part[0], part[1], seed if has_dropout else mean,
+        dx if has_dropout else dsum, dw_part, db_part, seed if has_dropout else mean,
         m, n, rows_per_program, float(dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=dsum_out is not None,
         HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), num_warps=warps,
