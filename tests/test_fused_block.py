@@ -324,3 +324,27 @@ def test_torch_compile_runs_the_per_op_path(count_fused):
     assert abs(float(lc) - float(le)) <= 1e-5 * max(1.0, abs(float(le)))
     for name, g in ge.items():
         assert (gc[name] - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max())), name
+
+
+def test_fast_apply_is_function_apply():
+    """fastbert.ops._fused.fast_apply (Function.apply without its Python wrapper): the same result and
+    gradient outside functorch transforms; inside one it is Function.apply itself (here: functorch's
+    error for a Function without setup_context, as Function.apply gives)."""
+    from fastbert.ops._fused import fast_apply
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    apply = fast_apply(Twice)
+    x = torch.randn(3, requires_grad=True)
+    apply((0,), x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    for fn in (Twice.apply, lambda t: apply((0,), t)):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.grad(lambda t, f=fn: f(t).sum())(torch.randn(3))

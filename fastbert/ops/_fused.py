@@ -18,6 +18,35 @@ import operator
 
 import torch
 
+_RAW_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+
+
+def fast_apply(fn):
+    """fn.apply (fn a torch.autograd.Function) without the Python wrapper of Function.apply, which
+    passes every argument through functorch's unwrap_if_dead (about 1 us per argument: 20 us for a
+    fused block's 23). The tensors that can carry such a dead wrapper are the activations (one that
+    escaped a functorch transform), so `unwrap` names the argument positions to unwrap (activations,
+    not parameters). Under an active functorch transform, or on a torch without the C entry point,
+    it is fn.apply itself."""
+    if _RAW_APPLY is None:  # pragma: no cover - every torch 2.x has it
+        return fn.apply
+    raw = _RAW_APPLY.__get__(None, fn)
+    active = torch._C._are_functorch_transforms_active
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    slow = fn.apply
+
+    def apply(unwrap, *args):
+        if active():
+            return slow(*args)
+        if unwrap:
+            args = list(args)
+            for i in unwrap:
+                if isinstance(args[i], torch.Tensor):
+                    args[i] = unwrap_if_dead(args[i])
+        return raw(*args)
+
+    return apply
+
 
 class FusedOp:
     def __init__(self, name, *, fwd, fwd_schema, fwd_fake, bwd, bwd_schema, bwd_fake, save, backward,
@@ -60,6 +89,7 @@ class FusedOp:
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self.eager = Eager
+        self._apply = fast_apply(Eager)
 
     def __call__(self, *args):
         """The op's outputs (a tuple), through the custom op when compiling, else eagerly."""
@@ -69,5 +99,5 @@ class FusedOp:
             for i in self.grad_args:
                 t = args[i]
                 if t is not None and t.requires_grad:
-                    return self.eager.apply(*args)
+                    return self._apply(self.grad_args, *args)
         return self.fwd(*args)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import _dispatch
 from ._dispatch import TRITON, triton_available
+from ._fused import fast_apply
 
 if triton_available():
     from fastbert.kernels import _common as _kc
@@ -136,7 +137,7 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
             float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
             norm2.variant == "bert_pytorch", cfg.gelu)
     if torch.is_grad_enabled():
-        return _PostLN.apply(meta, x, seqinfo, *seeds, *params)
+        return _apply(_UNWRAP, meta, x, seqinfo, *seeds, *params)
     return _forward(meta, x, seqinfo, seeds, params)[0]
 
 
@@ -228,3 +229,7 @@ class _PostLN(torch.autograd.Function):
             dx = dx.view(ctx.x_shape)
         return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
                 dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
+
+
+_apply = fast_apply(_PostLN)
+_UNWRAP = (1,)  # x: the one activation among _PostLN's arguments

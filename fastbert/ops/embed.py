@@ -31,6 +31,7 @@ from fastbert import _ext
 from fastbert.reference import ops as ref
 
 from ._dispatch import CPP, choose
+from ._fused import fast_apply
 from ._rng import philox_seed_offset
 
 _OP = "embedding_gather"
@@ -102,7 +103,7 @@ def embed(input_ids, token_weight, position_weight, segment_ids=None, segment_we
             bool(deterministic))
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
             t is not None and t.requires_grad for t in args[1:8]):
-        out = _Eager.apply(*args)  # eager training: one autograd.Function, no torch.library glue
+        out = _apply(_UNWRAP, *args)  # eager training: one autograd.Function, no torch.library glue
     else:
         out = torch.ops.fastbert.embedding_gather(*args)[0]
     return torch.nn.functional.dropout(out, dropout_p) if separate else out
@@ -165,6 +166,10 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _backward(ctx, grad, None, None)
+
+
+_apply = fast_apply(_Eager)
+_UNWRAP = (0, 3, 5)  # the id tensors (the others are parameters)
 
 
 if _ext.has_op(_OP):
