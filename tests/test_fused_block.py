@@ -1,4 +1,5 @@
-"""The fused eager block (fastbert.ops.block): a whole post-LN block as one autograd node.
+"""The fused eager block (fastbert.ops.block): a whole transformer block (post-LN hf, pre-LN
+bert_pytorch) as one autograd node.
 
 Against the per-op path (FASTBERT_FUSED_BLOCK=0: each op through its FusedOp) and the reference
 encoder (fastbert.reference, pure PyTorch), same weights: outputs and every parameter gradient on
@@ -39,15 +40,18 @@ def triton_path(monkeypatch):
 
 @pytest.fixture
 def count_fused(monkeypatch):
-    """{"n": number of fused block forwards} (through fastbert.ops.block._forward)."""
+    """{"n": number of fused block forwards} (fastbert.ops.block._forward_post and _forward_pre)."""
     calls = {"n": 0}
-    forward = fused._forward
 
-    def spy(*args):
-        calls["n"] += 1
-        return forward(*args)
+    def spy(forward):
+        def counted(*args):
+            calls["n"] += 1
+            return forward(*args)
 
-    monkeypatch.setattr(fused, "_forward", spy)
+        return counted
+
+    for name in ("_forward_post", "_forward_pre"):
+        monkeypatch.setattr(fused, name, spy(getattr(fused, name)))
     return calls
 
 
@@ -106,16 +110,19 @@ def assert_close(got, want, what):
         assert err <= 1e-4 * max(float(g.abs().max()), 1e-2), (what, name, err)
 
 
-SIZES = [  # hidden, heads, ffn, sequence lengths of the pack (0: an empty sequence), slots
-    (64, 2, 128, (7, 13, 0, 13, 1), 40),
-    (32, 4, 64, (16, 3, 9), 28),  # head dim 8
-    (128, 2, 256, (5, 30), 35),  # head dim 64, a sequence longer than the kernels' blocks
+SIZES = [  # preset, hidden, heads, ffn, sequence lengths of the pack (0: an empty sequence), slots
+    ("hf", 64, 2, 128, (7, 13, 0, 13, 1), 40),
+    ("hf", 32, 4, 64, (16, 3, 9), 28),  # head dim 8
+    ("hf", 128, 2, 256, (5, 30), 35),  # head dim 64, a sequence longer than the kernels' blocks
+    ("bert_pytorch", 64, 2, 256, (7, 13, 0, 13, 1), 40),  # pre-LN (bert_pytorch's FFN is 4 x hidden)
+    ("bert_pytorch", 32, 4, 128, (16, 3, 9), 28),
 ]
 
 
-@pytest.mark.parametrize("hidden,heads,ffn,lengths,slots", SIZES)
-def test_packed_matches_per_op_and_reference(hidden, heads, ffn, lengths, slots, count_fused, monkeypatch):
-    ref, fast = models(config(hidden, heads, ffn))
+@pytest.mark.parametrize("preset,hidden,heads,ffn,lengths,slots", SIZES)
+def test_packed_matches_per_op_and_reference(preset, hidden, heads, ffn, lengths, slots, count_fused,
+                                             monkeypatch):
+    ref, fast = models(config(hidden, heads, ffn, preset=preset))
     inputs = packed(lengths, slots, seed=hidden)
     weight = torch.randn(slots, hidden, device=DEVICE)
     got = run(fast, inputs, weight)
@@ -129,11 +136,13 @@ def test_packed_matches_per_op_and_reference(hidden, heads, ffn, lengths, slots,
     assert_close(got, want, "reference")
 
 
-@pytest.mark.parametrize("hidden,heads,ffn", [(64, 2, 128), (32, 4, 64)])
-def test_dense_and_unpadded_match_reference(hidden, heads, ffn, count_fused):
-    """Encoder.forward: a batch without padding runs the block on [B, S, N] (dense attention); a padded
-    batch is unpadded to varlen [T, N] (max_seqlen the padded length)."""
-    ref, fast = models(config(hidden, heads, ffn))
+@pytest.mark.parametrize("preset,hidden,heads,ffn", [("hf", 64, 2, 128), ("hf", 32, 4, 64),
+                                                    ("bert_pytorch", 64, 2, 256)])
+def test_dense_and_unpadded_match_reference(preset, hidden, heads, ffn, count_fused):
+    """Encoder.forward: a batch without padding runs the block on [B, S, N] (dense attention; hf, whose
+    key mask is None then); a padded batch is unpadded to varlen [T, N] (max_seqlen the padded
+    length)."""
+    ref, fast = models(config(hidden, heads, ffn, preset=preset))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (3, 11), generator=g).to(DEVICE)
     seg = torch.randint(0, 2, (3, 11), generator=g).to(DEVICE)
@@ -182,11 +191,35 @@ def hand_composed_block(blk, x, cu, max_seqlen, seeds):
     return ln_op._OP(ff.w_2(f), n2.a_2, n2.b_2, h, seeds[1:2], n2.eps, False, p)[0]
 
 
-def test_dropout_masks_match_hand_composed_ops(count_fused):
+def hand_composed_pre_ln_block(blk, x, cu, max_seqlen, seeds):
+    """bert_pytorch's pre-LN block from the per-op FusedOps and torch's dropout, given the block's
+    seeds [LN2, attention seed, offset, FFN]; the last two dropouts draw after them, as in the block."""
+    att_op, gelu_op, ln_op = (importlib.import_module(f"fastbert.ops.{name}")
+                              for name in ("attention", "bias_gelu", "layer_norm"))
+    cfg = blk.cfg
+    att, ff = blk.attention, blk.feed_forward
+    n1, n2 = blk.input_sublayer.norm, blk.output_sublayer.norm
+    p = blk.dropout.p
+    shape = (x.shape[0], cfg.heads, cfg.head_dim)
+    y1 = ln_op._OP(x, n1.a_2, n1.b_2, None, None, n1.eps, True, 0.0)[0]
+    q, k, v = (lin(y1).view(shape) for lin in att.linear_layers)
+    o = att_op.fused_attention(q, k, v, dropout_p=cfg.attn_dropout, cu_seqlens=cu, max_seqlen=max_seqlen,
+                               rng=seeds[1:3])
+    a = att.output_linear(o.reshape(x.shape))
+    y2, h = ln_op._OP(a, n2.a_2, n2.b_2, x, seeds[0:1], n2.eps, True, p)[:2]
+    f = gelu_op._OP(torch.nn.functional.linear(y2, ff.w_1.weight), ff.w_1.bias, seeds[3:4], cfg.gelu, p)
+    u = torch.native_dropout(ff.w_2(f), p, True)[0]
+    return torch.native_dropout(h + u, p, True)[0]
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_dropout_masks_match_hand_composed_ops(preset, count_fused):
     """With dropout, the block equals the per-op kernels composed by hand with the seeds it drew (one
-    torch.randint of 4 per block: LN1, LN2, attention's (seed, offset)), outputs and gradients: the
-    backward regenerates the forward's masks."""
-    _, fast = models(config(dropout=0.2, layers=1))
+    torch.randint of 4 per block: hf [LN1, LN2, attention's (seed, offset)], bert_pytorch [LN2,
+    attention's pair, FFN], then torch's two dropouts), outputs and gradients: the backward
+    regenerates the forward's masks."""
+    _, fast = models(config(dropout=0.2, layers=1, preset=preset,
+                            ffn=256 if preset == "bert_pytorch" else 128))
     blk = fast.transformer_blocks[0]
     ids, seg, pos, cu, max_seqlen = packed((9, 14, 0, 5), 32)
     x0 = torch.randn(32, 64, device=DEVICE)
@@ -200,7 +233,8 @@ def test_dropout_masks_match_hand_composed_ops(count_fused):
             y = blk(x, None, cu, max_seqlen)
         else:
             seeds = torch.randint(0, 2**62, (4,), dtype=torch.int64, device=DEVICE)
-            y = hand_composed_block(blk, x, cu, max_seqlen, seeds)
+            compose = hand_composed_block if preset == "hf" else hand_composed_pre_ln_block
+            y = compose(blk, x, cu, max_seqlen, seeds)
         (y * weight).sum().backward()
         grads = {n: p.grad.clone() for n, p in blk.named_parameters()}
         grads["input"] = x.grad
@@ -211,8 +245,9 @@ def test_dropout_masks_match_hand_composed_ops(count_fused):
     assert_close(results[0], results[1], "hand-composed")
 
 
-def test_dropout_seeded_and_fresh_per_call():
-    _, fast = models(config(dropout=0.1))
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_dropout_seeded_and_fresh_per_call(preset):
+    _, fast = models(config(dropout=0.1, preset=preset))
     inputs = packed((12, 7, 10), 32)
     weight = torch.randn(32, 64, device=DEVICE)
 
@@ -228,7 +263,8 @@ def test_dropout_seeded_and_fresh_per_call():
     assert not torch.equal(a[0], c[0]) and not torch.equal(c[0], d[0])
 
 
-def test_activation_checkpointing_reproduces_gradients():
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_activation_checkpointing_reproduces_gradients(preset):
     """torch.utils.checkpoint recomputes the block in the backward: the block's seed draw is replayed
     (checkpoint restores the generators), so the gradients equal those without checkpointing."""
     from fastbert.train.pretrain import _enable_activation_checkpointing
@@ -237,7 +273,7 @@ def test_activation_checkpointing_reproduces_gradients():
     weight = torch.randn(32, 64, device=DEVICE)
     results = []
     for checkpointed in (False, True):
-        _, fast = models(config(dropout=0.1))
+        _, fast = models(config(dropout=0.1, preset=preset))
         if checkpointed:
             _enable_activation_checkpointing(fast)
         torch.manual_seed(11)
@@ -275,13 +311,11 @@ def test_saved_activations_scale_with_real_tokens(count_fused):
 
 
 def test_where_it_does_not_apply(count_fused, monkeypatch):
-    """None (the per-op path) for the bert_pytorch preset, under autocast, with a key padding mask,
-    with FASTBERT_FUSED_BLOCK=0 and on the reference backend; the fused block records what it ran
-    in last_choices()."""
+    """None (the per-op path) under autocast, with a key padding mask, for another dtype, without
+    max_seqlen, with FASTBERT_FUSED_BLOCK=0 and on the reference backend; the fused block records
+    what it ran in last_choices()."""
     x = torch.randn(10, 64, device=DEVICE)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
-    _, fast = models(config(preset="bert_pytorch"))
-    assert fused.fused_block(fast.transformer_blocks[0], x, None, cu, 6) is None
     _, fast = models(config())
     blk = fast.transformer_blocks[0]
     assert fused.fused_block(blk, x, None, cu, 6) is not None

@@ -5,7 +5,7 @@
     attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
-    fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole post-LN block in one
+    fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole transformer block in one
         autograd node where every op would take its Triton kernel (eager); None elsewhere
 
 Each is documented in its own module. FASTBERT_BACKEND (see _dispatch) forces a path; `python -m

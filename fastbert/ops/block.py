@@ -1,36 +1,42 @@
-"""fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen): a whole post-LN transformer block
-(the "hf" preset) as ONE autograd node in eager mode, or None where it does not apply.
+"""fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen): a whole transformer block (post-LN
+"hf" preset or pre-LN "bert_pytorch" preset) as ONE autograd node in eager mode, or None where it
+does not apply.
 
 Why: at BERT sizes a GPU runs a block's kernels in well under a millisecond, so the host work around
 them (module calls, one choose() and one autograd.Function per op, three Q/K/V linears, a dropout
 seed per op, input checks per launch) decides the step time. The per-op path (each op through its
 FusedOp) stays what torch.compile traces and what every other case runs; this path takes the block
-when all of its ops would take their Triton kernels anyway:
+when all of its ops would take their Triton kernels anyway. Post-LN (hf):
 
     qkv = x @ [Wq; Wk; Wv]^T + [bq; bk; bv]          one addmm on the three weights (cat per call)
     o   = attention(qkv views, varlen or dense)        the attention launcher, no copies of q, k, v
     h   = LN1(dropout(o @ Wo^T + bo) + x)              LayerNorm launcher with dropout + residual
     y   = LN2(dropout(w_2(bias_gelu(h @ W1^T, b1))) + h)
 
-and a hand-written backward: the launchers' backward kernels and mm's (weight gradients by mm, bias
+Pre-LN (bert_pytorch): y2, h = LN2(dropout(attention block(LN1(x))) + x) (the sum h kept), then
+out = dropout(h + dropout(w_2(bias_gelu(y2 @ W1^T, b1, dropout)))), the last two dropouts torch's
+own (torch.native_dropout, masks saved), as the per-op path's nn.Dropout calls.
+
+A hand-written backward: the launchers' backward kernels and mm's (weight gradients by mm, bias
 gradients by sum), dq/dk/dv written into one [T, 3N] buffer so that one mm gives dx and one dW for
 the three Q/K/V weights (returned as views, one per parameter: the state dict keeps its keys). The
 math is the per-op path's, launcher for launcher; tests/test_fused_block.py checks outputs and every
 parameter gradient against the per-op path and the reference.
 
 Saved for the backward (per real token, as the per-op path): the block input, qkv, the attention
-output, both LayerNorm sums, the FFN input, pre-activation and activation, and per-row statistics;
-the concatenated weight is rebuilt in the backward, not kept. The block's dropout seeds (LayerNorm
-1 and 2, attention's (seed, offset) pair, the FFN's) come from ONE torch.randint per block on x's
-device, each kernel reading its own element, so torch.manual_seed, activation checkpointing (which
-restores the generators) and CUDA graphs behave as with the per-op draws.
+output, the LayerNorm sums or inputs, the FFN input, pre-activation and activation, torch's dropout
+masks (pre-LN), and per-row statistics; the concatenated weight is rebuilt in the backward, not
+kept. The block's dropout seeds (LayerNorms, attention's (seed, offset) pair, the FFN's) come from
+ONE torch.randint per block on x's device, each kernel reading its own element, so
+torch.manual_seed, activation checkpointing (which restores the generators) and CUDA graphs behave
+as with the per-op draws.
 
 Where it applies (otherwise the caller runs the per-op path): not while torch.compile traces; the
-"hf" preset (post-LN); the backend would pick Triton for x (FASTBERT_BACKEND, device, interpreter);
-no autocast; x contiguous in fp32/fp16/bf16 with every block parameter of its dtype and device;
-varlen input ([T, N] with cu_seqlens and an int max_seqlen) or dense padded input ([B, S, N], no
-key padding mask); hidden <= 8192, head dim a multiple of 8 up to 128; FASTBERT_ATTN_CHECK unset.
-FASTBERT_FUSED_BLOCK=0 turns it off (the per-op path everywhere).
+backend would pick Triton for x (FASTBERT_BACKEND, device, interpreter); no autocast; x contiguous
+in fp32/fp16/bf16 with every block parameter of its dtype and device; varlen input ([T, N] with
+cu_seqlens and an int max_seqlen) or dense padded input ([B, S, N], no key padding mask); hidden
+<= 8192, head dim a multiple of 8 up to 128; FASTBERT_ATTN_CHECK unset. FASTBERT_FUSED_BLOCK=0
+turns it off (the per-op path everywhere).
 """
 
 import os
@@ -51,6 +57,7 @@ else:  # pragma: no cover - triton is a dependency
     _kc = _ka = _kg = _kl = None
 
 _HIGH = 2**62  # as fastbert.ops._rng.dropout_seed
+_dropout_bwd = torch.ops.aten.native_dropout_backward.default  # (grad, mask, scale)
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -84,8 +91,9 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     if torch.compiler.is_compiling() or _kl is None:
         return None
     cfg = block.cfg
-    if cfg.preset != "hf" or key_padding_mask is not None or not enabled():
+    if key_padding_mask is not None or not enabled():
         return None
+    pre = cfg.preset == "bert_pytorch"  # pre-LN (bert_pytorch) or post-LN (hf)
     if not isinstance(x, torch.Tensor):
         return None
     name = os.environ.get("FASTBERT_BACKEND", "auto")
@@ -123,6 +131,8 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
         if t.dtype != dtype or t.device != device:
             return None
     _, _, _, _, norm1, norm2, _, _, drop, ff = leaves
+    if pre and drop.training != block.training:
+        return None  # the per-op path's trailing nn.Dropout follows its own flag
     p = drop.p if block.training else 0.0
     pa = cfg.attn_dropout if block._modules["attention"].training else 0.0
     pf = ff._modules["dropout"].p if ff.training else 0.0
@@ -132,27 +142,27 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     last = _dispatch._last
     dev = device.type
     last["attention", dev] = last["layer_norm", dev] = last["bias_gelu", dev] = TRITON
-    seeds = _draw_seeds(device, p, pa, pf)
+    seeds = _draw_seeds(device, 0.0 if pre else p, p, pa, pf)
     meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p), float(pa), float(pf),
             float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
             norm2.variant == "bert_pytorch", cfg.gelu)
     if torch.is_grad_enabled():
-        return _apply(_UNWRAP, meta, x, seqinfo, *seeds, *params)
-    return _forward(meta, x, seqinfo, seeds, params)[0]
+        return (_apply_pre if pre else _apply_post)(_UNWRAP, meta, x, seqinfo, *seeds, *params)
+    return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params)[0]
 
 
-def _draw_seeds(device, p, pa, pf):
+def _draw_seeds(device, p1, p2, pa, pf):
     """(LN1 seed, LN2 seed, attention (seed, offset), FFN seed): views of ONE torch.randint on the
-    device (None where that dropout is off), elements [LN1, LN2, attention seed, offset, FFN] of the
-    ones that are on, in this order."""
-    sizes = ((1, 1) if p > 0.0 else ()) + ((2,) if pa > 0.0 else ()) + ((1,) if pf > 0.0 else ())
+    device (None where that dropout is off: LN1 has none in the pre-LN block), elements [LN1, LN2,
+    attention seed, offset, FFN] of the ones that are on, in this order."""
+    on1, on2, ona, onf = p1 > 0.0, p2 > 0.0, pa > 0.0, pf > 0.0
+    sizes = ((1,) if on1 else ()) + ((1,) if on2 else ()) + ((2,) if ona else ()) + ((1,) if onf else ())
     if not sizes:
         return None, None, None, None
-    parts = iter(torch.randint(0, _HIGH, (sum(sizes),), dtype=torch.int64, device=device).split(sizes))
-    s1, s2 = (next(parts), next(parts)) if p > 0.0 else (None, None)
-    sa = next(parts) if pa > 0.0 else None
-    sf = next(parts) if pf > 0.0 else None
-    return s1, s2, sa, sf
+    parts = iter(torch.randint(0, _HIGH, (sum(sizes),), dtype=torch.int64, device=device)
+                 .split_with_sizes(sizes))
+    return (next(parts) if on1 else None, next(parts) if on2 else None, next(parts) if ona else None,
+            next(parts) if onf else None)
 
 
 def _qkv_views(qkv, hshape):
@@ -160,7 +170,7 @@ def _qkv_views(qkv, hshape):
     return qkv.view(*hshape[:-2], 3, *hshape[-2:]).unbind(-3)
 
 
-def _forward(meta, x, seqinfo, seeds, params):
+def _forward_post(meta, x, seqinfo, seeds, params):
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     s1_seed, s2_seed, sa_seed, sf_seed = seeds
@@ -187,7 +197,7 @@ class _PostLN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed, *params):
-        y, saved = _forward(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
+        y, saved = _forward_post(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
         wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
         ctx.save_for_backward(*saved, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed,
                               wq, wk, wv, wo, g1, w1, b1, w2, g2)
@@ -231,5 +241,86 @@ class _PostLN(torch.autograd.Function):
                 dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
 
 
-_apply = fast_apply(_PostLN)
-_UNWRAP = (1,)  # x: the one activation among _PostLN's arguments
+def _forward_pre(meta, x, seqinfo, seeds, params):
+    """bert_pytorch's block: h = x + drop(attn(LN1(x))); out = drop(h + drop(ffn(LN2(h)))), where
+    LN2 takes the first dropout and the residual add (as the per-op path), the FFN's dropout runs
+    in bias_gelu, and the last two dropouts are torch's own (native_dropout: masks kept)."""
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
+    wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
+    _, s2_seed, sa_seed, sf_seed = seeds
+    n = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.view(-1, n)
+    m = x2.shape[0]
+    y1, _, mean1, rstd1 = _kl.layer_norm_fwd(x2, g1, c1, eps1, None, unb1, 0.0, None, validate=False)
+    qkv = F.linear(y1, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))  # [M, 3N]
+    q, k, v = _qkv_views(qkv, hshape)
+    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
+    o2 = o.view(m, n)
+    a = F.linear(o2, wo, bo)
+    y2, h, mean2, rstd2 = _kl.layer_norm_fwd(a, g2, c2, eps2, x2, unb2, p, s2_seed, validate=False)
+    f = F.linear(y2, w1)
+    g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
+    u = F.linear(g, w2, b2)
+    if p > 0.0:
+        u, mask1 = torch.native_dropout(u, p, True)
+        out, mask2 = torch.native_dropout(h + u, p, True)
+    else:
+        mask1 = mask2 = None
+        out = h + u
+    saved = (x2, y1, mean1, rstd1, qkv, o2, lse, h, mean2, rstd2, y2, f, g, mask1, mask2)
+    return (out if x.dim() == 2 else out.view(x.shape)), saved
+
+
+class _PreLN(torch.autograd.Function):
+    """One pre-LN block: the arguments of _PostLN."""
+
+    @staticmethod
+    def forward(ctx, meta, x, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed, *params):
+        y, saved = _forward_pre(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
+        wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
+        ctx.save_for_backward(*saved, seqinfo, s2_seed, sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2)
+        ctx.meta = meta
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x2, y1, mean1, rstd1, qkv, o2, lse, h, mean2, rstd2, y2, f, g, mask1, mask2, seqinfo, s2_seed,
+         sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = ctx.meta
+        m, n = x2.shape
+        dh2 = dout if dout.dim() == 2 else dout.reshape(m, n)  # gradient of h + drop(u)
+        if p > 0.0:
+            dh2 = _dropout_bwd(dh2, mask2, 1.0 / (1.0 - p))
+            du = _dropout_bwd(dh2, mask1, 1.0 / (1.0 - p))
+        else:
+            du = dh2
+        # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = y2 @ W1^T
+        dw2 = du.t().mm(g)
+        db2 = du.sum(0)
+        df, db1 = _kg.bias_gelu_bwd(du.mm(w2), f, b1, approx, dropout_p=pf, seed=sf_seed)
+        dw1 = df.t().mm(y2)
+        # LN2: y2 = LN(h), h = drop(a) + x; h's own gradient dh2 comes in as the sum's gradient
+        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(df.mm(w1), dh2, h, g2, mean2, rstd2, unb2, p, s2_seed)
+        da = dx2 if p > 0.0 else dsum2
+        dwo = da.t().mm(o2)
+        dbo = da.sum(0)
+        do = da.mm(wo).view(hshape)
+        dqkv = _kc.allocator()((m, 3 * n), qkv.dtype, qkv.device)
+        q, k, v = _qkv_views(qkv, hshape)
+        _ka.attention_bwd(do, q, k, v, o2.view(hshape), lse, seqinfo, None, sa_seed, mode, pa, scale,
+                          max_seqlen, grads=_qkv_views(dqkv, hshape))
+        dwq, dwk, dwv = dqkv.t().mm(y1).chunk(3)
+        dbq, dbk, dbv = dqkv.sum(0).chunk(3)
+        # LN1: y1 = LN(x); the residual's gradient (dsum2) comes in as the sum's gradient
+        dx, _, dg1, dc1 = _kl.layer_norm_bwd(dqkv.mm(torch.cat((wq, wk, wv))), dsum2, x2, g1, mean1, rstd1,
+                                             unb1, 0.0, None)
+        if len(ctx.x_shape) != 2:
+            dx = dx.view(ctx.x_shape)
+        return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
+                dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
+
+
+_apply_post = fast_apply(_PostLN)
+_apply_pre = fast_apply(_PreLN)
+_UNWRAP = (1,)  # x: the one activation among the blocks' arguments

@@ -202,7 +202,7 @@ class Block(nn.Module):
 
     def forward(self, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         # fastbert.ops runs the whole block as one autograd node where every op takes its Triton
-        # kernel (eager, post-LN: fastbert.ops.block); it returns None otherwise, and the reference
+        # kernel (eager: fastbert.ops.block); it returns None otherwise, and the reference
         # ops have no such hook: the code below is the block's math
         fused = getattr(self.attention.ops, "fused_block", None)
         if fused is not None:
