@@ -210,7 +210,7 @@ def tag_sentences(rng, pool, count):
         else:
             words = rng.choice(NEUTRAL_TWO).format(e=e1, f=e2, n=rng.choice(NAMES)).split()
             tags = {e1: k1, e2: k2}
-        out.append([(w, tags.get(w, "O").upper() if w in tags else "O") for w in words])
+        out.append([(w, tags[w].upper() if w in tags else "O") for w in words])
     return out
 
 
