@@ -122,3 +122,17 @@ def test_finetune_lr_options(checkpoint, capsys):
     base = finetune.default_lr(cfg)
     assert len(tried) == 3
     assert any(res["runs"][0]["lr"] == pytest.approx(x) for x in (base / 3, base, base * 3))
+
+
+@pytest.mark.parametrize("task,rows", [("sequence", 576), ("token", 600)])
+def test_default_data_is_the_demo_pair_and_small_sets_get_200_steps(checkpoint, task, rows):
+    """Without --train: the demo's training file, held out on its own test file (not a split of the
+    training rows); without --epochs: 3 epochs or 200 steps, whichever is more."""
+    args = finetune.build_parser().parse_args(["--checkpoint", checkpoint, "--task", task, "--batch", "32",
+                                               "--seq-len", "64", "--threads", "1", "--dropout", "0"])
+    prep = finetune.prepare(args)
+    assert len(prep.rows) == rows and len(prep.eval_rows) == rows
+    train, held, rng = finetune.split(prep, args, 0)
+    assert held is prep.eval_rows
+    _, hist = finetune.train_once(prep, args, train, held, rng, 0, 1e-3, False, say=lambda m: None)
+    assert hist[-1]["step"] == finetune.MIN_STEPS > 3 * (rows // 32)

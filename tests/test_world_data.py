@@ -5,8 +5,6 @@ import gzip
 import importlib.util
 import os
 
-import pytest
-
 from fastbert.train import finetune, pretrain
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -66,11 +64,3 @@ def test_held_out_nouns_are_unseen_in_training_rows_but_in_the_corpus():
     with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
         corpus_words = set(f.read().split())
     assert nouns <= corpus_words
-
-
-@pytest.mark.parametrize("task", ["sequence", "token"])
-def test_default_data_pairs_training_and_held_out_files(task, tmp_path):
-    """With no --train the task's own held-out file is used (not a split of the training rows)."""
-    assert all(os.path.isfile(p) for p in finetune.DEFAULT_DATA[task])
-    args = finetune.build_parser().parse_args(["--task", task])
-    assert args.train is None and args.eval is None and args.epochs is None
