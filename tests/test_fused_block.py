@@ -159,6 +159,34 @@ def test_dense_and_unpadded_match_reference(preset, hidden, heads, ffn, count_fu
         assert_close(got, want, f"mask {attention_mask is not None}")
 
 
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_autocast_matches_per_op(preset, count_fused, monkeypatch):
+    """Under autocast (fp16 here: the interpreter's bf16 dot products are wrong; bf16 on CUDA) the
+    block casts as autocast's linears do (fp32 parameters and residual stream, half-precision
+    projections): the per-op path's outputs, and its gradients within a few fp16 ulps (the Q/K/V
+    gradients are one mm over the three, not three)."""
+    half = torch.bfloat16 if CUDA else torch.float16
+    _, fast = models(config(preset=preset))
+    inputs = packed((7, 13, 0, 13, 1), 40)
+    weight = torch.randn(40, 64, device=DEVICE)
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FASTBERT_FUSED_BLOCK", mode)
+        fast.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=half):
+            out = fast.forward_packed(*inputs)
+            (out.float() * weight).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in fast.named_parameters()}))
+    assert count_fused["n"] == 2
+    (out_f, grads_f), (out_p, grads_p) = results
+    assert out_f.dtype == out_p.dtype == torch.float32
+    assert (out_f - out_p).abs().max() <= 2 * torch.finfo(half).eps * max(1.0, float(out_p.abs().max()))
+    for name, g in grads_p.items():
+        assert grads_f[name].dtype == g.dtype == torch.float32, name
+        err = float((grads_f[name] - g).abs().max())
+        assert err <= 4 * torch.finfo(half).eps * max(1.0, float(g.abs().max())), (name, err)
+
+
 def test_eval_and_no_grad(count_fused):
     ref, fast = models(config())
     ref.eval()
@@ -311,9 +339,9 @@ def test_saved_activations_scale_with_real_tokens(count_fused):
 
 
 def test_where_it_does_not_apply(count_fused, monkeypatch):
-    """None (the per-op path) under autocast, with a key padding mask, for another dtype, without
-    max_seqlen, with FASTBERT_FUSED_BLOCK=0 and on the reference backend; the fused block records
-    what it ran in last_choices()."""
+    """None (the per-op path) under autocast for a half-precision block, with a key padding mask, for
+    another dtype, without max_seqlen, with FASTBERT_FUSED_BLOCK=0 and on the reference backend;
+    the fused block records what it ran in last_choices()."""
     x = torch.randn(10, 64, device=DEVICE)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
     _, fast = models(config())
@@ -325,8 +353,9 @@ def test_where_it_does_not_apply(count_fused, monkeypatch):
     assert fused.fused_block(blk, x.view(2, 5, 64), pad) is None
     assert fused.fused_block(blk, x.double(), None, cu, 6) is None
     assert fused.fused_block(blk, x, None, cu, None) is None  # max_seqlen unknown: needs a sync
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        assert fused.fused_block(blk, x, None, cu, 6) is None
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # autocast takes fp32 blocks only
+        assert fused.fused_block(blk.half(), x.half(), None, cu, 6) is None
+    blk.float()
     monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "0")
     assert fused.fused_block(blk, x, None, cu, 6) is None
     monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "1")

@@ -39,6 +39,7 @@ cu_seqlens and an int max_seqlen) or dense padded input ([B, S, N], no key paddi
 turns it off (the per-op path everywhere).
 """
 
+import contextlib
 import os
 
 import torch
@@ -102,8 +103,13 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     if name == "reference" or not (_dispatch._TRITON if x.is_cuda else _dispatch._triton_device(x, name)):
         return None
     dtype, device = x.dtype, x.device
-    if dtype not in _FLOAT or torch.is_autocast_enabled(device.type) or not x.is_contiguous():
+    if dtype not in _FLOAT or not x.is_contiguous():
         return None
+    cast = None  # under autocast: its dtype, for fp32 input and parameters (what pretraining runs)
+    if torch.is_autocast_enabled(device.type):
+        cast = torch.get_autocast_dtype(device.type)
+        if dtype != torch.float32 or cast not in (torch.float16, torch.bfloat16):
+            return None
     if os.environ.get("FASTBERT_ATTN_CHECK") == "1":
         return None  # the per-op attention checks cu_seqlens' values
     n, heads = x.shape[-1], cfg.heads
@@ -127,9 +133,15 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
         hshape = (x.shape[0], x.shape[1], heads, head_dim)
     leaves = _leaves(block)
     params = _params(leaves)
-    for t in params:
-        if t.dtype != dtype or t.device != device:
-            return None
+    if x.is_cuda:  # every parameter of x's dtype on x's device (is_cpu/is_cuda: no device objects)
+        index = x.get_device()
+        for t in params:
+            if t.dtype is not dtype or not t.is_cuda or t.get_device() != index:
+                return None
+    else:
+        for t in params:
+            if t.dtype is not dtype or not t.is_cpu:
+                return None
     _, _, _, _, norm1, norm2, _, _, drop, ff = leaves
     if pre and drop.training != block.training:
         return None  # the per-op path's trailing nn.Dropout follows its own flag
@@ -145,10 +157,11 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
     seeds = _draw_seeds(device, 0.0 if pre else p, p, pa, pf)
     meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p), float(pa), float(pf),
             float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
-            norm2.variant == "bert_pytorch", cfg.gelu)
+            norm2.variant == "bert_pytorch", cfg.gelu, cast)
     if torch.is_grad_enabled():
         return (_apply_pre if pre else _apply_post)(_UNWRAP, meta, x, seqinfo, *seeds, *params)
-    return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params)[0]
+    with _no_autocast(x, cast):
+        return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params)[0]
 
 
 def _draw_seeds(device, p1, p2, pa, pf):
@@ -170,24 +183,33 @@ def _qkv_views(qkv, hshape):
     return qkv.view(*hshape[:-2], 3, *hshape[-2:]).unbind(-3)
 
 
+def _to(t, dtype):
+    """t in dtype (None: t as it is): autocast's casts, made explicit."""
+    return t if dtype is None else t.to(dtype)
+
+
 def _forward_post(meta, x, seqinfo, seeds, params):
-    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     s1_seed, s2_seed, sa_seed, sf_seed = seeds
     n = x.shape[-1]
     x2 = x if x.dim() == 2 else x.view(-1, n)
     m = x2.shape[0]
-    qkv = F.linear(x2, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))  # [M, 3N]
+    # under autocast (c: its dtype) the linears run in c on cast inputs and weights, as autocast's
+    # F.linear; the LayerNorms take c and fp32 and give fp32 (the residual stream), as the per-op path
+    xc = _to(x2, c)
+    qkv = F.linear(xc, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
     q, k, v = _qkv_views(qkv, hshape)
     o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
     o2 = o.view(m, n)
-    a = F.linear(o2, wo, bo)
+    a = F.linear(o2, _to(wo, c), _to(bo, c))
     h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p, s1_seed, validate=False)
-    f = F.linear(h, w1)
+    hc = _to(h, c)
+    f = F.linear(hc, _to(w1, c))
     g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
-    u = F.linear(g, w2, b2)
+    u = F.linear(g, _to(w2, c), _to(b2, c))
     y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
-    saved = (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2)
+    saved = (xc, q, k, v, o, o2, lse, s1, mean1, rstd1, hc, f, g, s2, mean2, rstd2)
     return (y if x.dim() == 2 else y.view(x.shape)), saved
 
 
@@ -197,7 +219,8 @@ class _PostLN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed, *params):
-        y, saved = _forward_post(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
+        with _no_autocast(x, meta[-1]):
+            y, saved = _forward_post(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
         wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
         ctx.save_for_backward(*saved, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed,
                               wq, wk, wv, wo, g1, w1, b1, w2, g2)
@@ -207,34 +230,41 @@ class _PostLN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        (x2, qkv, o2, lse, s1, mean1, rstd1, h, f, g, s2, mean2, rstd2, seqinfo, s1_seed, s2_seed,
+        (xc, q, k, v, o, o2, lse, s1, mean1, rstd1, hc, f, g, s2, mean2, rstd2, seqinfo, s1_seed, s2_seed,
          sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
-        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = ctx.meta
-        m, n = x2.shape
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = ctx.meta
+        pd = None if c is None else wq.dtype  # the parameters' gradients: cast back from c
+        m, n = xc.shape
         # LN2: y = LN(dropout(u) + h)
         dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(dy if dy.dim() == 2 else dy.reshape(m, n), None, s2, g2,
                                                   mean2, rstd2, unb2, p, s2_seed)
-        du = dx2 if p > 0.0 else dsum2
+        du = _to(dx2 if p > 0.0 else dsum2, c)
         # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = h @ W1^T
-        dw2 = du.t().mm(g)
-        db2 = du.sum(0)
-        df, db1 = _kg.bias_gelu_bwd(du.mm(w2), f, b1, approx, dropout_p=pf, seed=sf_seed)
-        dw1 = df.t().mm(h)
-        dh = torch.addmm(dsum2, df, w1)  # the residual's gradient (LN2's sum) + the FFN's
+        dw2 = _to(du.t().mm(g), pd)
+        db2 = _to(du.sum(0), pd)
+        df, db1 = _kg.bias_gelu_bwd(du.mm(_to(w2, c)), f, b1, approx, dropout_p=pf, seed=sf_seed)
+        dw1 = _to(df.t().mm(hc), pd)
+        if c is None:
+            dh = torch.addmm(dsum2, df, w1)  # the residual's gradient (LN2's sum) + the FFN's
+        else:
+            dh = dsum2 + df.mm(_to(w1, c)).to(dsum2.dtype)
         # LN1: h = LN(dropout(a) + x)
         dsum1, dx1, dg1, dc1 = _kl.layer_norm_bwd(dh, None, s1, g1, mean1, rstd1, unb1, p, s1_seed)
-        da = dx1 if p > 0.0 else dsum1
-        dwo = da.t().mm(o2)
-        dbo = da.sum(0)
-        do = da.mm(wo).view(hshape)
+        da = _to(dx1 if p > 0.0 else dsum1, c)
+        dwo = _to(da.t().mm(o2), pd)
+        dbo = _to(da.sum(0), pd)
+        do = da.mm(_to(wo, c)).view(hshape)
         # attention, its dq, dk, dv written as views of one [M, 3N] buffer
-        dqkv = _kc.allocator()((m, 3 * n), qkv.dtype, qkv.device)
-        q, k, v = _qkv_views(qkv, hshape)
-        _ka.attention_bwd(do, q, k, v, o2.view(hshape), lse, seqinfo, None, sa_seed, mode, pa, scale,
-                          max_seqlen, grads=_qkv_views(dqkv, hshape))
-        dx = torch.addmm(dsum1, dqkv, torch.cat((wq, wk, wv)))  # residual + the three projections
-        dwq, dwk, dwv = dqkv.t().mm(x2).chunk(3)
-        dbq, dbk, dbv = dqkv.sum(0).chunk(3)
+        dqkv = _kc.allocator()((m, 3 * n), q.dtype, q.device)
+        _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
+                          grads=_qkv_views(dqkv, hshape))
+        wcat = torch.cat((wq, wk, wv))
+        if c is None:
+            dx = torch.addmm(dsum1, dqkv, wcat)  # residual + the three projections
+        else:
+            dx = dsum1 + dqkv.mm(wcat.to(c)).to(dsum1.dtype)
+        dwq, dwk, dwv = _to(dqkv.t().mm(xc), pd).chunk(3)
+        dbq, dbk, dbv = _to(dqkv.sum(0), pd).chunk(3)
         if len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
@@ -245,29 +275,31 @@ def _forward_pre(meta, x, seqinfo, seeds, params):
     """bert_pytorch's block: h = x + drop(attn(LN1(x))); out = drop(h + drop(ffn(LN2(h)))), where
     LN2 takes the first dropout and the residual add (as the per-op path), the FFN's dropout runs
     in bias_gelu, and the last two dropouts are torch's own (native_dropout: masks kept)."""
-    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = meta
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     _, s2_seed, sa_seed, sf_seed = seeds
     n = x.shape[-1]
     x2 = x if x.dim() == 2 else x.view(-1, n)
     m = x2.shape[0]
     y1, _, mean1, rstd1 = _kl.layer_norm_fwd(x2, g1, c1, eps1, None, unb1, 0.0, None, validate=False)
-    qkv = F.linear(y1, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))  # [M, 3N]
+    y1c = _to(y1, c)
+    qkv = F.linear(y1c, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
     q, k, v = _qkv_views(qkv, hshape)
     o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
     o2 = o.view(m, n)
-    a = F.linear(o2, wo, bo)
+    a = F.linear(o2, _to(wo, c), _to(bo, c))
     y2, h, mean2, rstd2 = _kl.layer_norm_fwd(a, g2, c2, eps2, x2, unb2, p, s2_seed, validate=False)
-    f = F.linear(y2, w1)
+    y2c = _to(y2, c)
+    f = F.linear(y2c, _to(w1, c))
     g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
-    u = F.linear(g, w2, b2)
+    u = F.linear(g, _to(w2, c), _to(b2, c))
     if p > 0.0:
         u, mask1 = torch.native_dropout(u, p, True)
         out, mask2 = torch.native_dropout(h + u, p, True)
     else:
         mask1 = mask2 = None
         out = h + u
-    saved = (x2, y1, mean1, rstd1, qkv, o2, lse, h, mean2, rstd2, y2, f, g, mask1, mask2)
+    saved = (x2, y1c, mean1, rstd1, q, k, v, o, o2, lse, h, mean2, rstd2, y2c, f, g, mask1, mask2)
     return (out if x.dim() == 2 else out.view(x.shape)), saved
 
 
@@ -276,7 +308,8 @@ class _PreLN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, seqinfo, s1_seed, s2_seed, sa_seed, sf_seed, *params):
-        y, saved = _forward_pre(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
+        with _no_autocast(x, meta[-1]):
+            y, saved = _forward_pre(meta, x, seqinfo, (s1_seed, s2_seed, sa_seed, sf_seed), params)
         wq, wk, wv, _, _, _, wo, _, g1, _, w1, b1, w2, _, g2, _ = params
         ctx.save_for_backward(*saved, seqinfo, s2_seed, sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2)
         ctx.meta = meta
@@ -285,40 +318,46 @@ class _PreLN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        (x2, y1, mean1, rstd1, qkv, o2, lse, h, mean2, rstd2, y2, f, g, mask1, mask2, seqinfo, s2_seed,
-         sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
-        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx = ctx.meta
+        (x2, y1c, mean1, rstd1, q, k, v, o, o2, lse, h, mean2, rstd2, y2c, f, g, mask1, mask2, seqinfo,
+         s2_seed, sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = ctx.meta
+        pd = None if c is None else wq.dtype  # the parameters' gradients: cast back from c
         m, n = x2.shape
         dh2 = dout if dout.dim() == 2 else dout.reshape(m, n)  # gradient of h + drop(u)
         if p > 0.0:
             dh2 = _dropout_bwd(dh2, mask2, 1.0 / (1.0 - p))
-            du = _dropout_bwd(dh2, mask1, 1.0 / (1.0 - p))
+            du = _dropout_bwd(_to(dh2, c), mask1, 1.0 / (1.0 - p))
         else:
-            du = dh2
+            du = _to(dh2, c)
         # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = y2 @ W1^T
-        dw2 = du.t().mm(g)
-        db2 = du.sum(0)
-        df, db1 = _kg.bias_gelu_bwd(du.mm(w2), f, b1, approx, dropout_p=pf, seed=sf_seed)
-        dw1 = df.t().mm(y2)
+        dw2 = _to(du.t().mm(g), pd)
+        db2 = _to(du.sum(0), pd)
+        df, db1 = _kg.bias_gelu_bwd(du.mm(_to(w2, c)), f, b1, approx, dropout_p=pf, seed=sf_seed)
+        dw1 = _to(df.t().mm(y2c), pd)
         # LN2: y2 = LN(h), h = drop(a) + x; h's own gradient dh2 comes in as the sum's gradient
-        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(df.mm(w1), dh2, h, g2, mean2, rstd2, unb2, p, s2_seed)
-        da = dx2 if p > 0.0 else dsum2
-        dwo = da.t().mm(o2)
-        dbo = da.sum(0)
-        do = da.mm(wo).view(hshape)
-        dqkv = _kc.allocator()((m, 3 * n), qkv.dtype, qkv.device)
-        q, k, v = _qkv_views(qkv, hshape)
-        _ka.attention_bwd(do, q, k, v, o2.view(hshape), lse, seqinfo, None, sa_seed, mode, pa, scale,
-                          max_seqlen, grads=_qkv_views(dqkv, hshape))
-        dwq, dwk, dwv = dqkv.t().mm(y1).chunk(3)
-        dbq, dbk, dbv = dqkv.sum(0).chunk(3)
+        dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(_to(df.mm(_to(w1, c)), pd), dh2, h, g2, mean2, rstd2, unb2,
+                                                  p, s2_seed)
+        da = _to(dx2 if p > 0.0 else dsum2, c)
+        dwo = _to(da.t().mm(o2), pd)
+        dbo = _to(da.sum(0), pd)
+        do = da.mm(_to(wo, c)).view(hshape)
+        dqkv = _kc.allocator()((m, 3 * n), q.dtype, q.device)
+        _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
+                          grads=_qkv_views(dqkv, hshape))
+        dwq, dwk, dwv = _to(dqkv.t().mm(y1c), pd).chunk(3)
+        dbq, dbk, dbv = _to(dqkv.sum(0), pd).chunk(3)
         # LN1: y1 = LN(x); the residual's gradient (dsum2) comes in as the sum's gradient
-        dx, _, dg1, dc1 = _kl.layer_norm_bwd(dqkv.mm(torch.cat((wq, wk, wv))), dsum2, x2, g1, mean1, rstd1,
-                                             unb1, 0.0, None)
+        dy1 = _to(dqkv.mm(_to(torch.cat((wq, wk, wv)), c)), pd)
+        dx, _, dg1, dc1 = _kl.layer_norm_bwd(dy1, dsum2, x2, g1, mean1, rstd1, unb1, 0.0, None)
         if len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
                 dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
+
+
+def _no_autocast(x, cast):
+    """The forward's casts are explicit (_to): autocast off inside it when it is on."""
+    return contextlib.nullcontext() if cast is None else torch.autocast(x.device.type, enabled=False)
 
 
 _apply_post = fast_apply(_PostLN)
