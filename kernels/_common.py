@@ -34,10 +34,19 @@ def _nan(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def _nan_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+_empty.like = torch.empty_like  # about 1 us per call against 2.5 for torch.empty(shape, dtype=, device=)
+_nan.like = _nan_like
+
+
 def allocator():
     """The output allocator for one launcher call: torch.empty, or NaN-filled tensors when
     FASTBERT_POISON=1 (tests: an element a kernel fails to write then shows as NaN). The variable
-    is read once per call, not once per tensor."""
+    is read once per call, not once per tensor. alloc(shape, dtype, device), or alloc.like(t) for a
+    tensor of t's shape, dtype and device (t contiguous: the result is too)."""
     return _nan if os.environ.get("FASTBERT_POISON", "0") == "1" else _empty
 
 

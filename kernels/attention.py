@@ -564,7 +564,7 @@ def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqle
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
     new = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
-    out = new(q.shape, q.dtype, q.device)
+    out = new.like(q) if q.is_contiguous() else new(q.shape, q.dtype, q.device)
     lse = new(lse_shp, torch.float32, q.device)
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_(), lse.fill_(float("inf"))
@@ -596,8 +596,8 @@ def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, 
         dout = dout.contiguous()
     new = allocator()
     if grads is None:
-        dq, dk, dv = new(q.shape, q.dtype, q.device), new(q.shape, q.dtype, q.device), \
-            new(q.shape, q.dtype, q.device)
+        like = new.like if q.is_contiguous() else lambda t: new(t.shape, t.dtype, t.device)
+        dq, dk, dv = like(q), like(q), like(q)
     else:
         dq, dk, dv = grads
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:

@@ -235,7 +235,7 @@ def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropo
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     _alloc = C.allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
-    out = _alloc(x.shape, x.dtype, x.device)
+    out = _alloc.like(x) if x.is_contiguous() else _alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out
     block_m, block_n, warps = config or gelu_settings(n, x.device)
@@ -254,7 +254,7 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, d
     m = x.numel() // max(n, 1)
     dy = dy.contiguous()
     _alloc = C.allocator()
-    dx = _alloc(x.shape, x.dtype, x.device)
+    dx = _alloc.like(x) if x.is_contiguous() else _alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx, torch.zeros(n, dtype=bias.dtype, device=bias.device)
     block_m, block_n, warps = config or gelu_settings(n, x.device)
@@ -267,4 +267,5 @@ def bias_gelu_bwd(dy, x, bias, approximate="none", config=None, programs=None, d
                                           TANH=approximate == "tanh", HAS_DROPOUT=has_dropout,
                                           num_warps=warps)
     # second, deterministic reduction of the G partial rows (fixed order), cast to bias's dtype
-    return dx, C.column_sums(db_part, _alloc((n,), bias.dtype, x.device))
+    db = _alloc.like(bias) if bias.is_contiguous() else _alloc((n,), bias.dtype, x.device)
+    return dx, C.column_sums(db_part, db)

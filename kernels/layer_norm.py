@@ -278,8 +278,12 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
         torch.promote_types(x.dtype, residual.dtype)
     store_sum = residual is not None or has_dropout
     _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
-    y = _alloc(x.shape, out_dtype, x.device)
-    s = _alloc(x.shape if store_sum else (0,), out_dtype, x.device)
+    if out_dtype == x.dtype and x.is_contiguous():
+        y = _alloc.like(x)
+        s = _alloc.like(x) if store_sum else _alloc((0,), out_dtype, x.device)
+    else:
+        y = _alloc(x.shape, out_dtype, x.device)
+        s = _alloc(x.shape if store_sum else (0,), out_dtype, x.device)
     mean = _alloc(x.shape[:-1], torch.float32, x.device)
     rstd = _alloc(x.shape[:-1], torch.float32, x.device)
     if m == 0:
@@ -310,8 +314,12 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
         dsum_out = dsum_out.contiguous()
     has_dropout = dropout_p > 0.0
     _alloc = allocator()
-    dsum = _alloc(s.shape, s.dtype, s.device)
-    dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
+    if s.is_contiguous():
+        dsum = _alloc.like(s)
+        dx = _alloc.like(s) if has_dropout else _alloc((0,), s.dtype, s.device)
+    else:
+        dsum = _alloc(s.shape, s.dtype, s.device)
+        dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
     if m == 0:
         return (dsum, dx, torch.zeros(n, dtype=weight.dtype, device=weight.device),
                 torch.zeros(n, dtype=bias_dtype, device=weight.device))
@@ -329,5 +337,8 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
         HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), num_warps=warps,
     )
     # second, deterministic reduction over the G partial rows, cast to the parameters' dtypes
-    dw, db = column_sums(part, _alloc((n,), weight.dtype, s.device), _alloc((n,), bias_dtype, s.device))
+    like_w = weight.is_contiguous()
+    dw = _alloc.like(weight) if like_w else _alloc((n,), weight.dtype, s.device)
+    db = _alloc.like(weight) if like_w and bias_dtype == weight.dtype else _alloc((n,), bias_dtype, s.device)
+    dw, db = column_sums(part, dw, db)
     return dsum, dx, dw, db
