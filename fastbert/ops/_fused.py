@@ -28,11 +28,11 @@ def fast_apply(fn):
     escaped a functorch transform), so `unwrap` names the argument positions to unwrap (activations,
     not parameters). Under an active functorch transform, or on a torch without the C entry point,
     it is fn.apply itself."""
-    if _RAW_APPLY is None:  # pragma: no cover - every torch 2.x has it
-        return fn.apply
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+    if _RAW_APPLY is None or active is None or unwrap_if_dead is None:  # pragma: no cover
+        return lambda unwrap, *args: fn.apply(*args)
     raw = _RAW_APPLY.__get__(None, fn)
-    active = torch._C._are_functorch_transforms_active
-    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
     slow = fn.apply
 
     def apply(unwrap, *args):
