@@ -6,8 +6,10 @@ dropout + residual), bias+GELU and attention kernels, and the unpadded varlen en
 compiled kernels run; without CUDA the kernels run in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1, the `triton_backend` fixture routes CPU tensors to them). Tiny models keep the
 interpreter fast: 2 layers, hidden 64, 2 heads (head dim 32, a tuned size), batches with padding.
-Tolerances: fp32 outputs 2e-5; gradients 1e-4 of the largest gradient of each tensor (at least 1e-6
-absolute: the key bias's true gradient is zero, softmax ignores a per-query constant).
+Tolerances: fp32 outputs 2e-5; gradients 1e-4 of the largest gradient of each tensor (at least 2e-6
+absolute: the key bias's true gradient is zero, softmax ignores a per-query constant, so what is
+compared there is the rounding left in a sum of ~50 per-token key gradients; 1e-6 failed about one
+random batch in ten, on the per-op path and the fused block alike, at 1.1-1.2e-6).
 """
 
 import os
@@ -102,7 +104,7 @@ def test_training_gradients_match_reference(preset):
             continue
         assert p.grad is not None, name
         err = float((p.grad - g).abs().max())
-        assert err <= 1e-4 * max(float(g.abs().max()), 1e-2), (name, err)
+        assert err <= 1e-4 * max(float(g.abs().max()), 2e-2), (name, err)
 
 
 @pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
