@@ -69,7 +69,7 @@ def test_heldout_mlm_loss_falls(cache, tmp_path):
     start = _run(common + ["--max-steps", "0"], cache[0], tmp_path / "start")["heldout"]
     run = _run(common + ["--max-steps", "30"], cache[0], tmp_path / "end")
     end = run["heldout"]
-    assert start["examples"] == end["examples"] > 100 and start["masked"] == end["masked"] > 1000
+    assert start["examples"] == end["examples"] > 100 and start["masked"] == end["masked"] > 900
     assert start["mlm_loss"] > math.log(len(run["vocab"])) - 0.3
     assert end["mlm_loss"] < start["mlm_loss"] - 0.5, (start, end)
     assert end["mlm_acc"] > start["mlm_acc"] + 0.02
