@@ -188,26 +188,66 @@ def _to(t, dtype):
     return t if dtype is None else t.to(dtype)
 
 
+# the two sublayers both blocks share, forward and backward: xin [M, N] is the sublayer's input in
+# the compute dtype c (None: the parameters' dtype), pd the dtype of the parameters' gradients
+def _attention_sublayer(xin, params, meta, seqinfo, sa_seed):
+    """a = attention(xin @ [Wq; Wk; Wv]^T + [bq; bk; bv]) @ Wo^T + bo; returns a and what the
+    backward keeps (q, k, v, o, o2, lse)."""
+    wq, wk, wv, bq, bk, bv, wo, bo = params[:8]
+    hshape, mode, max_seqlen, scale, pa, c = meta[0], meta[1], meta[2], meta[3], meta[5], meta[-1]
+    qkv = F.linear(xin, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
+    q, k, v = _qkv_views(qkv, hshape)
+    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
+    o2 = o.view(xin.shape)
+    return F.linear(o2, _to(wo, c), _to(bo, c)), (q, k, v, o, o2, lse)
+
+
+def _attention_sublayer_bwd(da, xin, kept, wq, wk, wv, wo, meta, seqinfo, sa_seed, pd):
+    """(dqkv [M, 3N] in q's dtype, (dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo)): dq, dk, dv are written
+    by the attention backward as views of one buffer, so one mm gives the three weights' gradients."""
+    q, k, v, o, o2, lse = kept
+    hshape, mode, max_seqlen, scale, pa, c = meta[0], meta[1], meta[2], meta[3], meta[5], meta[-1]
+    dwo = _to(da.t().mm(o2), pd)
+    dbo = _to(da.sum(0), pd)
+    do = da.mm(_to(wo, c)).view(hshape)
+    dqkv = _kc.allocator()((xin.shape[0], 3 * xin.shape[1]), q.dtype, q.device)
+    _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
+                      grads=_qkv_views(dqkv, hshape))
+    dwq, dwk, dwv = _to(dqkv.t().mm(xin), pd).chunk(3)
+    dbq, dbk, dbv = _to(dqkv.sum(0), pd).chunk(3)
+    return dqkv, (dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo)
+
+
+def _ffn_sublayer(xin, w1, b1, w2, b2, meta, sf_seed):
+    """u = bias_gelu(xin @ W1^T, b1) @ W2^T + b2 (the FFN's dropout inside bias_gelu); returns u, f, g."""
+    pf, approx, c = meta[6], meta[11], meta[-1]
+    f = F.linear(xin, _to(w1, c))
+    g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
+    return F.linear(g, _to(w2, c), _to(b2, c)), f, g
+
+
+def _ffn_sublayer_bwd(du, xin, f, g, w1, b1, w2, meta, sf_seed, pd):
+    """(df, dw1, db1, dw2, db2); the input's gradient is df @ W1 (left to the caller, which adds it to
+    its residual gradient)."""
+    pf, approx, c = meta[6], meta[11], meta[-1]
+    dw2 = _to(du.t().mm(g), pd)
+    db2 = _to(du.sum(0), pd)
+    df, db1 = _kg.bias_gelu_bwd(du.mm(_to(w2, c)), f, b1, approx, dropout_p=pf, seed=sf_seed)
+    return df, _to(df.t().mm(xin), pd), db1, dw2, db2
+
+
 def _forward_post(meta, x, seqinfo, seeds, params):
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     s1_seed, s2_seed, sa_seed, sf_seed = seeds
-    n = x.shape[-1]
-    x2 = x if x.dim() == 2 else x.view(-1, n)
-    m = x2.shape[0]
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
     # under autocast (c: its dtype) the linears run in c on cast inputs and weights, as autocast's
     # F.linear; the LayerNorms take c and fp32 and give fp32 (the residual stream), as the per-op path
     xc = _to(x2, c)
-    qkv = F.linear(xc, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
-    q, k, v = _qkv_views(qkv, hshape)
-    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
-    o2 = o.view(m, n)
-    a = F.linear(o2, _to(wo, c), _to(bo, c))
+    a, (q, k, v, o, o2, lse) = _attention_sublayer(xc, params, meta, seqinfo, sa_seed)
     h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p, s1_seed, validate=False)
     hc = _to(h, c)
-    f = F.linear(hc, _to(w1, c))
-    g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
-    u = F.linear(g, _to(w2, c), _to(b2, c))
+    u, f, g = _ffn_sublayer(hc, w1, b1, w2, b2, meta, sf_seed)
     y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
     saved = (xc, q, k, v, o, o2, lse, s1, mean1, rstd1, hc, f, g, s2, mean2, rstd2)
     return (y if x.dim() == 2 else y.view(x.shape)), saved
@@ -239,11 +279,7 @@ class _PostLN(torch.autograd.Function):
         dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(dy if dy.dim() == 2 else dy.reshape(m, n), None, s2, g2,
                                                   mean2, rstd2, unb2, p, s2_seed)
         du = _to(dx2 if p > 0.0 else dsum2, c)
-        # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = h @ W1^T
-        dw2 = _to(du.t().mm(g), pd)
-        db2 = _to(du.sum(0), pd)
-        df, db1 = _kg.bias_gelu_bwd(du.mm(_to(w2, c)), f, b1, approx, dropout_p=pf, seed=sf_seed)
-        dw1 = _to(df.t().mm(hc), pd)
+        df, dw1, db1, dw2, db2 = _ffn_sublayer_bwd(du, hc, f, g, w1, b1, w2, ctx.meta, sf_seed, pd)
         if c is None:
             dh = torch.addmm(dsum2, df, w1)  # the residual's gradient (LN2's sum) + the FFN's
         else:
@@ -251,24 +287,16 @@ class _PostLN(torch.autograd.Function):
         # LN1: h = LN(dropout(a) + x)
         dsum1, dx1, dg1, dc1 = _kl.layer_norm_bwd(dh, None, s1, g1, mean1, rstd1, unb1, p, s1_seed)
         da = _to(dx1 if p > 0.0 else dsum1, c)
-        dwo = _to(da.t().mm(o2), pd)
-        dbo = _to(da.sum(0), pd)
-        do = da.mm(_to(wo, c)).view(hshape)
-        # attention, its dq, dk, dv written as views of one [M, 3N] buffer
-        dqkv = _kc.allocator()((m, 3 * n), q.dtype, q.device)
-        _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
-                          grads=_qkv_views(dqkv, hshape))
+        dqkv, dattn = _attention_sublayer_bwd(da, xc, (q, k, v, o, o2, lse), wq, wk, wv, wo, ctx.meta,
+                                              seqinfo, sa_seed, pd)
         wcat = torch.cat((wq, wk, wv))
         if c is None:
             dx = torch.addmm(dsum1, dqkv, wcat)  # residual + the three projections
         else:
             dx = dsum1 + dqkv.mm(wcat.to(c)).to(dsum1.dtype)
-        dwq, dwk, dwv = _to(dqkv.t().mm(xc), pd).chunk(3)
-        dbq, dbk, dbv = _to(dqkv.sum(0), pd).chunk(3)
         if len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
-        return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
-                dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
+        return (None, dx, None, None, None, None, None, *dattn, dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
 
 
 def _forward_pre(meta, x, seqinfo, seeds, params):
@@ -278,21 +306,13 @@ def _forward_pre(meta, x, seqinfo, seeds, params):
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     _, s2_seed, sa_seed, sf_seed = seeds
-    n = x.shape[-1]
-    x2 = x if x.dim() == 2 else x.view(-1, n)
-    m = x2.shape[0]
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
     y1, _, mean1, rstd1 = _kl.layer_norm_fwd(x2, g1, c1, eps1, None, unb1, 0.0, None, validate=False)
     y1c = _to(y1, c)
-    qkv = F.linear(y1c, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
-    q, k, v = _qkv_views(qkv, hshape)
-    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
-    o2 = o.view(m, n)
-    a = F.linear(o2, _to(wo, c), _to(bo, c))
+    a, (q, k, v, o, o2, lse) = _attention_sublayer(y1c, params, meta, seqinfo, sa_seed)
     y2, h, mean2, rstd2 = _kl.layer_norm_fwd(a, g2, c2, eps2, x2, unb2, p, s2_seed, validate=False)
     y2c = _to(y2, c)
-    f = F.linear(y2c, _to(w1, c))
-    g = _kg.bias_gelu_fwd(f, b1, approx, validate=False, dropout_p=pf, seed=sf_seed)
-    u = F.linear(g, _to(w2, c), _to(b2, c))
+    u, f, g = _ffn_sublayer(y2c, w1, b1, w2, b2, meta, sf_seed)
     if p > 0.0:
         u, mask1 = torch.native_dropout(u, p, True)
         out, mask2 = torch.native_dropout(h + u, p, True)
@@ -329,30 +349,19 @@ class _PreLN(torch.autograd.Function):
             du = _dropout_bwd(_to(dh2, c), mask1, 1.0 / (1.0 - p))
         else:
             du = _to(dh2, c)
-        # FFN: u = g @ W2^T + b2, g = bias_gelu(f, b1), f = y2 @ W1^T
-        dw2 = _to(du.t().mm(g), pd)
-        db2 = _to(du.sum(0), pd)
-        df, db1 = _kg.bias_gelu_bwd(du.mm(_to(w2, c)), f, b1, approx, dropout_p=pf, seed=sf_seed)
-        dw1 = _to(df.t().mm(y2c), pd)
+        df, dw1, db1, dw2, db2 = _ffn_sublayer_bwd(du, y2c, f, g, w1, b1, w2, ctx.meta, sf_seed, pd)
         # LN2: y2 = LN(h), h = drop(a) + x; h's own gradient dh2 comes in as the sum's gradient
         dsum2, dx2, dg2, dc2 = _kl.layer_norm_bwd(_to(df.mm(_to(w1, c)), pd), dh2, h, g2, mean2, rstd2, unb2,
                                                   p, s2_seed)
         da = _to(dx2 if p > 0.0 else dsum2, c)
-        dwo = _to(da.t().mm(o2), pd)
-        dbo = _to(da.sum(0), pd)
-        do = da.mm(_to(wo, c)).view(hshape)
-        dqkv = _kc.allocator()((m, 3 * n), q.dtype, q.device)
-        _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
-                          grads=_qkv_views(dqkv, hshape))
-        dwq, dwk, dwv = _to(dqkv.t().mm(y1c), pd).chunk(3)
-        dbq, dbk, dbv = _to(dqkv.sum(0), pd).chunk(3)
+        dqkv, dattn = _attention_sublayer_bwd(da, y1c, (q, k, v, o, o2, lse), wq, wk, wv, wo, ctx.meta,
+                                              seqinfo, sa_seed, pd)
         # LN1: y1 = LN(x); the residual's gradient (dsum2) comes in as the sum's gradient
         dy1 = _to(dqkv.mm(_to(torch.cat((wq, wk, wv)), c)), pd)
         dx, _, dg1, dc1 = _kl.layer_norm_bwd(dy1, dsum2, x2, g1, mean1, rstd1, unb1, 0.0, None)
         if len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
-        return (None, dx, None, None, None, None, None, dwq, dwk, dwv, dbq, dbk, dbv, dwo, dbo,
-                dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
+        return (None, dx, None, None, None, None, None, *dattn, dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
 
 
 def _no_autocast(x, cast):
