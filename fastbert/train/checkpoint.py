@@ -8,6 +8,7 @@ tensors, numbers, strings) and checks the format tag, the model configuration an
 against the run's, raising CheckpointError with the differing fields.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,26 @@ def list_checkpoints(directory):
         if m:
             found.append((int(m.group(1)), os.path.join(directory, name)))
     return sorted(found)
+
+
+def find_checkpoint(path, option="--resume"):
+    """The checkpoint a path names: a file itself, or the latest of a run folder (its checkpoints/
+    subfolder, or the folder itself when it holds ckpt-*.pt files)."""
+    if os.path.isdir(path):
+        found = list_checkpoints(os.path.join(path, "checkpoints")) or list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{option} {path}: no checkpoint in this folder (looked for "
+                                  f"{os.path.join(path, 'checkpoints', 'ckpt-*.pt')} and {path}/ckpt-*.pt)")
+        return found[-1][1]
+    if not os.path.exists(path):
+        raise CheckpointError(f"{option} {path}: no such checkpoint file or run folder")
+    return path
+
+
+def run_folder_of(checkpoint):
+    """The run folder a checkpoint file belongs to (<run>/checkpoints/ckpt-*.pt), or None."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 def save_checkpoint(directory, step, state, keep=3):
@@ -100,22 +121,119 @@ def _publish_dir(tmp, target):
         os.replace(tmp, target)
 
 
-def export_hf(encoder, vocab, out_dir):
-    """Save the encoder as a transformers BertModel directory (config.json + weights + vocab.txt)."""
+@contextlib.contextmanager
+def _transformers_progress(enabled):
+    """transformers' own bars ("Writing model shards") on or off for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_config(encoder, architecture, **extra):
+    """The transformers BertConfig of a fastbert encoder of preset "hf" (to_hf's)."""
     from fastbert.models.hf import to_hf
 
     if encoder.config.preset != "hf":
         raise CheckpointError("HF export needs a model of preset 'hf' (bert_pytorch's pre-LN, sinusoidal "
                               "model has no BertModel equivalent); use --export-bert-pytorch instead")
-    hf = to_hf(encoder)  # copies the weights into a new CPU BertModel
+    hf = to_hf(encoder)  # checks that every encoder weight has a BertModel name
+    cfg = hf.config
+    cfg.architectures = [architecture]
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _encoder_state(encoder, prefix="bert."):
+    from fastbert.models.hf import fastbert_to_hf_state_dict
+
+    sd = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return {prefix + k: v for k, v in fastbert_to_hf_state_dict(sd).items()}
+
+
+def _linear(prefix, module):
+    return {f"{prefix}.weight": module.weight.detach().cpu(), f"{prefix}.bias": module.bias.detach().cpu()}
+
+
+def _write_tokenizer(vocab, folder):
+    """vocab.txt and the tokenizer files AutoTokenizer reads as a BertTokenizer."""
+    if vocab.kind != "wordpiece":
+        return
+    vocab.save(os.path.join(folder, "vocab.txt"))
+    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                "mask_token": "[MASK]"}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase, **specials}, f,
+                  indent=1)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f, indent=1)
+
+
+def _save_hf(model_class, config, state, vocab, out_dir, progress):
+    """Build model_class(config), load `state` with no key missing or left over, save it with the
+    tokenizer into out_dir (written to a temporary folder, then renamed)."""
+    model = model_class(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied and not k.endswith(("position_ids", "token_type_ids"))
+               and k != "cls.predictions.decoder.weight" and k != "cls.predictions.decoder.bias"]
+    if missing or unexpected:
+        raise CheckpointError(f"HF export into {model_class.__name__}: missing {missing}, unexpected "
+                              f"{unexpected}")
     tmp = _atomic_dir(out_dir)
-    hf.save_pretrained(tmp)
-    if vocab.kind == "wordpiece":
-        vocab.save(os.path.join(tmp, "vocab.txt"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase}, f)
+    with _transformers_progress(progress):
+        model.save_pretrained(tmp)
+    _write_tokenizer(vocab, tmp)
     _publish_dir(tmp, out_dir)
     return out_dir
+
+
+def export_hf(model, vocab, out_dir, progress=True):
+    """Save a pretraining model (fastbert.train.heads.PretrainModel, preset "hf") as a transformers
+    BertForPreTraining folder: encoder, pooler, MLM head (transform, decoder tied to the word
+    embeddings, bias) and NSP head, with config.json and the tokenizer files.
+
+    NSP classes: fastbert's is_next = 1 means B follows A (bert_pytorch's convention); transformers'
+    next_sentence_label 0 does, so the NSP rows are swapped."""
+    import transformers
+
+    cfg = _hf_config(model.bert, "BertForPreTraining")
+    state = _encoder_state(model.bert)
+    state.update(_linear("bert.pooler.dense", model.pooler))
+    state.update(_linear("cls.predictions.transform.dense", model.transform))
+    state["cls.predictions.transform.LayerNorm.weight"] = model.transform_norm.weight.detach().cpu()
+    state["cls.predictions.transform.LayerNorm.bias"] = model.transform_norm.bias.detach().cpu()
+    state["cls.predictions.bias"] = model.mask_lm.linear.bias.detach().cpu()
+    nsp = model.next_sentence.linear
+    state["cls.seq_relationship.weight"] = nsp.weight.detach().cpu()[[1, 0]]
+    state["cls.seq_relationship.bias"] = nsp.bias.detach().cpu()[[1, 0]]
+    return _save_hf(transformers.BertForPreTraining, cfg, state, vocab, out_dir, progress)
+
+
+def export_hf_classifier(classifier, vocab, labels, out_dir, progress=True):
+    """Save a fine-tuned fastbert.train.finetune.Classifier as transformers'
+    BertForSequenceClassification (its pooler is the classifier's) or BertForTokenClassification,
+    with id2label / label2id from `labels` and the tokenizer files."""
+    import transformers
+
+    token = classifier.token
+    names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+             "num_labels": len(labels), "classifier_dropout": classifier.dropout.p}
+    arch = "BertForTokenClassification" if token else "BertForSequenceClassification"
+    cfg = _hf_config(classifier.bert, arch, **names)
+    state = _encoder_state(classifier.bert)
+    state.update(_linear("classifier", classifier.classifier))
+    if not token:
+        state.update(_linear("bert.pooler.dense", classifier.pooler))
+    model_class = getattr(transformers, arch)
+    return _save_hf(model_class, cfg, state, vocab, out_dir, progress)
 
 
 def export_bert_pytorch(model, path):

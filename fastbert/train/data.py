@@ -4,7 +4,10 @@ Corpus formats
   "tab"    bert_pytorch's: `sentence A \\t sentence B` per line; each line is a two-sentence document.
   "plain"  one sentence per line, a blank line between documents.
   "auto"   "tab" when the first non-empty line holds a tab, else "plain".
-Files ending in .gz are read through gzip.
+Files ending in .gz are read through gzip. Text is UTF-8: check_text_file refuses, naming the file
+and what it found, a binary file (a known format's signature, or a NUL byte), text in another
+encoding, a file named .gz that is not gzip-compressed and a compressed one that is not named .gz;
+a bad byte or a damaged gzip stream later in the file is a CorpusError at its line.
 
 Shard (a directory, written once, then memory-mapped; a corpus larger than RAM streams from disk)
   tokens.bin        all sentences' token ids back to back, uint16 (int32 when the vocab needs it)
@@ -31,12 +34,14 @@ Examples (PretrainData)
   pretraining holds out `heldout_documents(n, fraction)` and evaluates on them (all_batches).
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
+import zlib
 
 import numpy as np
 
@@ -45,19 +50,88 @@ class CorpusError(ValueError):
     pass
 
 
+# signatures of binary formats a corpus path may point at by mistake
+_SIGNATURES = ((b"\x7fELF", "an ELF executable or shared library"), (b"\x89PNG", "a PNG image"),
+               (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a zip archive (or a torch checkpoint)"),
+               (b"%PDF", "a PDF document"), (b"\xfd7zXZ\x00", "xz-compressed data"),
+               (b"BZh9", "bzip2-compressed data"), (b"\x93NUMPY", "a numpy array file"),
+               (b"\x80\x02", "a Python pickle"), (b"\x80\x04", "a Python pickle"),
+               (b"\x80\x05", "a Python pickle"), (b"SQLite format 3", "an SQLite database"))
+_GZIP = b"\x1f\x8b"
+_BAD_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _read_head(path, size):
+    """The first `size` bytes of the file's text (decompressed when it is named .gz), checking the
+    gzip naming both ways."""
+    with open(path, "rb") as f:
+        raw = f.read(size)
+    gz = path.endswith(".gz")
+    if gz and not raw.startswith(_GZIP):
+        raise CorpusError(f"{path!r} is named .gz but is not gzip-compressed (it starts with {raw[:12]!r}); "
+                          f"if it is plain text, rename it without .gz")
+    if not gz and raw.startswith(_GZIP):
+        raise CorpusError(f"{path!r} is gzip-compressed data but its name does not end in .gz; rename it "
+                          f"to {os.path.basename(path)}.gz")
+    if not gz:
+        return raw
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read(size)
+    except _BAD_GZIP as e:
+        raise CorpusError(f"{path!r} is a damaged gzip file ({type(e).__name__}: {e})") from e
+
+
+def check_text_file(path, what="corpus file", head=1 << 16):
+    """Raise CorpusError naming the file and what it holds unless its first `head` bytes are UTF-8
+    text (see the module docstring)."""
+    if not os.path.isfile(path):
+        raise CorpusError(f"{what} {path!r} does not exist")
+    data = _read_head(path, head)
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            raise CorpusError(f"{what} {path!r} is not text: it is {kind} (it starts with {data[:8]!r})")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{what} {path!r} is not text: it has a NUL byte at offset {nul} (a binary file?)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(data) - 3 or e.reason != "unexpected end of data":  # not a character cut by `head`
+            line = data.count(b"\n", 0, e.start) + 1
+            raise CorpusError(f"{what} {path!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start} (line {line}) is {e.reason}; convert it to UTF-8 (for example "
+                              f"iconv -f latin1 -t utf-8)") from None
+
+
 def _open_text(path):
     if not os.path.isfile(path):
         raise CorpusError(f"corpus file {path!r} does not exist")
     raw = open(path, "rb")  # noqa: SIM115
     f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-    return raw, io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline=None)
+    return raw, io.TextIOWrapper(f, encoding="utf-8", errors="strict", newline=None)
+
+
+@contextlib.contextmanager
+def _reading(path, where):
+    """Turn a decoding or decompression error while reading `path` into a CorpusError at where()."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path!r} is not UTF-8 text near line {where()}: {e.reason}; convert it to "
+                          f"UTF-8") from None
+    except _BAD_GZIP as e:
+        raise CorpusError(f"{path!r} is a damaged gzip file near line {where()} ({type(e).__name__}: "
+                          f"{e})") from None
 
 
 def iter_lines(path):
     """Lines of a text file (gzip when it ends in .gz) without their newline."""
     raw, f = _open_text(path)
-    with raw, f:
+    n = [0]
+    with raw, f, _reading(path, lambda: n[0] + 1):
         for line in f:
+            n[0] += 1
             yield line.rstrip("\n").rstrip("\r")
 
 
@@ -75,9 +149,10 @@ def iter_documents(path, fmt="auto", _progress=None):
     if fmt not in ("tab", "plain"):
         raise CorpusError(f"corpus format {fmt!r}; expected 'tab', 'plain' or 'auto'")
     raw, f = _open_text(path)
-    with raw, f:
+    lineno = 0
+    with raw, f, _reading(path, lambda: lineno + 1):
         doc = []
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(f, 1):  # noqa: B007 (read by _reading's message)
             if _progress is not None and lineno % 4096 == 0:
                 _progress(raw.tell())
             line = line.rstrip("\n").rstrip("\r")

@@ -3,8 +3,10 @@
 With no arguments it trains a WordPiece vocabulary on the demo's embedded corpus
 (fastbert/data/world/corpus.txt.gz, see fastbert/data/README.md; cached under <out>/cache), tokenizes
 the corpus once into a memory-mapped shard, and pretrains a small model (on CPU: the demo's defaults,
-CPU_DEFAULTS, chosen by the sweep in fastbert/train/SWEEP.md; on CUDA: base for 120 s), printing
-loss, MLM/NSP accuracy and tokens/s (non-padding tokens) of the training batches.
+3000 steps, chosen by the sweep in fastbert/train/SWEEP.md; on CUDA: base for 1000 steps), printing
+loss, MLM/NSP accuracy and tokens/s (non-padding tokens) of the training batches. The schedule always
+runs to its end unless --time-limit is given; then the learning rate also decays over the time
+budget, so a run the limit stops ends on a decayed schedule, with a warning saying how far it got.
 --heldout of the documents (5%, spread over the corpus, the same for every seed)
 are kept out of training, and the held-out MLM loss and accuracy and NSP accuracy on them are
 reported at the end. --device cuda runs the fused ops in bf16 autocast and also reports model
@@ -14,13 +16,18 @@ Under torchrun each rank takes its own micro-batches of every global batch (Dist
 or FSDP2 fully_shard with --fsdp). Losses are normalised by the global count of masked tokens and
 examples of the step, so a run on P processes with batch B matches one process with --accum P.
 
+Run folder (--out): checkpoints/ (atomic, the last --keep), metrics.jsonl (a JSON line per log step,
+the held-out evaluation, resume and stop events; fastbert.train.runlog), config.json (options, model,
+versions), cache/ (vocabulary and token shard), tensorboard/ with --tensorboard.
+
 Exit status: 0 on success, 2 on bad input (corpus, vocabulary, options, checkpoint) with one message
 on stderr; an existing checkpoint is never overwritten or removed by a run that fails its checks.
+Ctrl-C (SIGINT) or SIGTERM ends the current step, writes a checkpoint, says where, and exits with
+128 + the signal's number (130, 143); `--resume` continues from it.
 """
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -37,13 +44,25 @@ from .checkpoint import (
     check_compatible,
     export_bert_pytorch,
     export_hf,
+    find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    run_folder_of,
     save_checkpoint,
 )
-from .data import CorpusError, PretrainData, cached_shard, detect_format, heldout_documents
+from .data import CorpusError, PretrainData, cached_shard, check_text_file, detect_format, heldout_documents
 from .heads import PretrainModel
+from .interrupt import Interrupted, StopSignals
 from .optim import param_groups, warmup_linear
+from .options import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+    resolve_device,
+)
+from .runlog import RunLog, write_config
 from .vocab import Vocab, VocabError, read_vocab, train_vocab
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -57,10 +76,9 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
 OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
 
 # the CPU demo's defaults (no --size/--batch/--lr/--seq-len/budget given), chosen by the sweep in
-# train/SWEEP.md: 3000 steps of 32 x 64 tokens (6M tokens) took 375 s with one thread on the busy
-# 2-core VM; the 600 s limit caps slower machines
-CPU_DEFAULTS = {"size": "tiny", "batch": 32, "seq_len": 64, "lr": 1e-3, "max_steps": 3000,
-                "time_limit": 600.0}
+# train/SWEEP.md: 3000 steps of 32 x 64 tokens (6M tokens), run to the end on any machine
+CPU_DEFAULTS = {"size": "tiny", "batch": 32, "seq_len": 64, "lr": 1e-3, "max_steps": 3000}
+CUDA_DEFAULTS = {"size": "base", "batch": 128, "seq_len": 128, "lr": 1e-3, "max_steps": 1000}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -72,56 +90,62 @@ def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="fastbert pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="text corpus (default: the demo's embedded one; "
-                   "real prose: fastbert/data/corpus.txt.gz)")
+    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="UTF-8 text corpus, .gz for gzip (default: the "
+                   "demo's embedded one; real prose: fastbert/data/corpus.txt.gz)")
     d.add_argument("--format", default="auto", choices=["auto", "plain", "tab"],
                    help="plain: sentence per line, blank line between documents; tab: `A\\tB` per line")
     d.add_argument("--vocab", help="vocab.txt or bert_pytorch WordVocab pickle (default: train WordPiece)")
-    d.add_argument("--vocab-size", type=int, default=8000)
-    d.add_argument("--out", help=f"run directory (default: {DEFAULT_OUT}; when that holds a previous run "
+    d.add_argument("--vocab-size", type=positive_int, default=8000)
+    d.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT}; when that holds a previous run "
                    f"and --resume is not given, the next free {DEFAULT_OUT}-N)")
     d.add_argument("--cache-dir", help="vocab and shard cache (default: <out>/cache)")
-    d.add_argument("--seq-len", type=int, help="tokens per sequence (default: 64 on CPU, 128 on CUDA)")
+    d.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: 64 on CPU, 128 on "
+                   "CUDA)")
     d.add_argument("--pairs", default="auto", choices=["auto", "sentence", "packed"],
                    help="NSP examples: one sentence each (bert_pytorch) or chunks of sentences filling "
                    "seq_len (Google BERT); auto: sentence for the tab format, packed for plain text")
-    d.add_argument("--heldout", type=float, default=0.05, help="fraction of the documents held out of "
-                   "training; held-out MLM and NSP accuracy on them are reported at the end (0: none)")
-    d.add_argument("--mask-prob", type=float, default=0.15)
-    d.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence")
+    d.add_argument("--heldout", type=probability, default=0.05, help="fraction of the documents held out "
+                   "of training; held-out MLM and NSP accuracy on them are reported at the end (0: none)")
+    d.add_argument("--mask-prob", type=positive_float, default=0.15)
+    d.add_argument("--max-predictions", type=positive_int, help="cap on masked tokens per sequence")
     d.add_argument("--whole-word", action="store_true", help="mask whole words (wordpiece vocab)")
     m = p.add_argument_group("model")
     m.add_argument("--size", choices=sorted(SIZES), help="layers/hidden/heads preset (default: tiny on CPU, "
                    "base on CUDA)")
     m.add_argument("--preset", default="hf", choices=["hf", "bert_pytorch"])
-    m.add_argument("--layers", type=int)
-    m.add_argument("--hidden", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--intermediate", type=int, help="FFN width (default 4 x hidden)")
-    m.add_argument("--max-position", type=int, default=512)
-    m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--layers", type=positive_int)
+    m.add_argument("--hidden", type=positive_int)
+    m.add_argument("--heads", type=positive_int)
+    m.add_argument("--intermediate", type=positive_int, help="FFN width (default 4 x hidden)")
+    m.add_argument("--max-position", type=positive_int, default=512)
+    m.add_argument("--dropout", type=probability, default=0.1)
     m.add_argument("--dense-mlm", action="store_true", help="dense MLM head (logits at every position)")
     t = p.add_argument_group("training")
-    t.add_argument("--batch", type=int, help="micro-batch per process (default: 32 on CPU, 128 on CUDA)")
-    t.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
-    t.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
-    t.add_argument("--warmup", type=int, help="warmup steps (default: 6%% of the steps when they are "
-                   "known, else 20)")
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--epochs", type=float)
-    t.add_argument("--halt-at", type=int, help="stop at this step as if interrupted (the schedule still "
-                   "runs to --max-steps; for preemption drills and the resume test)")
-    t.add_argument("--time-limit", type=float, help="stop after this many seconds, counted from the first "
-                   "step; when neither --max-steps nor --epochs is given: on CPU --max-steps 2000 with "
-                   "--time-limit 600, on CUDA --time-limit 120")
+    t.add_argument("--batch", type=positive_int, help="micro-batch per process (default: 32 on CPU, 128 on "
+                   "CUDA)")
+    t.add_argument("--accum", type=positive_int, default=1, help="gradient accumulation micro-batches")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3)")
+    t.add_argument("--warmup", type=nonnegative_int, help="warmup steps (default: 6%% of the steps when "
+                   "they are known, else 20)")
+    t.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    t.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="gradient norm clip (0: none)")
+    t.add_argument("--max-steps", type=nonnegative_int, help="optimizer steps; the LR schedule decays to 0 "
+                   "at the last (default when neither --epochs nor --time-limit is given: 3000 on CPU, "
+                   "1000 on CUDA)")
+    t.add_argument("--epochs", type=positive_float)
+    t.add_argument("--halt-at", type=nonnegative_int, help="stop at this step as if interrupted (the "
+                   "schedule still runs to --max-steps; for preemption drills and the resume test)")
+    t.add_argument("--time-limit", type=positive_float, help="also stop after this many seconds of training "
+                   "(counted over resumed sessions too); the learning rate then decays over the time "
+                   "left as well as over the steps, so the run ends on a decayed schedule, and a warning "
+                   "says how many of the steps ran (default: no limit)")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="autocast dtype (default: bf16 on "
                    "CUDA, fp32 on CPU)")
     t.add_argument("--packed", action="store_true", help="pack whole examples into fixed budgets of batch x "
                    "seq-len token slots per micro-batch (Krell et al. 2021): static shapes, no host sync in "
                    "the step (fastbert.train.packed_run)")
-    t.add_argument("--pack-seqs", type=int, help="sequence slots per pack (default: batch x seq-len / 16)")
+    t.add_argument("--pack-seqs", type=positive_int, help="sequence slots per pack (default: batch x "
+                   "seq-len / 16)")
     t.add_argument("--cuda-graphs", action="store_true", help="capture the whole packed step (forward, loss, "
                    "backward, clipping, capturable AdamW, LR schedule on the device) in one CUDA graph after "
                    "3 warm-up steps and replay it; implies --packed; needs CUDA and one process")
@@ -129,20 +153,28 @@ def build_parser(p=None):
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
     t.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP under torchrun")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--threads", type=int, help="CPU threads")
+    t.add_argument("--threads", type=positive_int, help="CPU threads")
     t.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--save-every", type=int, default=500)
-    c.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    c.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in "
-                   "<out>/checkpoints, or from the given file")
-    c.add_argument("--export-hf", help="write the encoder as a transformers BertModel directory")
+    c.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps (and at "
+                   "the end, and on Ctrl-C or SIGTERM)")
+    c.add_argument("--keep", type=nonnegative_int, default=3, help="checkpoints kept (0: all)")
+    c.add_argument("--resume", nargs="?", const="latest", help="continue a run: without a value the latest "
+                   "checkpoint in <out>/checkpoints; or a run folder (its latest checkpoint; it becomes "
+                   "--out) or a checkpoint file")
+    c.add_argument("--export-hf", help="write a transformers BertForPreTraining folder (encoder, pooler, MLM "
+                   "and NSP heads, tokenizer): AutoModel, AutoModelForMaskedLM and pipeline('fill-mask') "
+                   "load it")
     c.add_argument("--export-bert-pytorch", help="write a bert_pytorch BERTLM state dict file")
-    c.add_argument("--log-every", type=int, default=10, help="log every N steps")
-    c.add_argument("--log-seconds", type=float, default=10.0, help="and at least every S seconds")
-    c.add_argument("--log-json", help="append each log record as a JSON line to this file (rank 0)")
-    c.add_argument("--peak-tflops", type=float, help="device peak for MFU (default by device name)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--log-every", type=positive_int, default=10, help="log every N steps")
+    c.add_argument("--log-seconds", type=nonnegative_float, default=10.0, help="and at least every S "
+                   "seconds (0: only every N steps)")
+    c.add_argument("--log-json", help="also write the metrics records (<out>/metrics.jsonl) to this file")
+    c.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars "
+                   "to <out>/tensorboard (needs the tensorboard package)")
+    c.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (default by device name)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars (ours, tokenizers' and "
+                   "transformers')")
     return p
 
 
@@ -193,14 +225,9 @@ def _setup_distributed(device_opt):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device_opt
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available")
-    if want == "cuda":
-        want = f"cuda:{local}" if world > 1 else "cuda"
-    device = torch.device(want)
+    device = resolve_device(device_opt, ConfigError)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device(f"cuda:{local}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -306,28 +333,30 @@ class Setup:
 def _resolve_options(args, cuda):
     """A copy of args with the device-dependent defaults filled in, after checking the numbers."""
     o = argparse.Namespace(**vars(args))
-    o.size = o.size or ("base" if cuda else CPU_DEFAULTS["size"])
-    o.batch = o.batch or (128 if cuda else CPU_DEFAULTS["batch"])
-    o.seq_len = o.seq_len or (128 if cuda else CPU_DEFAULTS["seq_len"])
-    for name in ("batch", "accum", "save_every", "log_every", "vocab_size", "seq_len"):
-        if getattr(o, name) is not None and getattr(o, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(o, name)}")
-    if o.max_steps is not None and o.max_steps < 0:
-        raise ConfigError(f"--max-steps must be at least 0, got {o.max_steps}")
+    defaults = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
+    for name in ("size", "batch", "seq_len", "lr"):  # `is None`: a 0 given is refused, not replaced
+        if getattr(o, name) is None:
+            setattr(o, name, defaults[name])
+    for name in ("batch", "accum", "save_every", "log_every", "vocab_size", "seq_len", "layers", "hidden",
+                 "heads", "intermediate", "max_position", "epochs", "time_limit", "lr", "threads"):
+        value = getattr(o, name, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("max_steps", "warmup", "keep", "halt_at"):
+        if getattr(o, name, None) is not None and getattr(o, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(o, name)}")
     if not 0 <= o.heldout < 1:
         raise ConfigError(f"--heldout is a fraction of the documents in [0, 1), got {o.heldout}")
     if not 0 < o.mask_prob < 1:
         raise ConfigError(f"--mask-prob must be in (0, 1), got {o.mask_prob}")
     if o.time_limit is None and o.max_steps is None and o.epochs is None:
-        if cuda:
-            o.time_limit = 120.0
-        else:
-            o.max_steps, o.time_limit = CPU_DEFAULTS["max_steps"], CPU_DEFAULTS["time_limit"]
-    if o.lr is None:
-        o.lr = CPU_DEFAULTS["lr"] if not cuda else 1e-3
+        o.max_steps = defaults["max_steps"]
     if o.cuda_graphs and not cuda:
         raise ConfigError("--cuda-graphs needs a CUDA device (run with --device cuda on a machine with a "
                           "GPU); without one, leave it out (--packed runs the same step eagerly)")
+    if o.cuda_graphs and o.time_limit is not None:
+        raise ConfigError("--cuda-graphs fixes the LR schedule on the device when it captures the step, so "
+                          "it cannot follow --time-limit; give --max-steps instead")
     o.packed = o.packed or o.cuda_graphs
     if o.pack_seqs is not None and o.pack_seqs <= 0:
         raise ConfigError(f"--pack-seqs must be positive, got {o.pack_seqs}")
@@ -338,6 +367,16 @@ def _resolve_options(args, cuda):
         raise ConfigError(f"--seq-len {o.seq_len} is larger than the model's maximum position "
                           f"{o.max_position} (--max-position)")
     return o
+
+
+def _resume_folder(opts):
+    """The run folder that --resume names when --out is not given (a folder, or the run folder of a
+    checkpoint file under <run>/checkpoints), else None."""
+    if opts.out is not None or opts.resume in (None, "latest"):
+        return None
+    if os.path.isdir(opts.resume):
+        return opts.resume
+    return run_folder_of(opts.resume) if os.path.isfile(opts.resume) else None
 
 
 def _run_dir(opts, rank):
@@ -362,7 +401,7 @@ def _find_checkpoint(opts, ckpt_dir):
                 raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
             path = existing[-1][1]
         else:
-            path = opts.resume
+            path = find_checkpoint(opts.resume)
         return load_checkpoint(path), path
     if existing:
         raise CheckpointError(f"{ckpt_dir} already holds checkpoints (latest step {existing[-1][0]}); pass "
@@ -383,7 +422,9 @@ def setup(args):
         raise CorpusError(f"corpus file {o.corpus!r} does not exist")
     if os.path.getsize(o.corpus) == 0:
         raise CorpusError(f"corpus file {o.corpus!r} is empty")
+    check_text_file(o.corpus)
     fmt = o.format if o.format != "auto" else detect_format(o.corpus)
+    o.out = o.out or _resume_folder(o)
     cache = o.cache_dir or os.path.join(o.out or DEFAULT_OUT, "cache")
     o.out = _run_dir(o, rank)
     ckpt_dir = os.path.join(o.out, "checkpoints")
@@ -427,6 +468,33 @@ class Trainer:
     scaler: torch.amp.GradScaler
     step: int
     n_params: int
+    budget: "TimeBudget"
+
+
+class TimeBudget:
+    """--time-limit: the seconds trained so far (a resumed run starts from its checkpoint's), and the
+    fraction of the budget left after warmup, which the LR schedule follows (warmup_linear's
+    `remaining`). Without a limit it only counts."""
+
+    def __init__(self, limit=None, spent=0.0, warm_at=None):
+        self.limit, self.spent, self.warm_at, self.t0 = limit, float(spent), warm_at, None
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self):
+        return self.spent + (time.perf_counter() - self.t0 if self.t0 is not None else 0.0)
+
+    def remaining(self):
+        """1 when warmup ends (the first time the schedule asks), 0 when the limit is reached."""
+        if self.limit is None:
+            return 1.0
+        if self.warm_at is None:
+            self.warm_at = min(self.elapsed(), 0.5 * self.limit)
+        return (self.limit - self.elapsed()) / max(1e-9, self.limit - self.warm_at)
+
+    def over(self):
+        return self.limit is not None and self.elapsed() >= self.limit
 
 
 def build(s):
@@ -453,10 +521,13 @@ def build(s):
         wrapped = model
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=s.device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(s.warmup, s.max_steps))
+    ckpt = s.ckpt
+    budget = TimeBudget(o.time_limit, *((ckpt.get("train_seconds", 0.0), ckpt.get("warm_seconds"))
+                                        if ckpt is not None else ()))
+    remaining = budget.remaining if o.time_limit is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(s.warmup, s.max_steps, remaining))
     scaler = torch.amp.GradScaler("cuda", enabled=s.dtype == "fp16")
     step = 0
-    ckpt = s.ckpt
     if ckpt is not None:
         _load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"], s.fsdp)
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -477,7 +548,7 @@ def build(s):
         s.ckpt = None  # free the checkpoint's tensors
     if o.compile:  # the encoder, in place (state dict keys unchanged), shapes dynamic: batches vary
         model.bert.compile(dynamic=True)
-    return Trainer(model, wrapped, optimizer, scheduler, scaler, step, n_params)
+    return Trainer(model, wrapped, optimizer, scheduler, scaler, step, n_params, budget)
 
 
 class Masker:
@@ -603,13 +674,13 @@ def evaluate(s, model, masker, data=None):
 
 class Logger:
     """Turns the interval sums into records: printed (through the progress bar when it shows), kept
-    in `history`, appended to --log-json; rank 0 writes."""
+    in `history`, written to the run's RunLog (metrics.jsonl, --log-json, TensorBoard); rank 0 writes."""
 
-    def __init__(self, s, step):
+    def __init__(self, s, step, runlog=None):
         from tqdm import tqdm
 
         o = s.opts
-        self.s, self.history, self.t_log = s, [], time.perf_counter()
+        self.s, self.history, self.t_log, self.runlog = s, [], time.perf_counter(), runlog
         self.bar = tqdm(total=s.max_steps, initial=step, unit="step", desc="pretrain", dynamic_ncols=True,
                         disable=True if o.no_progress or s.rank != 0 else None, leave=False)  # None: tty only
         self.say = self.bar.write if not self.bar.disable else (lambda m: _log(s.rank, m))
@@ -655,12 +726,13 @@ class Logger:
         self.t_log = time.perf_counter()
 
     def write_json(self, rec):
-        if self.s.opts.log_json and self.s.rank == 0:
-            with open(self.s.opts.log_json, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if self.runlog is not None:
+            self.runlog.write(rec)
 
     def close(self):
         self.bar.close()
+        if self.runlog is not None:
+            self.runlog.close()
 
 
 def _banner(s, t):
@@ -680,12 +752,100 @@ def _banner(s, t):
                  + (f"time limit {o.time_limit:.0f}s" if o.time_limit else ""))
 
 
+def _open_runlog(s, t):
+    """config.json and the metrics sinks of the run folder (rank 0; None elsewhere)."""
+    if s.rank != 0:
+        return None
+    o = s.opts
+    resumed = {"step": t.step, "checkpoint": s.ckpt_path} if s.ckpt_path else None
+    write_config(o.out, "pretrain", vars(o), model=asdict(s.cfg), device=s.device, resumed=resumed)
+    try:
+        return RunLog(o.out, o.log_json, o.tensorboard, resume_step=t.step if resumed else None,
+                      marker=resumed and {"checkpoint": s.ckpt_path, "argv": sys.argv[1:]})
+    except ImportError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _stop_reason(s, t, budget, signals, comm):
+    """Why the loop stops before this step, the same on every rank: "done", "halt", "signal", "time"
+    or None (go on)."""
+    o = s.opts
+    if s.max_steps is not None and t.step >= s.max_steps:
+        return "done"
+    if o.halt_at is not None and t.step >= o.halt_at:
+        return "halt"
+    flags = [float(signals.signum or 0), float(budget.over())]
+    if s.world > 1:
+        v = torch.tensor(flags, device=comm)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        flags = v.tolist()
+        if flags[0] and not signals.signum:  # another rank was signalled
+            signals.signum = int(flags[0])
+    return "signal" if flags[0] else ("time" if flags[1] else None)
+
+
+def _train(s, t, packed, masker, metrics, logger, signals, comm):
+    """The training loop; returns (why it stopped, the step of the last checkpoint written, the
+    implementation each op ran in the first step, or None when no step ran)."""
+    o = s.opts
+    from fastbert.info import last_used
+
+    steps_per_epoch = packed.steps_per_epoch if packed else s.data.steps_per_epoch
+    first = t.step
+    last_saved, ops_run = t.step if s.ckpt_path else None, None
+    t.budget.start()
+    t.model.train()
+    signals.arm()
+    while (reason := _stop_reason(s, t, t.budget, signals, comm)) is None:
+        if packed:
+            packed.step(metrics)
+        else:
+            epoch, k = divmod(t.step, steps_per_epoch)
+            train_step(s, t, masker, s.data.step_batches(epoch, k, s.rank, s.world), metrics, comm)
+        if t.step == first + 1:  # what the first step ran, per op (fastbert.ops' own record)
+            ops_run = last_used(s.device.type)
+            _log(s.rank, "ops run: " + ", ".join(f"{op} {impl}" for op, impl in ops_run.items()))
+        if logger.after_step(t.step, comm):
+            if packed:
+                packed.flush(metrics)  # the device sums: one read-back per logging interval
+            lr = packed.lr() if packed else t.scheduler.get_last_lr()[0]
+            logger.log(t.step, metrics.reduce(s.world, comm), lr)
+            metrics.reset()
+        if t.step % o.save_every == 0:
+            _save(s, t)
+            last_saved = t.step
+    return reason, last_saved, ops_run
+
+
+def _time_limit_warning(s, t, logger):
+    o = s.opts
+    if s.max_steps:
+        msg = (f"warning: --time-limit {o.time_limit:g}s ended the run at step {t.step} of {s.max_steps} "
+               f"({100 * t.step / s.max_steps:.0f}% of the steps); the learning rate decayed over the time "
+               f"limit, so the run ends on a finished schedule, but with fewer steps than asked: results "
+               f"depend on this machine's speed (leave out --time-limit to run every step)")
+    else:
+        msg = (f"time limit {o.time_limit:g}s reached at step {t.step}; the learning rate decayed over "
+               f"the time limit")
+    _log(s.rank, msg)
+    logger.write_json({"event": "time_limit", "step": t.step, "max_steps": s.max_steps,
+                       "time_limit": o.time_limit})
+
+
 def run(args):
+    """Pretrain as `args` says; returns {"step", "history", "model", "vocab", "config", "ops", "heldout",
+    "train_seconds", "stopped"} where stopped is "done", "halt", "time" or a signal's name, and
+    "exit_code" (0, or 128 + the signal's number)."""
+    with StopSignals() as signals:
+        return _run(args, signals)
+
+
+def _run(args, signals):
     s = setup(args)
     o = s.opts
     t = build(s)
     _banner(s, t)
-    from fastbert.info import implementation, last_used
+    from fastbert.info import implementation
 
     ops_used = {op: implementation(op, s.device.type) for op in OPS}
     _log(s.rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
@@ -698,44 +858,34 @@ def run(args):
         _log(s.rank, f"packed: {d.tokens} token slots, {d.max_seqs} sequence slots and {d.max_predictions} "
                      f"prediction slots per pack, {packed.steps_per_epoch} steps per epoch"
                      f"{', CUDA graph' if packed.graphs else ''}")
-    masker, metrics, logger = Masker(s), Metrics(), Logger(s, t.step)
-    steps_per_epoch = packed.steps_per_epoch if packed else s.data.steps_per_epoch
-    first = t.step
-    last_saved = t.step if o.resume else None
+    runlog = _open_runlog(s, t)
+    masker, metrics, logger = Masker(s), Metrics(), Logger(s, t.step, runlog)
     comm = s.device if s.world > 1 and s.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA tensors
-    t_train = time.perf_counter()
-    t.model.train()
-    while True:
-        halted = o.halt_at is not None and t.step >= o.halt_at
-        if (s.max_steps is not None and t.step >= s.max_steps) or halted:
-            break
-        if o.time_limit is not None:
-            stop = torch.tensor([float(time.perf_counter() - t_train >= o.time_limit)], device=comm)
-            if s.world > 1:
-                dist.broadcast(stop, 0)
-            if stop.item():
-                break
-        if packed:
-            packed.step(metrics)
-        else:
-            epoch, k = divmod(t.step, steps_per_epoch)
-            train_step(s, t, masker, s.data.step_batches(epoch, k, s.rank, s.world), metrics, comm)
-        if t.step == first + 1:  # what the first step ran, per op (fastbert.ops' own record)
-            ops_used = last_used(s.device.type)
-            _log(s.rank, "ops run: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
-        if logger.after_step(t.step, comm):
-            if packed:
-                packed.flush(metrics)  # the device sums: one read-back per logging interval
-            lr = packed.lr() if packed else t.scheduler.get_last_lr()[0]
-            logger.log(t.step, metrics.reduce(s.world, comm), lr)
-            metrics.reset()
-        if t.step % o.save_every == 0:
-            _save(s, t)
-            last_saved = t.step
-    logger.close()
-    if last_saved != t.step:
-        _save(s, t)
-    train_s = time.perf_counter() - t_train
+    start = t.step
+    try:
+        reason, last_saved, ops_run = _train(s, t, packed, masker, metrics, logger, signals, comm)
+    finally:
+        logger.bar.close()
+    ops_used = ops_run or ops_used
+    path = _save(s, t) if last_saved != t.step else None
+    if path is None and s.rank == 0:
+        path = list_checkpoints(s.ckpt_dir)[-1][1] if list_checkpoints(s.ckpt_dir) else None
+    train_s = t.budget.elapsed()
+    result = {"step": t.step, "history": logger.history, "model": t.model, "vocab": s.vocab, "config": s.cfg,
+              "ops": ops_used, "heldout": None, "train_seconds": train_s, "stopped": reason, "exit_code": 0,
+              "checkpoint": path, "out": o.out}
+    if reason == "signal":
+        logger.write_json({"event": "interrupted", "step": t.step, "signal": signals.name,
+                           "checkpoint": path})
+        logger.close()
+        if s.rank == 0:
+            print(f"fastbert pretrain: {signals.name} at step {t.step}: checkpoint written to {path}; "
+                  f"continue with --resume {o.out}", file=sys.stderr, flush=True)
+        _barrier(s.world)
+        return {**result, "stopped": signals.name, "exit_code": signals.exit_code}
+    if reason == "time":
+        _time_limit_warning(s, t, logger)
+    signals.armed = False  # from here a signal stops at once: the checkpoint is written
     heldout = None
     if s.heldout is not None:
         heldout = evaluate(s, t.model, masker)
@@ -743,24 +893,32 @@ def run(args):
         _log(s.rank, f"held-out ({heldout['examples']} pairs, {heldout['masked']} masked tokens): mlm loss "
                      f"{heldout['mlm_loss']:.4f} | mlm acc {heldout['mlm_acc']:.3f} | nsp acc "
                      f"{heldout['nsp_acc']:.3f}")
+    logger.close()
     if s.rank == 0:
-        if o.export_hf:
-            export_hf(t.model.bert, s.vocab, o.export_hf)
-            print(f"exported HF BertModel to {o.export_hf}")
-        if o.export_bert_pytorch:
-            export_bert_pytorch(t.model, o.export_bert_pytorch)
-            print(f"exported bert_pytorch BERTLM state dict to {o.export_bert_pytorch}")
+        _exports(s, t)
         h = logger.history
         if h:
-            print(f"done: {t.step} steps in {train_s:.0f}s; loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}, "
-                  f"mlm acc {h[-1]['mlm_acc']:.3f}, nsp acc {h[-1]['nsp_acc']:.3f} (training batches); "
-                  f"checkpoints in {s.ckpt_dir}")
+            print(f"done: {t.step} steps ({t.step - start} in this session) in {train_s:.0f}s; loss "
+                  f"{h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}, mlm acc {h[-1]['mlm_acc']:.3f}, nsp acc "
+                  f"{h[-1]['nsp_acc']:.3f} (training batches); checkpoint {path}; metrics "
+                  f"{os.path.join(o.out, 'metrics.jsonl')}")
     _barrier(s.world)
-    return {"step": t.step, "history": logger.history, "model": t.model, "vocab": s.vocab, "config": s.cfg,
-            "ops": ops_used, "heldout": heldout, "train_seconds": train_s}
+    return {**result, "heldout": heldout}
+
+
+def _exports(s, t):
+    o = s.opts
+    if o.export_hf:
+        export_hf(t.model, s.vocab, o.export_hf, progress=not o.no_progress)
+        print(f"exported transformers BertForPreTraining (encoder, pooler, MLM and NSP heads, tokenizer) to "
+              f"{o.export_hf}")
+    if o.export_bert_pytorch:
+        export_bert_pytorch(t.model, o.export_bert_pytorch)
+        print(f"exported bert_pytorch BERTLM state dict to {o.export_bert_pytorch}")
 
 
 def _save(s, t):
+    """Write a checkpoint of the current step (every rank joins); its path on rank 0, else None."""
     msd, osd = _state_dicts(t.model, t.optimizer, s.fsdp)
     cpu_states = [torch.get_rng_state()]
     if s.world > 1:
@@ -774,6 +932,7 @@ def _save(s, t):
             gathered = [None] * s.world
             dist.all_gather_object(gathered, cuda_states[0])
             cuda_states = gathered
+    path = None
     if s.rank == 0:
         o = s.opts
         state = {"model": msd, "optimizer": osd, "scheduler": t.scheduler.state_dict(),
@@ -781,10 +940,12 @@ def _save(s, t):
                  "config": asdict(s.cfg), "vocab": s.vocab.to_dict(),
                  "vocab_fingerprint": s.vocab.fingerprint(),
                  "rng": {"cpu": cpu_states, "cuda": cuda_states},
+                 "train_seconds": t.budget.elapsed(), "warm_seconds": t.budget.warm_at,
                  "args": {**{k: v for k, v in vars(o).items() if isinstance(v, int | float | str | bool)},
                           **s.data_args()}}
-        save_checkpoint(s.ckpt_dir, t.step, state, keep=o.keep)
+        path = save_checkpoint(s.ckpt_dir, t.step, state, keep=o.keep)
     _barrier(s.world)
+    return path
 
 
 def main(argv=None):
@@ -794,17 +955,20 @@ def main(argv=None):
 
 def run_main(args):
     try:
-        run(args)
+        return run(args)["exit_code"]
     except (CorpusError, VocabError, CheckpointError, ConfigError) as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"fastbert pretrain: {e} before training started (or after its checkpoint was written): "
+              f"stopped", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("fastbert pretrain: interrupted", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -128,8 +128,12 @@ def read_vocab(path, lowercase=True):
             raise VocabError(f"{path!r}: the pickle has no token list (itos); is it a bert_pytorch "
                              "WordVocab?")
         return Vocab([_BERT_PYTORCH_SPECIALS.get(t, t) for t in itos], kind="word", lowercase=False)
-    with open(path, encoding="utf-8") as f:
-        tokens = [line.rstrip("\n") for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise VocabError(f"vocabulary file {path!r} is neither a bert_pytorch pickle nor UTF-8 text "
+                         f"(byte 0x{e.object[e.start]:02x} at offset {e.start} is {e.reason})") from None
     while tokens and tokens[-1] == "":
         tokens.pop()
     if not tokens:

@@ -1,0 +1,75 @@
+"""Option checks shared by `fastbert pretrain` and `fastbert finetune`: argparse types that refuse
+zero, negative or non-finite numbers at parse time (argparse then exits with status 2 and names the
+option), and the --device check."""
+
+import argparse
+import math
+import re
+
+import torch
+
+
+def _number(kind, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    value = _number(int, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text):
+    """A dropout-like fraction in [0, 1)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(text, error=ValueError):
+    """torch.device for --device auto|cpu|cuda|cuda:N; `error` (an exception class) names what is wrong:
+    an unknown name, or CUDA asked for where there is none or not that many."""
+    if not _DEVICE.match(text or ""):
+        raise error(f"--device {text!r} is not a device; expected auto, cpu, cuda or cuda:N")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error(f"--device {text} but no CUDA device is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise error(f"--device {text} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
