@@ -17,6 +17,18 @@ varlen mode start = cu_seqlens[b], in padded mode start = 0 and the batch stride
 Padding queries (padded mode) are computed like the reference (they attend to the valid keys); a
 query with no valid key (a sequence whose keys are all padding) gets zeros and zero gradients.
 
+Sliding window (WINDOW, runtime `window` = w >= 0): query i attends key j iff |i - j| <= w, positions
+counted inside the sequence (flash-attn's window_size=(w, w), inclusive), on top of the masks above.
+The loops run only over the blocks that meet the band: the forward and dQ programs (query block
+[m0, m0 + BLOCK_M)) visit key blocks from floor(max(m0 - w, 0) / BLOCK_N) * BLOCK_N up to
+min(m0 + BLOCK_M + w, k_len); the dK/dV program (key block [n0, n0 + BLOCK_N)) visits query blocks
+from floor(max(n0 - w, 0) / BLOCK_M) * BLOCK_M up to min(n0 + BLOCK_N + w, n_rows). So a program
+does O((BLOCK + 2w) / BLOCK) steps whatever the sequence length; every visited block is masked with
+the band (and the bounds checks), blocks outside it are never loaded. A query whose window holds no
+valid key (a padding query far past the last valid key) gets zeros and zero gradients, as above.
+The launchers take window >= max_seqlen - 1 as global attention (every pair is inside the band) and
+compile WINDOW = False then, the code of the global kernels unchanged.
+
 Forward (per program: one block of BLOCK_M queries of one (b, h)); scores in the log2 domain with
 log2(e) folded into the scale, so exp2 is used throughout:
   s_ij = (q_i . k_j) * scale * log2(e);  online over key blocks:
@@ -37,9 +49,11 @@ are read from an int64 [2] tensor on the device (RNG), never passed as host scal
 graph then replays with each replay's fresh draw.
 
 This file holds the kernels, their launchers (attention_fwd, attention_bwd, dropout_keep_mask) and
-the input checks (check_supported, prepare); fastbert.ops.attention registers and differentiates them.
+the input checks (check_supported, prepare, check_window); fastbert.ops.attention registers and
+differentiates them.
 """
 
+import operator
 import os
 
 import torch
@@ -111,7 +125,7 @@ def _pruner(kind):
     return prune
 
 
-_KEY = ["BLOCK_D", "SEQ_BUCKET", "MODE", "DROPOUT", "HEAD_DIM"]
+_KEY = ["BLOCK_D", "SEQ_BUCKET", "MODE", "DROPOUT", "HEAD_DIM", "WINDOW"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,19 +208,46 @@ def _keep(seed, rng_offset, bh, rows, cols, col0, thresh):
     return (r >> 1).to(tl.int32, bitcast=True) >= thresh
 
 
+@triton.jit
+def _band(rows, cols, window):
+    """[R, C] True where |rows_i - cols_j| <= window (the sliding window, inclusive)."""
+    d = rows[:, None] - cols[None, :]
+    return (d <= window) & (d >= -window)
+
+
+@triton.jit
+def _window_range(start, block, window, block_other, limit):
+    """[lo, hi) of the other side's positions that a block [start, start + block) meets within the
+    window: lo rounded down to a multiple of block_other (the loop's step), hi clipped to limit."""
+    lo = tl.maximum(start - window, 0)
+    lo = (lo // block_other) * block_other
+    hi = tl.minimum(start + block + window, limit)
+    return lo, hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n, offs_d,
-              sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+              sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, window,
               LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+              WINDOW: tl.constexpr = False):
     cols = start_n + offs_n  # key positions [BLOCK_N]
     k = _load_rows(k_ptrs + start_n * sks, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
     v = _load_rows(v_ptrs + start_n * svs, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN] fp32
-    if LAST or HAS_MASK:
+    if WINDOW:  # every windowed step is masked: bounds, padding and the band
+        valid = cols < k_len
+        if HAS_MASK:
+            pad = tl.load(MASK_ROW + cols, mask=valid, other=1)
+            valid = valid & (pad == 0)
+        valid2 = valid[None, :] & _band(offs_m, cols, window)
+        s = tl.where(valid2, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    elif LAST or HAS_MASK:
         valid = cols < k_len
         if HAS_MASK:
             pad = tl.load(MASK_ROW + cols, mask=valid, other=1)
@@ -227,16 +268,17 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh", "window"])
 def _attn_fwd(Q, K, V, O, LSE, SEQINFO, MASK,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, smb,
-              H, SEQ, SEQ_BUCKET, qk_scale, RNG, drop_thresh, drop_scale,
+              H, SEQ, SEQ_BUCKET, qk_scale, RNG, drop_thresh, drop_scale, window,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-              DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+              DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Q, K, V, O: [rows, H, D] per sequence (strides s*b, s*s, s*h; unit stride over D)
     # LSE: [B or 1, H, rows] fp32 (strides slb, slh, 1); SEQINFO: cu_seqlens [B+1] int32 (MODE 2)
     # MASK: [B, S] bool/uint8 key padding (stride smb, 1), read when HAS_MASK
+    # window: the sliding window w (read when WINDOW; see the module docstring)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -260,15 +302,22 @@ def _attn_fwd(Q, K, V, O, LSE, SEQINFO, MASK,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_full = (k_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, k_full, BLOCK_N):  # full key blocks: no bounds checks
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m,
-                                  offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
-                                  False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
-    if k_full < k_len:  # the partial last key block
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m,
-                                  offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
-                                  True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if WINDOW:  # only the key blocks that meet the band of this query block
+        lo, hi = _window_range(start_m, BLOCK_M, window, BLOCK_N, k_len)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m,
+                                      offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+                                      window, True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC, True)
+    else:
+        k_full = (k_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, k_full, BLOCK_N):  # full key blocks: no bounds checks
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m,
+                                      offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+                                      window, False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+        if k_full < k_len:  # the partial last key block
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m,
+                                      offs_n, offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh,
+                                      window, True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
 
     empty = l_i == 0.0  # no valid key at all
     l_safe = tl.where(empty, 1.0, l_i)
@@ -326,9 +375,10 @@ def _attn_bwd_pre(O, DO, DELTA, sob, sos, soh, sdb, sds, sdh, slb, slh, SEQINFO,
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows, offs_m, offs_n,
-               key0, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+               key0, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale, window,
                LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+               WINDOW: tl.constexpr = False):
     rows = start_m + offs_m  # query positions [BLOCK_M]
     q = _load_rows(q_ptrs + start_m * sqs, rows, n_rows, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BM, BD]
     do = _load_rows(do_ptrs + start_m * sds, rows, n_rows, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BM, BD]
@@ -342,6 +392,8 @@ def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_r
     p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
     if HAS_MASK:
         p_t = tl.where(kpad[:, None], 0.0, p_t)
+    if WINDOW:
+        p_t = tl.where(_band(offs_n, rows, window), p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM] = (dO V^T)^T
     if DROPOUT:
         keep_t = tl.trans(_keep(seed, rng_offset, bh, rows, offs_n, key0, drop_thresh))
@@ -356,13 +408,13 @@ def _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_r
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh", "window"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
-                   H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale,
+                   H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale, window,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DK, DV: [rows, H, D] contiguous-like (strides sgb, sgs, sgh); the rest as in _attn_fwd.
     # Deliberate twin of _attn_bwd_dq (same arguments and preamble): dK/dV loop over query blocks
     # per key block, dQ over key blocks per query block, so that neither needs atomics.
@@ -395,17 +447,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
         do_ptrs = DO + b64 * sdb + row0 * sds + h * sdh + offs_m[:, None] * sds + offs_d[None, :]
         l_ptrs = LSE + b64 * slb + h * slh + row0 + offs_m
         d_ptrs = DELTA + b64 * slb + h * slh + row0 + offs_m
-        m_full = (n_rows // BLOCK_M) * BLOCK_M
-        for start_m in range(0, m_full, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows,
-                                offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
-                                drop_thresh, drop_scale, False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
-                                DOT_PREC)
-        if m_full < n_rows:
-            dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, m_full, n_rows,
-                                offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset, bh,
-                                drop_thresh, drop_scale, True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D,
-                                DOT_PREC)
+        if WINDOW:  # only the query blocks that meet the band of this key block
+            lo, hi = _window_range(start_n, BLOCK_N, window, BLOCK_M, n_rows)
+            for start_m in range(lo, hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows,
+                                    offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset,
+                                    bh, drop_thresh, drop_scale, window, True, HAS_MASK, DROPOUT, HEAD_DIM,
+                                    BLOCK_D, DOT_PREC, True)
+        else:
+            m_full = (n_rows // BLOCK_M) * BLOCK_M
+            for start_m in range(0, m_full, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, start_m, n_rows,
+                                    offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset,
+                                    bh, drop_thresh, drop_scale, window, False, HAS_MASK, DROPOUT, HEAD_DIM,
+                                    BLOCK_D, DOT_PREC)
+            if m_full < n_rows:
+                dk, dv = _dkdv_step(dk, dv, k, v, kpad, q_ptrs, do_ptrs, l_ptrs, d_ptrs, m_full, n_rows,
+                                    offs_m, offs_n, start_n, offs_d, sqs, sds, qk_scale, seed, rng_offset,
+                                    bh, drop_thresh, drop_scale, window, True, HAS_MASK, DROPOUT, HEAD_DIM,
+                                    BLOCK_D, DOT_PREC)
         live = offs_n < k_len
         dk = tl.where(live[:, None], dk * sm_scale, 0.0)
         dv = tl.where(live[:, None], dv, 0.0)
@@ -420,20 +480,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SEQINFO, MASK,
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n, offs_d,
-             sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
+             sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale, window,
              LAST: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+             WINDOW: tl.constexpr = False):
     cols = start_n + offs_n
     k = _load_rows(k_ptrs + start_n * sks, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
     v = _load_rows(v_ptrs + start_n * svs, cols, k_len, offs_d, LAST, HEAD_DIM, BLOCK_D)  # [BN, BD]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN]
     p = tl.math.exp2(s * qk_scale - lse[:, None])
-    if LAST or HAS_MASK:
+    if LAST or HAS_MASK or WINDOW:
         valid = cols < k_len
         if HAS_MASK:
             pad = tl.load(MASK_ROW + cols, mask=valid, other=1)
             valid = valid & (pad == 0)
-        p = tl.where(valid[None, :], p, 0.0)
+        if WINDOW:
+            p = tl.where(valid[None, :] & _band(offs_m, cols, window), p, 0.0)
+        else:
+            p = tl.where(valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BM, BN]
     if DROPOUT:
         keep = _keep(seed, rng_offset, bh, offs_m, cols, start_n, drop_thresh)
@@ -444,13 +508,13 @@ def _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, of
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh"])
+@triton.jit(do_not_specialize=["SEQ", "SEQ_BUCKET", "drop_thresh", "window"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, slb, slh, smb,
-                 H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale,
+                 H, SEQ, SEQ_BUCKET, qk_scale, sm_scale, RNG, drop_thresh, drop_scale, window,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
                  HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DQ: [rows, H, D] (strides sgb, sgs, sgh); the rest as in _attn_fwd.
     # Deliberate twin of _attn_bwd_dkdv (same arguments and preamble; see there).
     pid_m = tl.program_id(0)
@@ -478,15 +542,22 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SEQINFO, MASK,
     v_ptrs = V + b64 * svb + row0 * svs + h * svh + offs_n[:, None] * svs + offs_d[None, :]
     MASK_ROW = MASK + b64 * smb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_full = (k_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, k_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n,
-                      offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
-                      False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
-    if k_full < k_len:
-        dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m, offs_n,
-                      offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale,
-                      True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if WINDOW:  # only the key blocks that meet the band, as in the forward
+        lo, hi = _window_range(start_m, BLOCK_M, window, BLOCK_N, k_len)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n,
+                          offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale, window,
+                          True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC, True)
+    else:
+        k_full = (k_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, k_full, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, start_n, k_len, offs_m, offs_n,
+                          offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale, window,
+                          False, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
+        if k_full < k_len:
+            dq = _dq_step(dq, q, do, lse, delta, k_ptrs, v_ptrs, MASK_ROW, k_full, k_len, offs_m, offs_n,
+                          offs_d, sks, svs, qk_scale, seed, rng_offset, bh, drop_thresh, drop_scale, window,
+                          True, HAS_MASK, DROPOUT, HEAD_DIM, BLOCK_D, DOT_PREC)
     dq = dq * sm_scale
     g_ptrs = DQ + b64 * sgb + row0 * sgs + h * sgh + offs_m[:, None] * sgs + offs_d[None, :]
     st_mask = row_ok[:, None]
@@ -557,9 +628,35 @@ def lse_shape(q):
     return _geometry(q)[4]
 
 
-def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen):
+def window_arg(window, max_seqlen):
+    """The kernels' (WINDOW, window) for a sliding window `window` (None or an int >= 0, checked by
+    check_window): global attention (False, 0) when None or when the band holds every pair of a
+    sequence of max_seqlen positions (window >= max_seqlen - 1)."""
+    if window is None or window >= max_seqlen - 1:
+        return False, 0
+    return True, int(window)
+
+
+def check_window(window):
+    """None, or the window as an int >= 0; ValueError/TypeError otherwise."""
+    if window is None:
+        return None
+    try:
+        if isinstance(window, bool):
+            raise TypeError
+        window = operator.index(window)
+    except TypeError:
+        raise TypeError(f"fastbert attention: window must be an int or None, got "
+                        f"{type(window).__name__}") from None
+    if window < 0:
+        _fail(f"window {window} < 0; expected None (global attention) or an int >= 0")
+    return int(window)
+
+
+def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen, window=None):
     """Launch the forward on prepared inputs (see prepare). rng: int64 [2] (seed, offset) on q's device
-    when dropout_p > 0. Returns (out like q, lse fp32 [B, H, S] or [H, T])."""
+    when dropout_p > 0; window: the sliding window (None: global; an int w >= 0: query i attends key j
+    iff |i - j| <= w). Returns (out like q, lse fp32 [B, H, S] or [H, T])."""
     batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
@@ -575,18 +672,20 @@ def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqle
     smb = mask.stride(0) if mask is not None else 0
     block_d = _block_d(dim)
     bucket = _seq_bucket(max_seqlen)
+    has_window, win = window_arg(window, max_seqlen)
     grid = lambda meta: (cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, seqinfo_t, mask_t, *_head_strides(q), *_head_strides(k),
                     *_head_strides(v), *_head_strides(out), slb, slh, smb,
                     heads, rows if mode != MODE_VARLEN else 0, bucket, scale * LOG2E, rng_t, thresh,
-                    drop_scale, HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
-                    DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
+                    drop_scale, win, HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
+                    DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q), WINDOW=has_window)
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen,
-                  grads=None):
-    """Launch the backward (the forward's saved tensors and arguments). Returns (dq, dk, dv) like q.
+                  grads=None, window=None):
+    """Launch the backward (the forward's saved tensors and arguments, window included). Returns
+    (dq, dk, dv) like q.
     grads: (dq, dk, dv) to write into instead of new tensors, shaped like q with one set of strides
     for the three and a contiguous head dim (the fused block passes views of one [T, 3N] buffer)."""
     batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
@@ -616,11 +715,12 @@ def attention_bwd(dout, q, k, v, out, lse, seqinfo, mask, rng, mode, dropout_p, 
         out, dout, delta, *_head_strides(out), *_head_strides(dout), slb, slh, seqinfo_t, mask_t, smb,
         heads, seq_arg,
         HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, BLOCK_M=pre_bm)
+    has_window, win = window_arg(window, max_seqlen)
     common = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(dout),
               *_head_strides(dk), slb, slh, smb, heads, seq_arg, bucket, scale * LOG2E, scale,
-              rng_t, thresh, drop_scale)
+              rng_t, thresh, drop_scale, win)
     meta = dict(HEAD_DIM=dim, BLOCK_D=block_d, MODE=mode, HAS_MASK=mask is not None,
-                DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q))
+                DROPOUT=dropout_p > 0, DOT_PREC=_dot_prec(q), WINDOW=has_window)
     grid_n = lambda m: (cdiv(max_seqlen, m["BLOCK_N"]), batch * heads)  # noqa: E731
     _attn_bwd_dkdv[grid_n](q, k, v, dout, dk, dv, lse, delta, seqinfo_t, mask_t, *common, **meta)
     grid_m = lambda m: (cdiv(max_seqlen, m["BLOCK_M"]), batch * heads)  # noqa: E731

@@ -8,15 +8,17 @@ Forward, one program per tile of BLOCK_M whole rows (BLOCK_N = next power of two
     mean = sum(s) / N,   xc = s - mean
     "standard":     rstd = 1 / sqrt(sum(xc^2) / N + eps)          (torch.nn.LayerNorm, HF BERT)
     "bert_pytorch": rstd = 1 / (sqrt(sum(xc^2) / (N - 1)) + eps)  (bert_pytorch: (s - mean) / (std + eps))
-    y = w * xc * rstd + b
+    y = w * xc * rstd + b                (bias optional: y = w * xc * rstd without it, HAS_BIAS = False;
+                                          ModernBERT's norms have no bias)
 Loads of every dtype (fp32/fp16/bf16) are upcast to fp32 before any arithmetic: statistics of
 low-precision rows lose accuracy fast in 16 bits, and the interpreter's bf16 arithmetic is only right
 after the cast. mean and rstd are stored in fp32 for the backward.
 
-Backward: see the derivation above _ln_bwd_kernel. dW and dB are reduced without atomics: each of
-G programs owns a contiguous slice of rows, sums dy * xhat and dy over its slice in fp32 registers
-and writes one row of a [G, N] partial buffer; a second small kernel sums the G rows in a fixed
-order (so the result is the same run to run) and casts to the parameter dtype.
+Backward: see the derivation above _ln_bwd_kernel (the bias only adds the dB output: without one,
+nothing else changes and dB is neither accumulated nor written). dW and dB are reduced without
+atomics: each of G programs owns a contiguous slice of rows, sums dy * xhat and dy over its slice in
+fp32 registers and writes one row of a [G, N] partial buffer; a second small kernel sums the G rows
+in a fixed order (so the result is the same run to run) and casts to the parameter dtype.
 """
 
 import functools
@@ -109,7 +111,8 @@ def check_inputs(x, weight, bias, residual=None, variant="standard", dropout_p=0
         raise ValueError(f"layer_norm: x must be contiguous (shape {tuple(x.shape)}, strides "
                          f"{x.stride()}); call .contiguous() first")
     operands = [("weight", weight, (n,), f"({n},) to match the hidden size of x {tuple(x.shape)}")]
-    operands.append(("bias", bias, (n,), f"({n},) to match the hidden size of x {tuple(x.shape)}"))
+    if bias is not None:  # None: a bias-free LayerNorm (weight only)
+        operands.append(("bias", bias, (n,), f"({n},) to match the hidden size of x {tuple(x.shape)}"))
     if residual is not None:
         operands.append(("residual", residual, tuple(x.shape), f"{tuple(x.shape)} (the shape of x)"))
     for name, t, shape, expected in operands:
@@ -129,7 +132,7 @@ def _ln_fwd_kernel(
     X,  # [M, N] input, any float dtype
     R,  # [M, N] residual (read when HAS_RESIDUAL)
     W,  # [N] scale
-    B,  # [N] shift
+    B,  # [N] shift (read when HAS_BIAS)
     Y,  # [M, N] output
     S,  # [M, N] s = dropout(x) + residual, written when STORE_SUM
     MEAN,  # [M] fp32
@@ -145,6 +148,7 @@ def _ln_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     STORE_SUM: tl.constexpr,
     UNBIASED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     # every tensor is kept 2-D ([BLOCK_M, 1] per-row values, reductions with keep_dims): with
     # BLOCK_M = 1, 1-D row vectors made Triton pick a replicated layout and doubled the registers
@@ -173,8 +177,11 @@ def _ln_fwd_kernel(
     else:
         rstd = 1.0 / tl.sqrt(sq / N + eps)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = xc * rstd * w + b
+    else:
+        y = xc * rstd * w
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
@@ -204,7 +211,7 @@ def _ln_bwd_kernel(
     DSUM,  # [M, N] out: gradient of s (= gradient of the residual)
     DX,  # [M, N] out: gradient of x through dropout (written when HAS_DROPOUT)
     DW_PART,  # [G, N] fp32 out: per-program partial sums of dy * xhat
-    DB_PART,  # [G, N] fp32 out: per-program partial sums of dy
+    DB_PART,  # [G, N] fp32 out: per-program partial sums of dy (written when HAS_BIAS)
     SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
     M,
     N,
@@ -215,13 +222,15 @@ def _ln_bwd_kernel(
     HAS_DSUM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UNBIASED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]; 2-D throughout, as in the forward
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if HAS_DROPOUT:
@@ -253,14 +262,17 @@ def _ln_bwd_kernel(
             dx = tl.where(keep, ds / (1.0 - dropout_p), 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xc * r
-        db_acc += dy
+        if HAS_BIAS:
+            db_acc += dy
     tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0, keep_dims=True), mask=col_ok)
-    tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0, keep_dims=True), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0, keep_dims=True), mask=col_ok)
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
                    config=None, validate=True):
-    """Launch the forward. x, residual [..., N] contiguous; weight, bias [N]; seed int64 [>= 1] (the
+    """Launch the forward. x, residual [..., N] contiguous; weight [N], bias [N] or None (a
+    bias-free LayerNorm, y = w * xhat); seed int64 [>= 1] (the
     seed at element 0) when dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x
     (+ residual), s the pre-norm sum [..., N] (shape [0] when neither residual nor dropout), mean and
     rstd fp32 [...].
@@ -290,20 +302,22 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
         return y, s, mean, rstd
     block_m, block_n, warps = config or ln_settings(n, x.device)
     _ln_fwd_kernel[(cdiv(m, block_m),)](
-        x, x if residual is None else residual, weight, bias, y, s if store_sum else y, mean, rstd,
-        seed if has_dropout else mean, m, n, float(eps), float(dropout_p),
+        x, x if residual is None else residual, weight, weight if bias is None else bias, y,
+        s if store_sum else y, mean, rstd, seed if has_dropout else mean, m, n, float(eps), float(dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-        HAS_DROPOUT=has_dropout, STORE_SUM=store_sum, UNBIASED=bool(unbiased), num_warps=warps,
+        HAS_DROPOUT=has_dropout, STORE_SUM=store_sum, UNBIASED=bool(unbiased), HAS_BIAS=bias is not None,
+        num_warps=warps,
     )
     return y, s, mean, rstd
 
 
 def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_p=0.0, seed=None,
-                   config=None, programs=None, bias_dtype=None):
+                   config=None, programs=None, bias_dtype=None, has_bias=True):
     """Launch the backward. dy [..., N]; dsum_out [..., N] or None (gradient of the sum output);
     s [..., N] the saved pre-norm sum (dropout(x) + residual); weight [N]; mean, rstd fp32 [...].
     Returns (dsum, dx, dweight, dbias): dsum [..., N] in s's dtype, dx [..., N] (shape [0] unless
-    dropout_p > 0), dweight [N] in weight's dtype and dbias [N] in bias_dtype (default: weight's).
+    dropout_p > 0), dweight [N] in weight's dtype and dbias [N] in bias_dtype (default: weight's), or
+    None when has_bias is False (the forward ran without a bias: no dB is accumulated).
     config and programs (the number G of backward programs) override the defaults (tests, tuning).
     """
     bias_dtype = bias_dtype or weight.dtype
@@ -322,23 +336,28 @@ def layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased=False, dropout_
         dx = _alloc(s.shape if has_dropout else (0,), s.dtype, s.device)
     if m == 0:
         return (dsum, dx, torch.zeros(n, dtype=weight.dtype, device=weight.device),
-                torch.zeros(n, dtype=bias_dtype, device=weight.device))
+                torch.zeros(n, dtype=bias_dtype, device=weight.device) if has_bias else None)
     block_m, block_n, warps = config or ln_settings(n, s.device)
     g = programs or bwd_programs(cdiv(m, block_m), s.device, warps)
     rows_per_program = cdiv(cdiv(m, g), block_m) * block_m
     g = cdiv(m, rows_per_program)
-    part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
-    dw_part, db_part = part.unbind(0)
+    if has_bias:
+        part = _alloc((2, g, n), torch.float32, s.device)  # dW, dB partial sums
+        dw_part, db_part = part.unbind(0)
+    else:
+        part = dw_part = db_part = _alloc((g, n), torch.float32, s.device)  # dW partial sums only
     _ln_bwd_kernel[(g,)](
         dy, dy if dsum_out is None else dsum_out, s, weight, mean, rstd, dsum,
         dx if has_dropout else dsum, dw_part, db_part, seed if has_dropout else mean,
         m, n, rows_per_program, float(dropout_p),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=dsum_out is not None,
-        HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), num_warps=warps,
+        HAS_DROPOUT=has_dropout, UNBIASED=bool(unbiased), HAS_BIAS=bool(has_bias), num_warps=warps,
     )
     # second, deterministic reduction over the G partial rows, cast to the parameters' dtypes
     like_w = weight.is_contiguous()
     dw = _alloc.like(weight) if like_w else _alloc((n,), weight.dtype, s.device)
+    if not has_bias:
+        return dsum, dx, column_sums(part, dw), None
     db = _alloc.like(weight) if like_w and bias_dtype == weight.dtype else _alloc((n,), bias_dtype, s.device)
     dw, db = column_sums(part, dw, db)
     return dsum, dx, dw, db

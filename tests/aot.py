@@ -119,8 +119,9 @@ GELU_BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PA
 
 def _layer_norm():
     """Each (BLOCK_M, BLOCK_N, warps) of ln_configs() with every feature on (the most registers), N
-    divisible by 16 or not (spills tolerated above hidden 4096 only); every flag off at the
-    BERT-base config (the flags only remove code; the interpreter tests run every combination)."""
+    divisible by 16 or not (spills tolerated above hidden 4096 only), and bias-free (HAS_BIAS off);
+    every flag off at the BERT-base config, with and without the bias (the flags only remove code;
+    the interpreter tests run every combination)."""
     from fastbert.kernels import layer_norm as K
 
     out = []
@@ -129,17 +130,32 @@ def _layer_norm():
             tag = f"{block_m}x{block_n} w{warps} {'N%16=0' if div else 'N odd'}"
             out.append(Variant(f"ln_fwd {tag} all flags", K._ln_fwd_kernel, LN_FWD_SIG,
                                dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_DROPOUT=True,
-                                    STORE_SUM=True, UNBIASED=True), warps, 1, div, block_n > 4096))
+                                    STORE_SUM=True, UNBIASED=True, HAS_BIAS=True), warps, 1, div,
+                               block_n > 4096))
             out.append(Variant(f"ln_bwd {tag} all flags", K._ln_bwd_kernel, LN_BWD_SIG,
                                dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=True, HAS_DROPOUT=True,
-                                    UNBIASED=True), warps, 1, div, block_n > 4096))
+                                    UNBIASED=True, HAS_BIAS=True), warps, 1, div, block_n > 4096))
+        # bias-free (ModernBERT), every other flag on, N % 16 = 0
+        tag = f"{block_m}x{block_n} w{warps} N%16=0"
+        out.append(Variant(f"ln_fwd {tag} all flags, no bias", K._ln_fwd_kernel, LN_FWD_SIG,
+                           dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_DROPOUT=True,
+                                STORE_SUM=True, UNBIASED=True, HAS_BIAS=False), warps, 1, ("N",),
+                           block_n > 4096))
+        # sm_90 ptxas fits the 8 x 256 tile without the dB accumulator into 64 registers with a 4-byte
+        # spill (the bias tile had kept it at 80 with none): tolerated there, hidden <= 256 only
+        out.append(Variant(f"ln_bwd {tag} all flags, no bias", K._ln_bwd_kernel, LN_BWD_SIG,
+                           dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUM=True, HAS_DROPOUT=True,
+                                UNBIASED=True, HAS_BIAS=False), warps, 1, ("N",),
+                           block_n > 4096 or block_n == 256))
     block_m, block_n, warps = K.ln_settings(768)
-    off = dict(HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_SUM=False, UNBIASED=False)
-    out.append(Variant(f"ln_fwd {block_m}x{block_n} no flags", K._ln_fwd_kernel, LN_FWD_SIG,
-                       dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
-    off = dict(HAS_DSUM=False, HAS_DROPOUT=False, UNBIASED=False)
-    out.append(Variant(f"ln_bwd {block_m}x{block_n} no flags", K._ln_bwd_kernel, LN_BWD_SIG,
-                       dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
+    for bias in (True, False):
+        name = "no flags" if bias else "no flags, no bias"
+        off = dict(HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_SUM=False, UNBIASED=False, HAS_BIAS=bias)
+        out.append(Variant(f"ln_fwd {block_m}x{block_n} {name}", K._ln_fwd_kernel, LN_FWD_SIG,
+                           dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
+        off = dict(HAS_DSUM=False, HAS_DROPOUT=False, UNBIASED=False, HAS_BIAS=bias)
+        out.append(Variant(f"ln_bwd {block_m}x{block_n} {name}", K._ln_bwd_kernel, LN_BWD_SIG,
+                           dict(BLOCK_M=block_m, BLOCK_N=block_n, **off), warps, 1, ("N",)))
     return out
 
 
@@ -173,7 +189,7 @@ def _common():
 
 
 _ATTN_CONSTS = ("H", "SEQ", "SEQ_BUCKET", "HEAD_DIM", "BLOCK_D", "MODE", "HAS_MASK", "DROPOUT", "DOT_PREC",
-                "BLOCK_M", "BLOCK_N")
+                "WINDOW", "BLOCK_M", "BLOCK_N")
 
 
 def _attention_signature(fn, dtype):
@@ -203,7 +219,9 @@ def _attention_signature(fn, dtype):
 def _attention():
     """Every config of FWD/DKDV/DQ_CONFIGS at a head dim (64, else 128) and dtype keep() keeps it for
     (bf16 varlen; the fp32-only configs in fp32 with tf32x3), plus each kernel's head-dim-128 default
-    with D 80 padded to 128, a mask and dropout; the two small kernels. Pointers and the q/k/v/o
+    with D 80 padded to 128, a mask and dropout; the sliding window (WINDOW) on each kernel's default
+    config at D 64 (bf16 varlen, and padded with a mask and dropout) and D 128; the two small kernels.
+    Pointers and the q/k/v/o
     strides are compiled as multiples of 16, as real launches specialise them; spills are reported,
     compile failures and shared memory over the limit fail."""
     from fastbert.kernels import attention as A
@@ -221,12 +239,20 @@ def _attention():
             else:
                 dims, dtype, prec = (64, 64), "fp32", "tf32x3"
             consts = dict(HEAD_DIM=dims[0], BLOCK_D=dims[1], MODE=2, HAS_MASK=False, DROPOUT=False,
-                          DOT_PREC=prec, **c.kwargs)
+                          DOT_PREC=prec, WINDOW=False, **c.kwargs)
             out.append(_attn_variant(kname, kernel, dtype, consts, c.num_warps, c.num_stages))
         c = [c for c in configs if A.keep(c, kind, 128, 512, False)][0]
         consts = dict(HEAD_DIM=80, BLOCK_D=128, MODE=1, HAS_MASK=True, DROPOUT=True, DOT_PREC="ieee",
-                      **c.kwargs)
+                      WINDOW=False, **c.kwargs)
         out.append(_attn_variant(kname, kernel, "fp16", consts, c.num_warps, c.num_stages))
+        # the sliding window: each kernel's default config at D 64 and D 128
+        for d in (64, 128):
+            c = [c for c in configs if A.keep(c, kind, d, 512, False)][0]
+            flags = [(2, False, False)] if d == 128 else [(2, False, False), (1, True, True)]
+            for mode, has_mask, drop in flags:
+                consts = dict(HEAD_DIM=d, BLOCK_D=d, MODE=mode, HAS_MASK=has_mask, DROPOUT=drop,
+                              DOT_PREC="ieee", WINDOW=True, **c.kwargs)
+                out.append(_attn_variant(kname, kernel, "bf16", consts, c.num_warps, c.num_stages))
     out.append(_attn_variant("_attn_bwd_pre", A._attn_bwd_pre, "bf16",
                              dict(HEAD_DIM=64, BLOCK_D=64, MODE=2, BLOCK_M=64), 4, 1))
     out.append(_attn_variant("_keep_mask_kernel", A._keep_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=32),

@@ -329,6 +329,187 @@ def test_ops_dispatch_and_encoder(device, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# sliding window: query i attends key j iff |i - j| <= window (flash-attn's window_size=(w, w))
+# ----------------------------------------------------------------------------------------------
+WINDOW_GRID = [
+    # (B, H, S, D, dtype, window): windows below, at and above the 64-wide interpreter tiles, 0, and
+    # window >= S - 1 (the launchers run the global kernels then)
+    (3, 2, 150, 32, torch.float32, 5), (3, 1, 150, 64, torch.float16, 40), (2, 2, 129, 32, torch.float32, 64),
+    (3, 1, 200, 32, torch.float16, 100), (1, 2, 17, 64, torch.float32, 3), (3, 1, 70, 32, torch.float32, 0),
+    (2, 1, 33, 32, torch.float16, 32), (3, 2, 129, 80, torch.float16, 7),
+]
+CUDA_WINDOW_GRID = [
+    (4, 12, 512, 64, torch.bfloat16, 64), (2, 4, 2048, 64, torch.bfloat16, 128),
+    (3, 4, 300, 128, torch.float16, 17), (3, 2, 1030, 32, torch.float32, 200),
+]
+
+
+def _fuzz_window_cases(n, seed=1234):
+    """n fuzzed (B, H, S, D, dtype, window): shapes and windows drawn at random (small: interpreter)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = int(torch.randint(1, 200, (1,), generator=g))
+        out.append((int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g)),
+                    seq, (16, 32, 64)[int(torch.randint(0, 3, (1,), generator=g))],
+                    (torch.float32, torch.float16)[int(torch.randint(0, 2, (1,), generator=g))],
+                    int(torch.randint(0, seq + 8, (1,), generator=g))))
+    return out
+
+
+def _window_grid(device):
+    return WINDOW_GRID + _fuzz_window_cases(4) if device == "cpu" else WINDOW_GRID[:2] + CUDA_WINDOW_GRID
+
+
+WINDOW_CASES = [pytest.param(d, *c, id=f"{d}-B{c[0]}-H{c[1]}-S{c[2]}-D{c[3]}-{str(c[4])[6:]}-w{c[5]}")
+                for d in DEVICES for c in _window_grid(d)]
+
+
+@pytest.mark.parametrize("device,batch,heads,seq,dim,dtype,window", WINDOW_CASES)
+def test_window_padded_and_varlen(device, batch, heads, seq, dim, dtype, window):
+    """Output and dQ/dK/dV with a sliding window against the fp64 reference (the window as a mask),
+    padded (random right padding, a zero-length sequence) and varlen; fresh inputs per case."""
+    gen = torch.Generator().manual_seed(hash((batch, heads, seq, dim, str(dtype), window)) % 2**31)
+    q, k, v = _inputs(batch, seq, heads, dim, dtype, device, gen)
+    lengths = _lengths(batch, seq, gen)
+    mask = _pad_mask(lengths, seq, device)
+    dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
+    kw = dict(key_padding_mask=mask, window=window)
+    got = _kernel_run(q, k, v, dout, **kw)
+    want = _ref_run(q, k, v, dout, torch.float64, **kw)
+    lowp = _ref_run(q, k, v, dout, dtype, **kw)
+    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got, want, lowp):
+        _record(dtype, "window", name, _check(f"window padded {name}", g, w, lp, dtype))
+
+    qp, kp, vp, dp = (_pack(t, lengths) for t in (q, k, v, dout))
+    cu = _cu(lengths, device)
+    got_v = _kernel_run(qp, kp, vp, dp, cu_seqlens=cu, max_seqlen=max(lengths), window=window)
+    want_v = _ref_run(qp, kp, vp, dp, torch.float64, cu_seqlens=cu, window=window)
+    lowp_v = _ref_run(qp, kp, vp, dp, dtype, cu_seqlens=cu, window=window)
+    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
+        _record(dtype, "win-vl", name, _check(f"window varlen {name}", g, w, lp, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_skips_blocks_outside_the_band(device):
+    """Blocks outside the band are never loaded: NaN in the keys/values (queries/dO) of the last key
+    (query) block leaves the outputs (gradients) of the first two blocks finite, which masking them
+    (0 * NaN = NaN in P V) would not. The interpreter's tiles are 64 x 64; window 3."""
+    gen = torch.Generator().manual_seed(21)
+    seq, w = 256, 3
+    q, k, v = _inputs(1, seq, 1, 32, torch.float32, device, gen, strided=False)
+    dout = torch.randn(q.shape, generator=gen).to(device)
+    kn, vn = k.clone(), v.clone()
+    kn[:, 192:] = float("nan")
+    vn[:, 192:] = float("nan")
+    o = fused_attention(q, kn, vn, window=w)
+    assert torch.isfinite(o[:, :128]).all() and torch.isnan(o[:, 192:]).all()
+    torch.testing.assert_close(o[:, :128], ref.attention(q, k, v, window=w)[:, :128], rtol=0, atol=3e-5)
+    # backward: NaN queries/dO rows 192.. leave dK, dV of keys < 128 finite; NaN keys leave dQ finite
+    qn, dn = q.clone(), dout.clone()
+    qn[:, 192:] = float("nan")
+    dn[:, 192:] = float("nan")
+    _, dk, dv = _kernel_run(qn, k, v, dn, window=w)[1:]
+    assert torch.isfinite(dk[:, :128]).all() and torch.isfinite(dv[:, :128]).all()
+    dq = _kernel_run(q, kn, vn, dout, window=w)[1]
+    assert torch.isfinite(dq[:, :128]).all()
+    # the global kernel, on the same input, reads every block (the test above is not vacuous)
+    assert torch.isnan(fused_attention(q, kn, vn)[:, :128]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_dropout_matches_reference_with_same_mask(device):
+    """Window + dropout, padded and varlen: the kernels' keep bits (dropout_keep_mask) on the reference."""
+    gen = torch.Generator().manual_seed(6)
+    batch, seq, heads, dim, p, w = 3, 140, 2, 32, 0.2, 9
+    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen)
+    lengths = [140, 0, 77]
+    mask = _pad_mask(lengths, seq, device)
+    dout = torch.randn(q.shape, generator=gen).to(device)
+    rng = dropout_seed(device, torch.Generator(device).manual_seed(10))
+    keep = A.dropout_keep_mask(rng, p, batch, heads, seq)
+    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng, window=w)
+    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep,
+                    window=w)
+    for name, g, wt in zip(("o", "dq", "dk", "dv"), got, want):
+        _record(torch.float32, "win-drop", name, _check(f"window dropout {name}", g, wt, wt, torch.float32))
+    cu = _cu(lengths, device)
+    got_v = _kernel_run(*(_pack(t, lengths) for t in (q, k, v)), _pack(dout, lengths), cu_seqlens=cu,
+                        dropout_p=p, rng=rng, window=w)
+    for g_v, g_p in zip(got_v[:2], got[:2]):  # output and dQ of the valid rows
+        torch.testing.assert_close(g_v, _pack(g_p, lengths), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_against_sdpa_dense_band_mask(device):
+    """The kernel against SDPA with a dense boolean band mask [S, S] (no padding: no empty rows), and
+    window >= S - 1 exactly the global kernel."""
+    gen = torch.Generator().manual_seed(8)
+    batch, seq, heads, dim, w = 2, 100, 2, 32, 12
+    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen, strided=False)
+    pos = torch.arange(seq, device=device)
+    band = (pos[:, None] - pos[None, :]).abs() <= w  # True = attend
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v)),
+                                          attn_mask=band).transpose(1, 2)
+    got = fused_attention(q, k, v, window=w)
+    torch.testing.assert_close(got.double(), sdpa, rtol=0, atol=3e-5)
+    for big in (seq - 1, seq, 10**9):
+        assert torch.equal(fused_attention(q, k, v, window=big), fused_attention(q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_opcheck(device):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _inputs(2, 40, 1, 32, torch.float32, device, gen, strided=False)
+    mask = _pad_mask([40, 9], 40, device)
+    rng = torch.tensor([1234, 5], dtype=torch.int64, device=device)
+    args = (q, k, v, None, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 40, 6)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+
+
+def test_window_native_and_reference_paths(monkeypatch):
+    """The CPU paths (no kernel): SDPA with a boolean band mask (auto) and the reference agree with the
+    fp64 reference, padded (padding queries whose window holds no valid key get zeros and finite
+    gradients) and varlen."""
+    from fastbert import ops
+
+    gen = torch.Generator().manual_seed(5)
+    batch, seq, heads, dim, w = 3, 60, 2, 16, 4
+    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, "cpu", gen)
+    lengths = [60, 20, 0]
+    mask = _pad_mask(lengths, seq, "cpu")
+    dout = torch.randn(q.shape, generator=gen)
+    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, window=w)
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("FASTBERT_BACKEND", backend)
+        # batch 2 has no valid key at all: SDPA is off then (the reference runs); check with and without
+        for m, sl in ((mask[:2], slice(0, 2)), (mask, slice(0, 3))):
+            qs = tuple(t.detach()[sl].clone().requires_grad_() for t in (q, k, v))
+            o = ops.attention(*qs, key_padding_mask=m, window=w)
+            grads = torch.autograd.grad(o, qs, dout[sl])
+            for name, g, wt in zip(("o", "dq", "dk", "dv"), (o.detach(), *grads), want):
+                assert torch.isfinite(g).all(), (backend, name)
+                torch.testing.assert_close(g.double(), wt[sl], rtol=0, atol=2e-5)
+        assert (o[1, 25:] == 0).all()  # padding queries past length + window: no key in the window
+        cu = _cu(lengths, "cpu")
+        packed = tuple(_pack(t, lengths) for t in (q, k, v))
+        got_v = ops.attention(*packed, cu_seqlens=cu, window=w)
+        want_v = ref.attention(*(t.double() for t in packed), cu_seqlens=cu, window=w)
+        torch.testing.assert_close(got_v.double(), want_v, rtol=0, atol=2e-5)
+
+
+def test_window_bad_values():
+    q = torch.randn(2, 8, 2, 32)
+    _bad("window -1 < 0", q, q, q, window=-1)
+    with pytest.raises(TypeError, match="window must be an int"):
+        fused_attention(q, q, q, window=2.5)
+    with pytest.raises(TypeError, match="window must be an int"):
+        fused_attention(q, q, q, window=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA-only: bf16 and long sequences are in CUDA_GRID above; this one just says so without a GPU
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bf16 and S = 512, 2048 run in CUDA_GRID there)")

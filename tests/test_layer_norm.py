@@ -56,7 +56,7 @@ def _forward_backward(fn, x, r, w, b, dy, ds, dtype):
     loss.backward()
     xs, rs, ws, bs = leaves
     return {"y": y, "s": s, "dx": xs.grad, "dres": None if rs is None else rs.grad, "dw": ws.grad,
-            "db": bs.grad}
+            "db": None if bs is None else bs.grad}
 
 
 def _torch_ln(variant, eps):
@@ -255,6 +255,128 @@ if DEVICES:
             ops.layer_norm(big, torch.ones(8200, device=device), torch.zeros(8200, device=device), 1e-5)
         with pytest.raises(ValueError, match="weight has shape"):
             ops.layer_norm(x, w[:32], b, 1e-5)
+
+
+if DEVICES:
+    # ---- bias-free LayerNorm (weight only: ModernBERT's norms) ------------------------------------
+
+    def check_bias_free(device, rows, hidden, dtype, variant, residual, eps=1e-5):
+        """bias=None against F.layer_norm(s, (N,), w, None) (standard) or the reference (bert_pytorch)
+        in fp64: y, s, dx, d residual, dW; no dB exists."""
+        x, r, w, _, dy, ds = _inputs(rows, hidden, dtype, device, residual)
+        truth = _forward_backward(_torch_ln(variant, eps), x, r, w, None, dy, ds, torch.float64)
+        got = _forward_backward(_fast_ln(variant, eps), x, r, w, None, dy, ds, dtype)
+        assert got["db"] is None and truth["db"] is None
+        for k, v in got.items():
+            if truth[k] is not None:
+                assert v is not None and v.dtype == dtype and v.shape == truth[k].shape, k
+                assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
+        torch_lp = None
+        if dtype != torch.float32:
+            torch_lp = _forward_backward(_torch_ln(variant, eps), x, r, w, None, dy, ds, dtype)
+        return assert_within_tolerance(got, truth, torch_lp, dtype)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("residual", (False, True), ids=("plain", "residual"))
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1023), (1, 64), (33, 768)])
+    def test_bias_free(device, rows, hidden, dtype, variant, residual):
+        err = check_bias_free(device, rows, hidden, dtype, variant, residual)
+        print(f"ln bias-free {device} {rows}x{hidden} {dtype} {variant} residual={residual}: "
+              + " ".join(f"{k} {v:.2e}" for k, v in err.items()))
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_bias_free_fuzzed(device):
+        """Fuzzed shapes (rows, hidden) with fresh inputs, residual or not, both variants, fp32."""
+        g = torch.Generator().manual_seed(77)
+        for _ in range(6):
+            rows = int(torch.randint(1, 70, (1,), generator=g))
+            hidden = int(torch.randint(2, 1500, (1,), generator=g))
+            variant = VARIANTS[int(torch.randint(0, 2, (1,), generator=g))]
+            residual = bool(torch.randint(0, 2, (1,), generator=g))
+            check_bias_free(device, rows, hidden, torch.float32, variant, residual)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1000), (3, 4097)])
+    def test_bias_free_cuda_tile_configs(device, rows, hidden):
+        """The launchers with bias=None at the CUDA configs: db is None, the rest as with a bias."""
+        cfg = K.ln_settings(hidden)
+        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
+        for unbiased in (False, True):
+            y, s, mean, rstd = K.layer_norm_fwd(x, w, None, 1e-5, r, unbiased, config=cfg)
+            dsum, _, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, config=cfg, has_bias=False)
+            assert db is None
+            yb, *_ = K.layer_norm_fwd(x, w, torch.zeros_like(b), 1e-5, r, unbiased, config=cfg)
+            torch.testing.assert_close(y, yb, rtol=1e-6, atol=1e-6)
+            variant = "bert_pytorch" if unbiased else "standard"
+            truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, None, dy, ds, torch.float64)
+            got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": None}
+            for k, e in max_errors(got, truth).items():
+                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("residual", (False, True), ids=("plain", "residual"))
+    def test_bias_free_dropout(device, residual):
+        """Dropout before the (optional) residual add without a bias: the documented hash's mask."""
+        rows, hidden, p, seed = 37, 96, 0.3, int(torch.randint(0, 2**31 - 1, ()).item())
+        x, r, w, _, dy, ds = _inputs(rows, hidden, torch.float32, device, residual)
+        keep = torch.from_numpy(_keep_reference(seed, np.arange(rows * hidden).reshape(rows, hidden), p))
+        keep = keep.to(device)
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+        y, s, mean, rstd = K.layer_norm_fwd(x, w, None, 1e-5, r, False, p, seed_t)
+        dsum, dx, dw, db = K.layer_norm_bwd(dy, ds if residual else None, s, w, mean, rstd, False, p, seed_t,
+                                            has_bias=False)
+        assert db is None
+        torch.testing.assert_close(dx, torch.where(keep, dsum / (1 - p), 0.0), rtol=1e-6, atol=1e-6)
+
+        def masked(xx, rr, ww, bb):
+            return ref.layer_norm(xx * keep / (1 - p), ww, None, 1e-5, residual=rr)
+
+        truth = _forward_backward(masked, x, r, w, None, dy, ds, torch.float64)
+        if not residual:  # y only; s is the kernel's dropout(x), not an output of the op
+            truth["s"] = None
+        got = {"y": y, "s": s, "dx": dx, "dres": dsum if residual else None, "dw": dw, "db": None}
+        for k, e in max_errors(got, truth).items():
+            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
+        # the public op draws a mask; gradients consistent with it
+        got = _forward_backward(_fast_ln("standard", 1e-5, dropout_p=p), x, r, w, None, dy, ds, torch.float32)
+        assert got["db"] is None and torch.isfinite(got["dx"]).all() and torch.isfinite(got["dw"]).all()
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_bias_free_opcheck_and_compile(device):
+        x, r, w, _, dy, ds = _inputs(3, 64, torch.float32, device)
+        seed = torch.tensor([7], dtype=torch.int64, device=device)
+        op = torch.ops.fastbert.layer_norm_fwd.default
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        for args in [(xs, ws, None, r, None, 1e-5, False, 0.0), (xs, ws, None, None, None, 1e-6, True, 0.0),
+                     (xs, ws, None, r, seed, 1e-5, True, 0.2)]:
+            torch.library.opcheck(op, args)
+
+        def block(xx, rr, ww, bb):
+            y, s = ops.layer_norm(xx, ww, None, 1e-5, residual=rr)
+            return ops.layer_norm(y, ww, None, 1e-5, variant="bert_pytorch"), s
+
+        backend = "inductor" if device == "cuda" else "aot_eager"
+        compiled = torch.compile(block, fullgraph=True, backend=backend)
+        eager = _forward_backward(block, x, r, w, None, dy, ds, torch.float32)
+        got = _forward_backward(compiled, x, r, w, None, dy, ds, torch.float32)
+        for k in eager:
+            if eager[k] is not None:
+                torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+
+
+def test_bias_free_native_and_reference(monkeypatch):
+    """The CPU paths (no kernel): F.layer_norm(s, (N,), w, None) and the reference, both variants."""
+    x, r, w, _, dy, ds = _inputs(9, 50, torch.float32, "cpu")
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("FASTBERT_BACKEND", backend)
+        for variant in VARIANTS:
+            truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, None, dy, ds, torch.float64)
+            got = _forward_backward(_fast_ln(variant, 1e-5), x, r, w, None, dy, ds, torch.float32)
+            assert got["db"] is None
+            for k, e in max_errors(got, truth).items():
+                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (backend, variant, k, e)
 
 
 if DEVICES == ["cuda"]:

@@ -1,7 +1,8 @@
 """layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropout_p=0.0).
 
     x         [..., N] fp32/fp16/bf16, contiguous on the Triton path, N <= 8192
-    weight    [N] scale, bias [N] shift (any float dtype: fp32 master weights under autocast work)
+    weight    [N] scale, bias [N] shift or None (a bias-free LayerNorm, as ModernBERT's; any float
+              dtype: fp32 master weights under autocast work)
     residual  [..., N] or None
     variant   "standard": torch.nn.LayerNorm's math (eps inside the sqrt, biased variance);
               "bert_pytorch": (s - mean) / (std_unbiased + eps)
@@ -49,15 +50,19 @@ def _fwd_fake(x, weight, bias, residual, seed, eps, unbiased, dropout_p):
     return y, s, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 
 
-def _bwd(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p):
-    """(dsum, dx, dweight, dbias); dx has shape [0] unless dropout."""
-    return _k.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased, dropout_p, seed)
+def _bwd(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p, has_bias=True):
+    """(dsum, dx, dweight, dbias); dx has shape [0] unless dropout, dbias shape [0] without a bias."""
+    if has_bias:
+        return _k.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased, dropout_p, seed)
+    dsum, dx, dw, _ = _k.layer_norm_bwd(dy, dsum_out, s, weight, mean, rstd, unbiased, dropout_p, seed,
+                                        has_bias=False)
+    return dsum, dx, dw, weight.new_empty((0,))
 
 
-def _bwd_fake(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p):
+def _bwd_fake(dy, dsum_out, s, weight, mean, rstd, seed, unbiased, dropout_p, has_bias=True):
     n = s.shape[-1]
     dx = s.new_empty(s.shape if dropout_p > 0.0 else (0,))
-    return (s.new_empty(s.shape), dx, weight.new_empty((n,)), weight.new_empty((n,)))
+    return (s.new_empty(s.shape), dx, weight.new_empty((n,)), weight.new_empty((n,) if has_bias else (0,)))
 
 
 def _save(ctx, inputs, output):
@@ -68,7 +73,7 @@ def _save(ctx, inputs, output):
     ctx.save_for_backward(s if stored else x, weight, mean, rstd, seed)
     ctx.unbiased, ctx.dropout_p = unbiased, dropout_p
     ctx.has_residual = residual is not None
-    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, bias.dtype)
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, grads, bwd):
@@ -77,24 +82,34 @@ def _backward(ctx, grads, bwd):
     if dy is None:
         dy = torch.zeros_like(s)
     dsum_out = ds if ctx.has_residual and ds is not None else None
-    dsum, dx, dw, db = bwd(dy, dsum_out, s, weight, mean, rstd, seed, ctx.unbiased, ctx.dropout_p)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
+    if b_dtype is None:  # bias-free: no dB
+        dsum, dx, dw, _ = bwd(dy, dsum_out, s, weight, mean, rstd, seed, ctx.unbiased, ctx.dropout_p, False)
+        db = None
+    else:
+        dsum, dx, dw, db = bwd(dy, dsum_out, s, weight, mean, rstd, seed, ctx.unbiased, ctx.dropout_p)
+        db = db.to(b_dtype)
     dres = dsum.to(r_dtype) if ctx.has_residual else None
     dx = (dx if ctx.dropout_p > 0.0 else dsum).to(x_dtype)
-    return dx, dw, db.to(b_dtype), dres, None, None, None, None
+    return dx, dw, db, dres, None, None, None, None
 
 
 _OP = FusedOp(
     "layer_norm", fwd=_fwd, fwd_fake=_fwd_fake, bwd=_bwd, bwd_fake=_bwd_fake, save=_save,
     backward=_backward, grad_args=(0, 1, 2, 3), non_differentiable=(2, 3),
-    fwd_schema="(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor? seed, float eps, "
+    fwd_schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? seed, float eps, "
                "bool unbiased, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)",
     bwd_schema="(Tensor dy, Tensor? dsum_out, Tensor s, Tensor weight, Tensor mean, Tensor rstd, "
-               "Tensor? seed, bool unbiased, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)",
+               "Tensor? seed, bool unbiased, float dropout_p, bool has_bias=True) "
+               "-> (Tensor, Tensor, Tensor, Tensor)",
 ) if _k is not None else None
 
 
 def _native_supports(x, weight, bias, residual):
+    if bias is None:  # bias-free
+        return (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dtype == weight.dtype
+                and x.dtype.is_floating_point
+                and (residual is None or (isinstance(residual, Tensor) and residual.dtype == x.dtype)))
     return (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(bias, Tensor)
             and x.dtype == weight.dtype == bias.dtype and x.dtype.is_floating_point
             and (residual is None or (isinstance(residual, Tensor) and residual.dtype == x.dtype)))
@@ -109,7 +124,9 @@ def _native(x, weight, bias, eps, residual, variant, dropout_p):
         y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
     else:
         std, mean = torch.std_mean(s, dim=-1, keepdim=True)  # unbiased std, as bert_pytorch
-        y = weight * (s - mean) / (std + eps) + bias
+        y = weight * (s - mean) / (std + eps)
+        if bias is not None:
+            y = y + bias
     return y if residual is None else (y, s)
 
 

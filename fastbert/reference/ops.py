@@ -20,6 +20,7 @@ def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropo
     variant "standard": w * (s - mean) / sqrt(var_biased + eps) + b   (torch.nn.LayerNorm, HF BERT)
     variant "bert_pytorch": w * (s - mean) / (std_unbiased + eps) + b (bert_pytorch's LayerNorm)
     dropout_p > 0 applies F.dropout to x first (training; pass 0.0 in eval).
+    bias None: no shift (a bias-free LayerNorm, weight only).
     Returns y, or (y, s) with s = dropout(x) + residual when residual is given (the residual stream).
     """
     if variant not in LN_VARIANTS:
@@ -30,10 +31,12 @@ def layer_norm(x, weight, bias, eps, residual=None, variant="standard", *, dropo
     mean = s.mean(-1, keepdim=True)
     if variant == "standard":
         var = (s - mean).pow(2).mean(-1, keepdim=True)
-        y = (s - mean) / torch.sqrt(var + eps) * weight + bias
+        y = (s - mean) / torch.sqrt(var + eps) * weight
     else:
         std = s.std(-1, keepdim=True)  # unbiased, as bert_pytorch's LayerNorm
-        y = weight * (s - mean) / (std + eps) + bias
+        y = weight * (s - mean) / (std + eps)
+    if bias is not None:
+        y = y + bias
     return y if residual is None else (y, s)
 
 
@@ -54,7 +57,7 @@ def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
-              max_seqlen=None, dropout_mask=None):
+              max_seqlen=None, dropout_mask=None, *, window=None):
     """Bidirectional scaled dot-product attention.
 
     Padded mode: q, k, v [B, S, H, D]; key_padding_mask [B, S] bool, True marks a padding key
@@ -63,6 +66,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
     each sequence attends only within itself. Returns [T, H, D].
     A query whose keys are all masked gets zeros. dropout_mask [B, H, S, S] (padded mode) gives
     an explicit keep-mask (scaled by 1/(1-p)) instead of drawing one.
+    window: None, or an int w >= 0: query i sees key j only when |i - j| <= w (a symmetric sliding
+    window, inclusive, positions inside each sequence), as a mask on top of key_padding_mask.
     """
     if cu_seqlens is not None:
         out = torch.empty_like(q)
@@ -71,12 +76,17 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seql
             lo, hi = bounds[b], bounds[b + 1]
             if hi > lo:
                 out[lo:hi] = attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi],
-                                       dropout_p=dropout_p, scale=scale)[0]
+                                       dropout_p=dropout_p, scale=scale, window=window)[0]
         return out
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, S, S]
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    masked = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # [B, 1, 1, S]
+    if window is not None:
+        pos = torch.arange(q.shape[1], device=q.device)
+        outside = (pos[:, None] - pos[None, :]).abs() > window  # [S, S]
+        masked = outside if masked is None else masked | outside
+    if masked is not None:
+        scores = scores.masked_fill(masked, float("-inf"))
     p = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     p = torch.nan_to_num(p, nan=0.0).to(q.dtype)  # all-masked rows -> zeros
     if dropout_mask is not None:
