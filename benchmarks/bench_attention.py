@@ -17,6 +17,17 @@ FLOPs count only useful (non-padding) work for every provider: forward 4 * H * D
 (QK^T and PV), forward+backward 3.5x that (the backward's five matmuls count 2.5x the forward), so
 TFLOP/s compare providers on the same work and roofline_frac is the fraction of the measured bf16
 matmul peak.
+
+Sliding window (test_attention_window): window 128 (|i - j| <= 128) against global attention at
+S = 512, 2048, 8192 (full sequences, B * S = 16384 tokens on CUDA), forward and forward+backward:
+  fastbert_window  fastbert's kernel with window=128 (key blocks outside the band skipped: the time
+                   should grow about linearly with S, as B * S * (2w + 1) pairs)
+  fastbert_global  the same kernel without a window (B * S^2 pairs)
+  sdpa_band        F.scaled_dot_product_attention with the dense boolean band mask [S, S] (the
+                   backend PyTorch picks for a mask: every pair is computed, the band only masks)
+FLOPs count the pairs inside the band for the windowed providers (4 * H * D * B * (S (2w + 1) -
+w (w + 1)) forward), all pairs for global. CPU: S = 64 and 256 with window 8, sdpa_band only (the
+fastbert rows skip: the interpreter is never timed).
 """
 
 import pytest
@@ -56,7 +67,7 @@ def _fn(provider, case, seq, backward):
     batch, lengths, qkv, pad = _setup(case, seq, backward)
     has_pad = case != "full"
     if provider.startswith("fastbert"):
-        from fastbert.kernels.attention import attention
+        from fastbert.ops.attention import fused_attention as attention
 
         if provider == "fastbert_padded":
             def forward():
@@ -117,3 +128,69 @@ def test_attention(benchmark, provider, case, seq, backward):
                                 dtype=str(DTYPE), tokens_valid=int(lengths.sum()),
                                 flops_counted="useful (non-padding) work only")
     run(benchmark, fn, DEVICE, flops=_flops(lengths, backward), tokens=int(lengths.sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# sliding window
+# ----------------------------------------------------------------------------------------------
+if CUDA:
+    WINDOW, WINDOW_SEQS = 128, (512, 2048, 8192)
+else:
+    WINDOW, WINDOW_SEQS = 8, (64, 256)
+WINDOW_PROVIDERS = ["fastbert_window", "fastbert_global", "sdpa_band"]
+
+
+def _band_pairs(seq, window):
+    """Number of (i, j) with |i - j| <= window in a sequence of seq positions."""
+    if window >= seq - 1:
+        return seq * seq
+    return seq * (2 * window + 1) - window * (window + 1)
+
+
+def _window_fn(provider, seq, backward):
+    batch = max(1, TOKENS // seq)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, seq, 3, H, D, generator=g).to(DEVICE, DTYPE).requires_grad_(backward)
+    window = None if provider == "fastbert_global" else WINDOW
+    if provider.startswith("fastbert"):
+        from fastbert.ops.attention import fused_attention
+
+        def forward():
+            q, k, v = qkv.unbind(2)  # [B, S, H, D] strided views
+            return fused_attention(q, k, v, window=window)
+    else:
+        pos = torch.arange(seq, device=DEVICE)
+        band = (pos[:, None] - pos[None, :]).abs() <= WINDOW  # [S, S] True = attend
+
+        def forward():
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, S, D] views
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(1, 2)
+    pairs = batch * (seq * seq if window is None else _band_pairs(seq, window))
+    if not backward:
+        def step():
+            with torch.no_grad():
+                return forward()
+        return step, batch, pairs
+    grad = torch.randn(qkv.shape[:2] + qkv.shape[3:], device=DEVICE, dtype=DTYPE)
+
+    def step():
+        qkv.grad = None
+        out = forward()
+        out.backward(grad)
+        return out
+    return step, batch, pairs
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("seq", WINDOW_SEQS, ids=[f"S{s}" for s in WINDOW_SEQS])
+@pytest.mark.parametrize("provider", WINDOW_PROVIDERS)
+def test_attention_window(benchmark, provider, seq, backward):
+    if provider.startswith("fastbert") and not CUDA:
+        pytest.skip("compiled Triton kernels need CUDA (the interpreter is never timed)")
+    benchmark.group = f"attention window={WINDOW} S={seq} {'fwd+bwd' if backward else 'fwd'}"
+    fn, batch, pairs = _window_fn(provider, seq, backward)
+    flops = 4.0 * H * D * pairs * (3.5 if backward else 1.0)
+    benchmark.extra_info.update(provider=provider, seq=seq, batch=batch, window=WINDOW, heads=H,
+                                head_dim=D, dtype=str(DTYPE), pairs=pairs,
+                                flops_counted="pairs inside the band (all pairs for global)")
+    run(benchmark, fn, DEVICE, flops=flops, tokens=batch * seq)
