@@ -4,6 +4,7 @@
     fastbert pretrain [options]      (no options: embedded corpus, small model; see --help)
     fastbert finetune --checkpoint CKPT [--train FILE] [--task sequence|token]
                       [--from-scratch | --compare-scratch] [--seeds S ...]
+    fastbert --version
 
 `fastbert <command> -h` lists each command's options.
 """
@@ -45,9 +46,20 @@ def _vocab(argv):
     return 0
 
 
+def _version():
+    from fastbert.train.runlog import versions
+
+    v = versions()
+    others = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "python") if k in v)
+    print(f"fastbert {v['fastbert']} ({others})")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = ("vocab", "pretrain", "finetune")
+    if argv and argv[0] in ("--version", "-V"):
+        return _version()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):

@@ -13,11 +13,19 @@ The model is the checkpoint's encoder (--checkpoint FILE, or a run directory: it
 with a dropout + linear classifier on [CLS] (sequence) or on every token (token). Without --eval a
 seeded --eval-fraction of the rows is held out (the default data has its own held-out file). After
 each epoch it prints the held-out accuracy and macro-F1 (token task: also the micro-F1 of the non-O
-tags), and saves the fine-tuned state with its label list under --out when given.
+tags).
+
+Run folder (--out; default <pretraining run>/finetune-<task>, or the next free -N): model.pt (the
+fine-tuned state with its label list; one subfolder per run when there are several), metrics.jsonl (a
+JSON line per epoch of each run, with its held-out scores), config.json (options, versions), and with
+--export-hf DIR a transformers BertForSequenceClassification / BertForTokenClassification with its
+label names. Ctrl-C (SIGINT) or SIGTERM stops after the current step, saves the model trained so far
+(model.pt) and exits with 128 + the signal's number; bad input exits with status 2 and one message.
 """
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -31,9 +39,12 @@ from torch import nn
 from fastbert.models.bert import Encoder
 from fastbert.reference.model import BertConfig
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from .data import CorpusError
+from .checkpoint import CheckpointError, export_hf_classifier, find_checkpoint, load_checkpoint, run_folder_of
+from .data import CorpusError, check_text_file
+from .interrupt import Interrupted, StopSignals
 from .optim import param_groups, warmup_linear
+from .options import cpu_threads, nonnegative_float, positive_float, positive_int, probability, resolve_device
+from .runlog import RunLog, write_config
 from .vocab import Vocab, VocabError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -51,10 +62,17 @@ class FinetuneError(ValueError):
     pass
 
 
+class Stopped(Exception):
+    """A stop signal ended fine-tuning after a step; the model trained so far is attached."""
+
+    def __init__(self, model, step):
+        super().__init__(f"stopped at step {step}")
+        self.model, self.step = model, step
+
+
 def read_sequence_file(path):
     """[(text_a, text_b or None, label)] from a CSV/TSV file."""
-    if not os.path.isfile(path):
-        raise CorpusError(f"data file {path!r} does not exist")
+    check_text_file(path, "data file")
     delim = "\t" if path.endswith((".tsv", ".tab")) else ","
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -75,8 +93,7 @@ def read_sequence_file(path):
 
 def read_token_file(path):
     """[(words, tags)] from a CoNLL-style file."""
-    if not os.path.isfile(path):
-        raise CorpusError(f"data file {path!r} does not exist")
+    check_text_file(path, "data file")
     out, words, tags = [], [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -150,11 +167,20 @@ def collate(items, device, pad_id=0):
 
 
 class Classifier(nn.Module):
+    """Encoder + dropout + linear classifier: on every token (token), or on [CLS] (sequence), through
+    BERT's pooler (dense + tanh, the pretraining's) for preset "hf", as
+    transformers' BertForSequenceClassification computes."""
+
     def __init__(self, cfg, n_labels, token=False, dropout=0.1):
         super().__init__()
         self.bert = Encoder(cfg)
         self.pad_id = cfg.pad_id
         self.token = token
+        self.pooler = None
+        if not token and cfg.preset == "hf":
+            self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+            nn.init.normal_(self.pooler.weight, std=0.02)
+            nn.init.zeros_(self.pooler.bias)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden, n_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
@@ -163,7 +189,8 @@ class Classifier(nn.Module):
     def forward(self, ids, seg):
         mask = (ids != self.pad_id).long()
         h = self.bert(ids, seg, attention_mask=mask)
-        h = h if self.token else h[:, 0]
+        if not self.token:
+            h = h[:, 0] if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))
         return self.classifier(self.dropout(h))
 
 
@@ -197,58 +224,76 @@ def _lr_arg(text):
     if text in ("auto", "search"):
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'search', got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def build_parser(p=None):
     p = p or argparse.ArgumentParser(prog="fastbert finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="pretraining checkpoint file or run directory")
+    p.add_argument("--checkpoint", help="pretraining checkpoint file or run folder")
     p.add_argument("--task", choices=["sequence", "token"], default="sequence")
-    p.add_argument("--train", help="training file (default: the embedded set of the task)")
+    p.add_argument("--train", help="training file, UTF-8 (default: the embedded set of the task)")
     p.add_argument("--eval", help="held-out file (default: --eval-fraction of --train)")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=float,
+    p.add_argument("--eval-fraction", type=positive_float, default=0.1)
+    p.add_argument("--epochs", type=positive_float,
                    help=f"passes over the training rows (default: {DEFAULT_EPOCHS:g}, or more for small "
                    f"sets so that training takes at least {MIN_STEPS} steps)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--lr", type=_lr_arg, default="auto",
                    help="learning rate; auto (default): scaled to the model's width (see default_lr: 7.3e-4 "
                    "for hidden 128, 5e-5 for 768); search: try auto x {1/3, 1, 3} on a tenth of the "
                    "training rows and train with the best")
-    p.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--warmup", type=probability, default=0.1, help="warmup as a fraction of the steps")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--dropout", type=probability, default=0.1)
     p.add_argument("--from-scratch", action="store_true",
                    help="the checkpoint's config and vocabulary with freshly initialised encoder weights "
                    "(same seed, same data order): the baseline that shows what pretraining bought")
     p.add_argument("--compare-scratch", action="store_true",
                    help="fine-tune from the checkpoint and from scratch, and print both side by side")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: 1 for a model of hidden 128 "
+                   "or less, else torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", help="run each of these seeds (overrides --seed)")
-    p.add_argument("--out", help="directory for the fine-tuned model (with several runs: one "
-                   "subdirectory per run)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", help="run folder: model.pt (with several runs: one subfolder per run), "
+                   "metrics.jsonl, config.json (default: <pretraining run>/finetune-<task>, or the next "
+                   "free -N)")
+    p.add_argument("--export-hf", help="write the fine-tuned model as a transformers "
+                   "BertForSequenceClassification / BertForTokenClassification folder with its label "
+                   "names (with several runs: one subfolder per run)")
+    p.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard "
+                   "scalars to <out>/tensorboard (needs the tensorboard package)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     return p
 
 
 def _resolve_checkpoint(path):
     if path is None:
-        raise FinetuneError("--checkpoint is required: a pretraining checkpoint file or run directory "
+        raise FinetuneError("--checkpoint is required: a pretraining checkpoint file or run folder "
                             "(for example runs/fastbert after `fastbert pretrain`)")
-    if os.path.isdir(path):
-        found = list_checkpoints(os.path.join(path, "checkpoints")) or list_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"no checkpoint in {path!r} (looked in {path}/checkpoints)")
-        return found[-1][1]
-    return path
+    return find_checkpoint(path, "--checkpoint")
+
+
+def _run_folder(args, ckpt_path):
+    """--out, or <pretraining run>/finetune-<task> (the next free -N when that holds a run)."""
+    if args.out:
+        return args.out
+    base = os.path.join(run_folder_of(ckpt_path) or os.path.dirname(os.path.abspath(ckpt_path)),
+                        f"finetune-{args.task}")
+    out, n = base, 1
+    while os.path.exists(os.path.join(out, "config.json")):
+        n += 1
+        out = f"{base}-{n}"
+    return out
 
 
 @dataclass
@@ -258,6 +303,7 @@ class Task:
     cfg: BertConfig
     vocab: Vocab
     encoder_state: dict  # the checkpoint's encoder weights (keys of fastbert.Encoder)
+    pooler_state: dict | None  # its pooler's (nn.Linear keys), preset "hf"
     ckpt_path: str
     token: bool
     names: list
@@ -279,11 +325,8 @@ class Task:
 
 def prepare(args):
     """Load the checkpoint and the data, check the options; returns a Task."""
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError("--device cuda but no CUDA device is available")
-    for name in ("batch", "epochs", "seq_len"):
+    device = resolve_device(args.device, FinetuneError)
+    for name in ("batch", "epochs", "seq_len", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise FinetuneError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if isinstance(args.lr, float) and not args.lr > 0:
@@ -295,17 +338,17 @@ def prepare(args):
     if args.compare_scratch and args.from_scratch:
         raise FinetuneError("--compare-scratch already runs --from-scratch (next to the pretrained run); "
                             "give one of them")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt_path = _resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(ckpt_path)
     cfg = BertConfig(**state["config"])
+    cpu_threads(args.threads, device, cfg.hidden)
     vocab = Vocab.from_dict(state["vocab"])
     if args.seq_len > cfg.max_position:
         raise FinetuneError(f"--seq-len {args.seq_len} is larger than the model's maximum position "
                             f"{cfg.max_position}")
     cfg = cfg.with_(dropout=args.dropout, attn_dropout=args.dropout, emb_dropout=args.dropout)
     encoder_state = {k[5:]: v for k, v in state["model"].items() if k.startswith("bert.")}
+    pooler_state = {k[7:]: v for k, v in state["model"].items() if k.startswith("pooler.")} or None
     del state
     token = args.task == "token"
     default_train, default_eval = DEFAULT_DATA[args.task]
@@ -324,7 +367,7 @@ def prepare(args):
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     amp = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype),
                enabled=dtype != "fp32")
-    return Task(cfg, vocab, encoder_state, ckpt_path, token, names,
+    return Task(cfg, vocab, encoder_state, pooler_state, ckpt_path, token, names,
                 enc(vocab, train_rows, labels, args.seq_len, segs),
                 None if eval_rows is None else enc(vocab, eval_rows, labels, args.seq_len, segs),
                 device, amp, dtype)
@@ -370,58 +413,92 @@ def build_classifier(task, seed, from_scratch, dropout=0.1):
     if not from_scratch:
         try:
             model.bert.load_state_dict(task.encoder_state, strict=True)
+            if model.pooler is not None and task.pooler_state is not None:
+                model.pooler.load_state_dict(task.pooler_state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[0]
             raise CheckpointError(f"checkpoint {task.ckpt_path} encoder does not load: {first}") from e
     return model.to(task.device)
 
 
-def train_once(task, args, train, held, rng, seed, lr, from_scratch, say=print):
-    """Fine-tune one classifier; returns (model, history of per-epoch held-out scores)."""
-    model = build_classifier(task, seed, from_scratch, args.dropout)
-    steps_per_epoch = max(1, len(train) // args.batch)
+def _steps(args, n_train):
+    """(steps per epoch, total steps) of one run."""
+    steps_per_epoch = max(1, n_train // args.batch)
     if args.epochs is not None:
         total = max(1, int(args.epochs * steps_per_epoch))
     else:
         total = max(DEFAULT_EPOCHS * steps_per_epoch, MIN_STEPS)
     if args.max_steps:
         total = min(total, args.max_steps)
+    return steps_per_epoch, total
+
+
+def train_once(task, args, train, held, rng, seed, lr, from_scratch, say=print, desc=None, signals=None,
+               record=None):
+    """Fine-tune one classifier; returns (model, history of per-epoch held-out scores).
+
+    desc: show a progress bar of that name (unless --no-progress; say() then prints through it);
+    signals: a StopSignals whose signal ends the run after the current step (raises Stopped);
+    record(scores): called with each epoch's scores."""
+    from tqdm import tqdm
+
+    model = build_classifier(task, seed, from_scratch, args.dropout)
+    steps_per_epoch, total = _steps(args, len(train))
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr,
                             fused=task.device.type == "cuda" or None)
     warm = max(1, int(args.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(warm, total))
     scaler = torch.amp.GradScaler("cuda", enabled=task.dtype == "fp16")
     n_labels = len(task.names)
+    bar = tqdm(total=total, unit="step", desc=desc, dynamic_ncols=True, leave=False,
+               disable=True if desc is None or args.no_progress else None)  # None: on a terminal only
+    if not bar.disable:
+        say = bar.write
     step, epoch, t0, history = 0, 0, time.perf_counter(), []
     model.train()
-    while step < total:
-        order = rng.permutation(len(train))
-        run_loss, n = 0.0, 0
-        for i in range(0, steps_per_epoch * args.batch, args.batch):
-            if step >= total:
-                break
-            ids, seg, y = collate([train[j] for j in order[i:i + args.batch]], task.device, task.cfg.pad_id)
-            with torch.autocast(**task.amp):
-                logits = model(ids, seg)
-            loss = F.cross_entropy(logits.float().reshape(-1, n_labels), y.reshape(-1), ignore_index=-100)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            run_loss += loss.item()
-            n += 1
-            step += 1
-        epoch += 1
-        sc = evaluate(model, task, held)
-        sc.update(epoch=epoch, step=step, train_loss=run_loss / max(1, n), seconds=time.perf_counter() - t0)
-        history.append(sc)
-        extra = f" | non-O F1 {sc['f1']:.3f}" if "f1" in sc else ""
-        say(f"epoch {epoch} step {step} | train loss {sc['train_loss']:.4f} | held-out accuracy "
-            f"{sc['accuracy']:.3f} | macro-F1 {sc['macro_f1']:.3f}{extra} | {sc['seconds']:.0f}s")
+    try:
+        while step < total:
+            order = rng.permutation(len(train))
+            run_loss, n = 0.0, 0
+            for i in range(0, steps_per_epoch * args.batch, args.batch):
+                if step >= total:
+                    break
+                batch = collate([train[j] for j in order[i:i + args.batch]], task.device, task.cfg.pad_id)
+                run_loss += _step(model, task, opt, sched, scaler, batch, n_labels)
+                n += 1
+                step += 1
+                bar.update(1)
+                if signals is not None and signals.signum:
+                    raise Stopped(model, step)
+            epoch += 1
+            sc = evaluate(model, task, held)
+            sc.update(epoch=epoch, step=step, train_loss=run_loss / max(1, n),
+                      seconds=time.perf_counter() - t0)
+            history.append(sc)
+            if record is not None:
+                record(sc)
+            extra = f" | non-O F1 {sc['f1']:.3f}" if "f1" in sc else ""
+            say(f"epoch {epoch} step {step} | train loss {sc['train_loss']:.4f} | held-out accuracy "
+                f"{sc['accuracy']:.3f} | macro-F1 {sc['macro_f1']:.3f}{extra} | {sc['seconds']:.0f}s")
+    finally:
+        bar.close()
     return model, history
+
+
+def _step(model, task, opt, sched, scaler, batch, n_labels):
+    """One optimizer step on a collated batch; returns its loss."""
+    ids, seg, y = batch
+    with torch.autocast(**task.amp):
+        logits = model(ids, seg)
+    loss = F.cross_entropy(logits.float().reshape(-1, n_labels), y.reshape(-1), ignore_index=-100)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def search_lr(task, args, train, seed, from_scratch, say=print):
@@ -445,18 +522,25 @@ def search_lr(task, args, train, seed, from_scratch, say=print):
 
 def _save(model, task, args, out):
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"model.pt.tmp{os.getpid()}")
+    path = os.path.join(out, "model.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"model": model.state_dict(), "labels": task.names, "task": args.task,
                 "config": dict(task.cfg.__dict__), "vocab": task.vocab.to_dict()}, tmp)
-    os.replace(tmp, os.path.join(out, "model.pt"))
-    print(f"saved {os.path.join(out, 'model.pt')}")
+    os.replace(tmp, path)
+    return path
 
 
-def run(args):
-    task = prepare(args)
-    seeds = args.seeds or [args.seed]
-    inits = (("pretrained", False), ("scratch", True)) if args.compare_scratch else (
-        (("scratch", True),) if args.from_scratch else (("pretrained", False),))
+def _export(model, task, args, sub):
+    if not args.export_hf:
+        return None
+    if task.cfg.preset != "hf":
+        raise FinetuneError("--export-hf needs a checkpoint of preset 'hf' (bert_pytorch's model has no "
+                            "transformers equivalent)")
+    folder = os.path.join(args.export_hf, sub) if sub else args.export_hf
+    return export_hf_classifier(model, task.vocab, task.names, folder, progress=not args.no_progress)
+
+
+def _describe(task, args):
     cfg = task.cfg
     n_train = len(task.rows) if task.eval_rows is not None else len(task.rows) - max(
         1, int(round(args.eval_fraction * len(task.rows))))
@@ -465,31 +549,85 @@ def run(args):
         lr_desc = f"{default_lr(cfg):.2e} (auto)"
     else:
         lr_desc = "searched" if args.lr == "search" else f"{args.lr:.2e}"
-    print(f"fastbert finetune: {args.task} classification, {len(task.names)} labels {task.names[:8]}"
-          f"{'...' if len(task.names) > 8 else ''}, {n_train} train / {n_held} held-out examples, "
-          f"encoder {'from ' + task.ckpt_path if not args.from_scratch else 'freshly initialised'} "
-          f"({cfg.preset}, layers {cfg.n_layers}, hidden {cfg.hidden}), lr {lr_desc}, on {task.device}",
-          flush=True)
-    results = []
-    for seed in seeds:
-        for name, scratch in inits:
-            train, held, rng = split(task, args, seed)
-            if len(seeds) > 1 or len(inits) > 1:
-                print(f"-- seed {seed}, {name}", flush=True)
-            lr = args.lr
-            if lr == "auto":
-                lr = default_lr(cfg)
-            elif lr == "search":
-                lr = search_lr(task, args, train, seed, scratch)
-            model, history = train_once(task, args, train, held, rng, seed, lr, scratch,
-                                        say=lambda m: print(m, flush=True))
-            results.append({"seed": seed, "init": name, "lr": lr, "history": history, **history[-1]})
-            if args.out:
-                single = len(seeds) == 1 and len(inits) == 1
-                _save(model, task, args, args.out if single else os.path.join(args.out, f"{name}-seed{seed}"))
+    return (f"fastbert finetune: {args.task} classification, {len(task.names)} labels {task.names[:8]}"
+            f"{'...' if len(task.names) > 8 else ''}, {n_train} train / {n_held} held-out examples, "
+            f"encoder {'from ' + task.ckpt_path if not args.from_scratch else 'freshly initialised'} "
+            f"({cfg.preset}, layers {cfg.n_layers}, hidden {cfg.hidden}), lr {lr_desc}, on {task.device}")
+
+
+def run(args):
+    """Fine-tune as `args` says; returns {"history", "labels", "model", "runs", "out", "exit_code"}
+    (exit_code 128 + a signal's number when one stopped it)."""
+    with StopSignals() as signals:
+        return _run(args, signals)
+
+
+def _run(args, signals):
+    task = prepare(args)
+    seeds = args.seeds or [args.seed]
+    inits = (("pretrained", False), ("scratch", True)) if args.compare_scratch else (
+        (("scratch", True),) if args.from_scratch else (("pretrained", False),))
+    out = _run_folder(args, task.ckpt_path)
+    write_config(out, "finetune", vars(args), model=dict(task.cfg.__dict__), device=task.device)
+    try:
+        log = RunLog(out, tensorboard=args.tensorboard)
+    except ImportError as e:
+        raise FinetuneError(str(e)) from e
+    print(_describe(task, args), flush=True)
+    print(f"run folder: {out}", flush=True)
+    results, several = [], len(seeds) > 1 or len(inits) > 1
+    signals.arm()
+    try:
+        for seed in seeds:
+            for name, scratch in inits:
+                sub = f"{name}-seed{seed}" if several else ""
+                res = _one_run(task, args, seed, name, scratch, signals, log, out, sub)
+                if isinstance(res, int):  # stopped by a signal
+                    return {"history": [], "labels": task.names, "model": None, "runs": results, "out": out,
+                            "exit_code": res}
+                model = res.pop("model")
+                results.append(res)
+    finally:
+        log.close()
     if args.compare_scratch:
         _print_comparison(results, task)
-    return {"history": results[-1]["history"], "labels": task.names, "model": model, "runs": results}
+    return {"history": results[-1]["history"], "labels": task.names, "model": model, "runs": results,
+            "out": out, "exit_code": 0}
+
+
+def _one_run(task, args, seed, name, scratch, signals, log, out, sub):
+    """One fine-tuning (seed, init): trains, saves model.pt (and the HF export); the result dict, or
+    the exit code when a signal stopped it (after saving what it had)."""
+    train, held, rng = split(task, args, seed)
+    if sub:
+        print(f"-- seed {seed}, {name}", flush=True)
+    lr = args.lr
+    if lr == "auto":
+        lr = default_lr(task.cfg)
+    elif lr == "search":
+        lr = search_lr(task, args, train, seed, scratch)
+
+    def record(sc):
+        log.write({"seed": seed, "init": name, "lr": lr, **sc})
+
+    folder = os.path.join(out, sub) if sub else out
+    try:
+        model, history = train_once(task, args, train, held, rng, seed, lr, scratch,
+                                    say=lambda m: print(m, flush=True), signals=signals, record=record,
+                                    desc=f"finetune {name} seed {seed}")
+    except Stopped as stop:
+        path = _save(stop.model, task, args, folder)
+        log.write({"event": "interrupted", "seed": seed, "init": name, "step": stop.step,
+                   "signal": signals.name, "model": path})
+        print(f"fastbert finetune: {signals.name} at step {stop.step} of seed {seed} ({name}): the model "
+              f"trained so far is in {path}", file=sys.stderr, flush=True)
+        return signals.exit_code
+    signals.armed = False  # saving: a signal now stops at once (the writes are atomic)
+    path = _save(model, task, args, folder)
+    exported = _export(model, task, args, sub)
+    signals.armed = True
+    print(f"saved {path}" + (f"; transformers export in {exported}" if exported else ""), flush=True)
+    return {"seed": seed, "init": name, "lr": lr, "history": history, "model": model, **history[-1]}
 
 
 def _print_comparison(results, task):
@@ -515,11 +653,13 @@ def _print_comparison(results, task):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)["exit_code"]
     except (CorpusError, VocabError, CheckpointError, FinetuneError) as e:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except Interrupted as e:
+        print(f"fastbert finetune: {e}: stopped", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from .heads import PretrainModel
 from .interrupt import Interrupted, StopSignals
 from .optim import param_groups, warmup_linear
 from .options import (
+    cpu_threads,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -153,7 +154,9 @@ def build_parser(p=None):
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward")
     t.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP under torchrun")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--threads", type=positive_int, help="CPU threads")
+    t.add_argument("--threads", type=positive_int, help="CPU threads (default: 1 for a model of hidden "
+                   "128 or less, which a second thread barely speeds up and a busy machine slows down "
+                   "much; else torch's default)")
     t.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps (and at "
@@ -415,8 +418,6 @@ def setup(args):
     VocabError or CheckpointError naming the problem, before anything is written to the run's
     checkpoint directory."""
     rank, world, device = _setup_distributed(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     o = _resolve_options(args, device.type == "cuda")
     if not os.path.isfile(o.corpus):
         raise CorpusError(f"corpus file {o.corpus!r} does not exist")
@@ -431,6 +432,7 @@ def setup(args):
     ckpt, ckpt_path = _find_checkpoint(o, ckpt_dir)
     vocab = _resolve_vocab(o, cache, rank, world, ckpt)
     cfg = model_config(o, len(vocab))
+    o.threads = cpu_threads(o.threads, device, cfg.hidden)
     if ckpt is not None:
         check_compatible(ckpt, asdict(cfg), vocab.fingerprint(), ckpt_path)
     if rank == 0:
@@ -742,7 +744,8 @@ def _banner(s, t):
     _log(s.rank, f"fastbert pretrain: {cfg.preset} {o.size} (layers {cfg.n_layers}, hidden {cfg.hidden}, "
                  f"heads {cfg.heads}), {t.n_params / 1e6:.1f}M parameters, vocab {len(s.vocab)}, on "
                  f"{s.device} "
-                 f"({s.dtype}{', compiled' if o.compile else ''}) x{s.world} | corpus "
+                 f"({s.dtype}{', compiled' if o.compile else ''}"
+                 f"{f', {o.threads} thread(s)' if s.device.type == 'cpu' else ''}) x{s.world} | corpus "
                  f"{s.shard.meta['n_sentences']} sentences, {s.shard.meta['n_tokens']} tokens, "
                  f"{data.n_examples} {data.pairs} pairs for training, {held}, {data.steps_per_epoch} "
                  f"steps/epoch of {data.global_batch} sequences (seq_len {o.seq_len}) | lr {o.lr:g}, mask "
