@@ -136,3 +136,57 @@ def test_default_data_is_the_demo_pair_and_small_sets_get_200_steps(checkpoint, 
     assert held is prep.eval_rows
     _, hist = finetune.train_once(prep, args, train, held, rng, 0, 1e-3, False, say=lambda m: None)
     assert hist[-1]["step"] == finetune.MIN_STEPS > 3 * (rows // 32)
+
+
+@pytest.mark.parametrize("task", ["sequence", "token"])
+def test_finetune_export_hf_loads_with_label_names(checkpoint, task, tmp_path, capfd):
+    """finetune --export-hf: transformers' BertForSequenceClassification / BertForTokenClassification
+    load it with no missing key, name the labels, and give the fine-tuned model's logits."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    args = finetune.build_parser().parse_args(["--checkpoint", checkpoint, "--task", task, "--max-steps", "3",
+                                               "--batch", "8", "--seq-len", "64", "--threads", "1",
+                                               "--out", str(tmp_path / "ft"), "--export-hf", str(out),
+                                               "--no-progress"])
+    res = finetune.run(args)
+    assert "Writing model shards" not in capfd.readouterr().err
+    cls = transformers.BertForTokenClassification if task == "token" else \
+        transformers.BertForSequenceClassification
+    hf, info = cls.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    auto = transformers.AutoModelForTokenClassification if task == "token" else \
+        transformers.AutoModelForSequenceClassification
+    assert type(auto.from_pretrained(str(out))) is cls
+    assert [hf.config.id2label[i] for i in range(len(res["labels"]))] == res["labels"]
+    model = res["model"].eval()
+    ids = torch.randint(5, 500, (2, 11))
+    ids[:, 0] = 2
+    with torch.no_grad():
+        ours = model(ids, torch.zeros_like(ids))
+        theirs = hf.eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_run_folder_records(checkpoint, tmp_path):
+    """Without --out the run folder is <pretraining run>/finetune-<task> (then -2, ...): model.pt,
+    config.json and a metrics line per epoch of each run."""
+    import json
+    import os
+    import shutil
+
+    run = str(tmp_path / "pre")  # a run folder of its own: other tests fine-tune the module's
+    shutil.copytree(os.path.join(checkpoint, "checkpoints"), os.path.join(run, "checkpoints"))
+    argv = ["--checkpoint", run, "--compare-scratch", "--max-steps", "2", "--batch", "8", "--seq-len",
+            "64", "--threads", "1", "--epochs", "2", "--no-progress"]
+    first = finetune.run(finetune.build_parser().parse_args(argv))
+    second = finetune.run(finetune.build_parser().parse_args(argv))
+    assert first["out"] == os.path.join(run, "finetune-sequence")
+    assert second["out"] == first["out"] + "-2"
+    with open(os.path.join(first["out"], "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert [(r["init"], r["epoch"]) for r in recs] == [("pretrained", 1), ("scratch", 1)]
+    assert all("accuracy" in r and r["seed"] == 0 for r in recs)
+    for init in ("pretrained", "scratch"):
+        assert os.path.isfile(os.path.join(first["out"], f"{init}-seed0", "model.pt"))
+    config = json.load(open(os.path.join(first["out"], "config.json")))
+    assert config["command"] == "finetune" and config["options"]["compare_scratch"] is True

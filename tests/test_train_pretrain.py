@@ -183,6 +183,41 @@ def test_export_hf_matches_transformers(cache, tmp_path):
     assert os.path.isfile(tmp_path / "hf" / "config.json") and os.path.isfile(tmp_path / "hf" / "vocab.txt")
 
 
+def test_export_hf_is_a_complete_bert_for_pretraining(cache, tmp_path, capfd):
+    """--export-hf: AutoModel, AutoModelForMaskedLM and BertForPreTraining load it with no missing key,
+    its MLM and NSP logits are fastbert's (NSP classes in transformers' order: 0 = B follows A), the
+    tokenizer encodes as fastbert's vocabulary does, and fill-mask runs; --no-progress silences
+    transformers' "Writing model shards" bar."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    res = _run(["--max-steps", "2", "--export-hf", str(out)], cache[0], tmp_path / "run")
+    assert "Writing model shards" not in capfd.readouterr().err
+    for cls in (transformers.AutoModel, transformers.AutoModelForMaskedLM, transformers.BertForPreTraining):
+        _, info = cls.from_pretrained(str(out), output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], (cls.__name__, info)
+    hf = transformers.BertForPreTraining.from_pretrained(str(out)).eval()
+    ours = res["model"].eval()
+    ids = torch.randint(5, 2000, (2, 13))
+    ids[:, 0] = res["vocab"].cls_id
+    seg = torch.zeros_like(ids)
+    seg[:, 7:] = 1
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, token_type_ids=seg)
+        h = ours.bert(ids, seg, attention_mask=torch.ones_like(ids))
+        mlm = ours.mask_lm.linear(ours.mlm_rows(h.reshape(-1, h.shape[-1]))).view(2, 13, -1)
+        nsp = ours.nsp_log_probs(h)
+    torch.testing.assert_close(theirs.prediction_logits, mlm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.log_softmax(theirs.seq_relationship_logits, -1), nsp[:, [1, 0]],
+                               rtol=1e-4, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "the cat sat on the mat ."
+    v = res["vocab"]
+    assert tok(text)["input_ids"] == [v.cls_id, *v.encode_batch([text])[0], v.sep_id]
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), device="cpu")
+    preds = fill("the cat sat on the [MASK] .")
+    assert len(preds) == 5 and all(isinstance(p["token_str"], str) for p in preds)
+
+
 def test_export_bert_pytorch_loads_into_bertlm(cache, tmp_path):
     bp = pytest.importorskip("bert_pytorch.model")
     path = tmp_path / "bertlm.pt"
