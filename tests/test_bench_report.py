@@ -137,15 +137,58 @@ def test_families_for_throughput_plot():
     assert sorted(s for s, _ in lines["fastbert"]) == [128, 512]
 
 
-def test_cpu_run_without_roofline(tmp_path):
+def test_cpu_run_reports_what_ran(tmp_path):
+    """A CPU run: no roofline; the note says the Triton rows need a GPU; the speedup plot (what did
+    run against its baselines) takes the roofline plot's place."""
+    data = synthetic_run(cuda=False)
+    data["not_measured"] = [{"test": "benchmarks/bench_layer_norm.py::test_fwd[triton]", "status": "skipped",
+                             "reason": "compiled Triton kernels need CUDA"}]
     path = tmp_path / "cpu.json"
-    path.write_text(json.dumps(synthetic_run(cuda=False)))
+    path.write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
     assert main(["report", str(path), "--out", str(out), "--plots", str(tmp_path / "plots")]) == 0
     text = out.read_text()
     assert "roofline: none (CPU run" in text
-    assert "](plots/roofline.png)" in text
-    assert (tmp_path / "plots" / "roofline.png").read_bytes()[:8] == PNG_MAGIC
+    assert "**CPU run.**" in text and "Triton kernels" in text and "need a GPU" in text
+    assert "the 1 benchmarks that need a GPU" in text
+    assert "](plots/speedup.png)" in text and "roofline.png" not in text
+    assert (tmp_path / "plots" / "speedup.png").read_bytes()[:8] == PNG_MAGIC
+    assert "hf-sdpa **1.50x**" in text  # the rows that ran are reported
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps(synthetic_run()))
+    assert main(["report", str(gpu), "--out", str(tmp_path / "g.md"), "--no-plots"]) == 0
+    assert "CPU run." not in (tmp_path / "g.md").read_text()
+
+
+def test_default_output_is_beside_the_input(tmp_path, monkeypatch):
+    """Without --out: RUN.md and RUN-*.png beside RUN.json, nothing in the working directory's
+    benchmarks/ (the committed RESULTS.md)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    committed = tmp_path / "benchmarks" / "RESULTS.md"
+    committed.write_text("the committed GPU record\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    path = runs / "cpu-run.json"
+    path.write_text(json.dumps(synthetic_run(cuda=False)))
+    assert main(["report", str(path)]) == 0
+    assert committed.read_text() == "the committed GPU record\n"
+    assert sorted(p.name for p in (tmp_path / "benchmarks").iterdir()) == ["RESULTS.md"]
+    assert sorted(p.name for p in runs.iterdir()) == ["cpu-run-speedup.png", "cpu-run-throughput_vs_seq.png",
+                                                      "cpu-run.json", "cpu-run.md"]
+    assert "](cpu-run-speedup.png)" in (runs / "cpu-run.md").read_text()
+
+
+def test_one_length_each_plots_the_rates(tmp_path):
+    """No benchmark at two sequence lengths: the throughput figure is a bar per result, not empty."""
+    from fastbert.bench.plots import plot_throughput, throughput_families
+
+    data = synthetic_run(cuda=False)
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["params"].get("seq") != 512]
+    rows = report.rows(data)
+    assert not throughput_families(rows)
+    png = plot_throughput(rows, str(tmp_path / "t.png"))
+    assert open(png, "rb").read()[:8] == PNG_MAGIC
 
 
 def test_empty_run_and_bad_input(tmp_path, capsys):

@@ -3,9 +3,13 @@
 throughput_vs_seq.png: one panel per benchmark family (test, group pattern and every parameter but
     the provider and the sequence length) that ran at two or more sequence lengths; one line per
     provider; y is tokens/s when the benchmark reports it, else GB/s, else TFLOP/s, else calls/s.
+    A run with no such family (one length each) gets a bar per result of its rate instead.
 roofline.png: the fraction of the roofline (extra_info["roofline_frac"]: the larger of achieved
     GB/s over the measured copy bandwidth and TFLOP/s over the measured bf16 matmul rate) per
-    benchmark, fastbert's rows highlighted. A CPU run has no roofline: the figure says so.
+    benchmark, fastbert's rows highlighted (GPU runs).
+speedup.png: on a CPU run (no roofline), instead: fastbert's speedup over each baseline per
+    comparison (what did run: the C++ extension and the eager CPU paths against torch, transformers
+    and bert_pytorch), a line at 1x.
 """
 
 import os
@@ -78,15 +82,63 @@ def throughput_families(rows):
     return out
 
 
+def _bars(plt, labels, values, colors, xlabel, title, xscale=None, line=None):
+    """A horizontal bar chart, one bar per label (the first MAX_BARS); returns the figure."""
+    labels, values, colors = labels[:MAX_BARS], values[:MAX_BARS], colors[:MAX_BARS]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color=colors)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    if xscale:
+        ax.set_xscale(xscale)
+    if line is not None:
+        ax.axvline(line, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _empty(plt, text):
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_rates(rows, path):
+    """A bar per result of its rate (tokens/s, GB/s, TFLOP/s or calls/s; one unit per figure: the
+    most common), fastbert's rows highlighted."""
+    plt = _pyplot()
+    rated = [(r, *_throughput(r)) for r in rows]
+    if not rated:
+        return _save(plt, _empty(plt, "no benchmark results in this run"), path)
+    units = [u for _, _, u in rated]
+    unit = max(set(units), key=units.count)
+    picked = [(r, v) for r, v, u in rated if u == unit]
+    labels = [f"{r.group} [{r.params_text}] {r.provider or ''}" for r, _ in picked]
+    colors = [OURS_COLOR if r.ours else BASE_COLOR for r, _ in picked]
+    fig = _bars(plt, labels, [v for _, v in picked], colors, unit, f"{unit} per result (red: fastbert)",
+                xscale="log")
+    return _save(plt, fig, path)
+
+
 def plot_throughput(rows, path):
     plt = _pyplot()
     fams = throughput_families(rows)
     labels = list(fams)[:MAX_PANELS]
     ours = {r.provider for r in rows if r.ours}
     if not labels:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no benchmark ran at two or more sequence lengths", ha="center", va="center")
+        plt.close("all")
+        return plot_rates(rows, path)
     else:
         cols = 2 if len(labels) > 1 else 1
         nrows = (len(labels) + cols - 1) // cols
@@ -113,10 +165,26 @@ def plot_throughput(rows, path):
             ax.legend(fontsize=7)
         if len(fams) > MAX_PANELS:
             fig.suptitle(f"first {MAX_PANELS} of {len(fams)} families", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
+
+
+def plot_speedups(rows, path):
+    """fastbert's speedup over each baseline, one bar per (comparison, baseline)."""
+    from .report import comparisons, speedups
+
+    plt = _pyplot()
+    labels, values = [], []
+    for (group, _name, _shape), cmp_rows in comparisons(rows).items():
+        for ours, pairs in speedups(cmp_rows):
+            for base, speedup in pairs:
+                labels.append(f"{group} [{ours.params_text}] {ours.provider} vs {base.provider}")
+                values.append(speedup)
+    if not labels:
+        return _save(plt, _empty(plt, "no fastbert result with a baseline in this run"), path)
+    colors = [OURS_COLOR if v >= 1 else BASE_COLOR for v in values]
+    fig = _bars(plt, labels, values, colors, "speedup (baseline median / fastbert median)",
+                "fastbert's speedup over each baseline (red: faster)", xscale="log", line=1.0)
+    return _save(plt, fig, path)
 
 
 def plot_roofline(rows, path):
@@ -134,31 +202,25 @@ def plot_roofline(rows, path):
                     cur[0] = r
         data = [r for rs in best.values() for r in rs][:MAX_BARS]
     if not data:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no roofline data in this run\n(the roofline is measured on CUDA only)",
-                ha="center", va="center")
-    else:
-        data.sort(key=lambda r: (r.group, r.params_text, not r.ours))
-        fig, ax = plt.subplots(figsize=(9, 0.28 * len(data) + 1.2))
-        labels = [f"{r.group} [{r.params_text}] {r.provider or ''}" for r in data]
-        values = [100 * float(r.extra["roofline_frac"]) for r in data]
-        ax.barh(range(len(data)), values, color=[OURS_COLOR if r.ours else BASE_COLOR for r in data])
-        ax.set_yticks(range(len(data)))
-        ax.set_yticklabels(labels, fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("% of roofline (max of copy-bandwidth and bf16-matmul fractions)")
-        ax.set_title("roofline fraction per kernel (red: fastbert)", fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        return _save(plt, _empty(plt, "no roofline data in this run\n(measured on CUDA only)"), path)
+    data.sort(key=lambda r: (r.group, r.params_text, not r.ours))
+    labels = [f"{r.group} [{r.params_text}] {r.provider or ''}" for r in data]
+    values = [100 * float(r.extra["roofline_frac"]) for r in data]
+    fig = _bars(plt, labels, values, [OURS_COLOR if r.ours else BASE_COLOR for r in data],
+                "% of roofline (max of copy-bandwidth and bf16-matmul fractions)",
+                "roofline fraction per kernel (red: fastbert)")
+    return _save(plt, fig, path)
 
 
-def make_plots(rows, out_dir):
-    """Write both PNGs into out_dir; returns [(title, path)]."""
+def make_plots(rows, out_dir, prefix="", roofline=True):
+    """Write the PNGs into out_dir, file names prefixed by `prefix`: the throughput plot, and the
+    roofline plot (roofline=True: a GPU run) or the speedup plot (a CPU run). Returns [(title, path)]."""
     os.makedirs(out_dir, exist_ok=True)
-    throughput = plot_throughput(rows, os.path.join(out_dir, "throughput_vs_seq.png"))
-    roof = plot_roofline(rows, os.path.join(out_dir, "roofline.png"))
-    return [("throughput vs sequence length", throughput), ("roofline fraction per kernel", roof)]
+    throughput = plot_throughput(rows, os.path.join(out_dir, f"{prefix}throughput_vs_seq.png"))
+    if roofline:
+        second = ("roofline fraction per kernel",
+                  plot_roofline(rows, os.path.join(out_dir, f"{prefix}roofline.png")))
+    else:
+        second = ("speedup over each baseline",
+                  plot_speedups(rows, os.path.join(out_dir, f"{prefix}speedup.png")))
+    return [("throughput vs sequence length", throughput), second]

@@ -166,6 +166,34 @@ def _env(data):
     return env
 
 
+_GPU_ONLY = re.compile(r"cuda|gpu|triton", re.IGNORECASE)
+
+
+def is_cpu_run(data):
+    """True when the run had no CUDA device (no roofline, no GPU name in its environment)."""
+    env = _env(data)
+    name = str(env.get("device_name") or "")
+    gpu_name = re.search(r"nvidia|cuda|gpu|amd instinct", name, re.IGNORECASE)
+    return not (env.get("sm_count") or env.get("copy_gbps") or gpu_name)
+
+
+def cpu_note_lines(data):
+    """On a CPU run: what the rows are, and that the Triton (and other CUDA-only) rows need a GPU."""
+    if not is_cpu_run(data):
+        return []
+    gpu_only = [m for m in data.get("not_measured") or [] if _GPU_ONLY.search(str(m.get("reason", "")))]
+    lines = ["> **CPU run.** fastbert's Triton kernels (LayerNorm, bias+GELU, attention) and the other "
+             "CUDA-only rows need a GPU: this report has the rows that ran on the CPU, fastbert's CPU "
+             "providers (the C++ extension `fastbert._C`, the eager fused block) against the baselines"]
+    if gpu_only:
+        lines[-1] += (f"; the {len(gpu_only)} benchmarks that need a GPU are listed under \"Not measured "
+                      "in this run\".")
+    else:
+        lines[-1] += "."
+    lines[-1] += " Run `bash benchmarks/gpu_run.sh OUTDIR` on a CUDA machine for the kernels' numbers."
+    return lines
+
+
 def header_lines(data, source):
     env = _env(data)
     commit = data.get("commit_info") or {}
@@ -274,13 +302,24 @@ def render(data, source, plots=()):
     return render_rows(data, source, rows(data), plots)
 
 
-def write_report(json_path, out_path, plots_dir=None, ours_pattern=OURS_PATTERN, make_plots=True):
-    """Write RESULTS.md (and the PNG plots into plots_dir, default out_path's folder).
+def default_out(json_path):
+    """Where a report goes without --out: beside its input, named after it (RUN.json -> RUN.md), so
+    that it never replaces a committed RESULTS.md."""
+    return os.path.splitext(os.path.abspath(json_path))[0] + ".md"
+
+
+def write_report(json_path, out_path=None, plots_dir=None, ours_pattern=OURS_PATTERN, make_plots=True):
+    """Write the Markdown report (default: default_out(json_path)) and the PNG plots (into plots_dir,
+    default the report's folder; named after the input when out_path is not given).
 
     Returns (out_path, [plot paths], note) where note says why plots are missing, if they are.
     """
     data = load(json_path)
     all_rows = rows(data, ours_pattern)
+    prefix = ""
+    if out_path is None:
+        out_path = default_out(json_path)
+        prefix = os.path.splitext(os.path.basename(json_path))[0] + "-"
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
     plots_dir = os.path.abspath(plots_dir or out_dir)
@@ -289,7 +328,8 @@ def write_report(json_path, out_path, plots_dir=None, ours_pattern=OURS_PATTERN,
         try:
             from . import plots as plotting
 
-            written = plotting.make_plots(all_rows, plots_dir)
+            written = plotting.make_plots(all_rows, plots_dir, prefix=prefix,
+                                          roofline=not is_cpu_run(data))
         except ImportError as exc:
             note = f"plots skipped: {exc}"
         links = [(title, os.path.relpath(path, out_dir)) for title, path in written]
@@ -304,6 +344,9 @@ def write_report(json_path, out_path, plots_dir=None, ours_pattern=OURS_PATTERN,
 def render_rows(data, source, all_rows, plots=()):
     """render() on rows already parsed (with a custom ours pattern)."""
     lines = header_lines(data, source) + [""]
+    note = cpu_note_lines(data)
+    if note:
+        lines += note + [""]
     missing = not_measured_lines(data)
     if not all_rows:
         lines += ["No benchmark results in this run (all skipped or failed).", ""]
