@@ -19,6 +19,7 @@ NATIVE = {  # what a Triton op's native form runs
     "layer_norm": "torch (F.layer_norm)",
     "bias_gelu": "torch (F.gelu)",
     "attention": "torch (SDPA)",
+    "geglu": "torch (F.gelu(a) * g)",
 }
 NAMES = {_dispatch.TRITON: "triton", _dispatch.CPP: "C++ (fastbert._C)", _dispatch.REFERENCE: "reference"}
 FALLBACK = "off-kernel input falls back to the native form"

@@ -5,10 +5,10 @@ triton.compile(ASTSource, GPUTarget("cuda", arch, 32)) and returns a Report with
 and shared memory, read from ptxas -v on the generated PTX (the bundled ptxas). Works with no GPU.
 
 variants(family) lists what the AOT test compiles for one kernel file, built from the launch config
-lists that file exports (ln_configs, gelu_configs, FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS,
-COLSUM_CONFIG). `python tests/aot.py FAMILY` compiles them for sm_80 and sm_90 and prints the table;
-it exits 1 when a compile fails, shared memory is over the limit, or a variant spills that must not.
-It must run without TRITON_INTERPRET (the kernels are decorated for compilation); tests/test_aot.py
+lists that file exports (ln_configs, gelu_configs, geglu_configs, FWD_CONFIGS / DKDV_CONFIGS /
+DQ_CONFIGS, COLSUM_CONFIG). `python tests/aot.py FAMILY` compiles them for sm_80 and sm_90 and prints
+the table; it exits 1 when a compile fails, shared memory is over the limit, or a variant spills that
+must not. It must run without TRITON_INTERPRET (the kernels are decorated for compilation); tests/test_aot.py
 runs it in a child process.
 """
 
@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 ARCHS = (80, 90)
-FAMILIES = ("layer_norm", "bias_gelu", "attention", "common")
+FAMILIES = ("layer_norm", "bias_gelu", "attention", "common", "geglu")
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -179,6 +179,33 @@ def _bias_gelu():
     return out
 
 
+GEGLU_FWD_SIG = {"X": "*bf16", "B": "*fp32", "OUT": "*bf16", "SEED": "*i64", "M": "i32", "F": "i32",
+                 "dropout_p": "fp32"}
+GEGLU_BWD_SIG = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32",
+                 "SEED": "*i64", "M": "i32", "F": "i32", "dropout_p": "fp32"}
+
+
+def _geglu():
+    """Each (BLOCK_M, BLOCK_N, warps) of geglu_configs(), both GELU forms, forward and backward: bias and
+    dropout on with F divisible by 16 or not, and bias-free (ModernBERT) with and without dropout;
+    no spills anywhere."""
+    from fastbert.kernels import geglu as K
+
+    out = []
+    for block_m, block_n, warps in K.geglu_configs():
+        for tanh in (False, True):
+            for div, bias, drop in ((("F",), True, True), ((), True, True), (("F",), False, False),
+                                    (("F",), False, True)):
+                tag = (f"{block_m}x{block_n} w{warps} {'tanh' if tanh else 'erf '} "
+                       f"{'F%16=0' if div else 'F odd'}{' bias' if bias else ''}{' drop' if drop else ''}")
+                consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, TANH=tanh, HAS_BIAS=bias, HAS_DROPOUT=drop)
+                out.append(Variant(f"geglu_fwd {tag}", K._geglu_fwd_kernel, GEGLU_FWD_SIG, consts, warps, 1,
+                                   div))
+                out.append(Variant(f"geglu_bwd {tag}", K._geglu_bwd_kernel, GEGLU_BWD_SIG, consts, warps, 1,
+                                   div))
+    return out
+
+
 def _common():
     from fastbert.kernels import _common as C
 
@@ -269,7 +296,7 @@ def _attn_variant(kname, kernel, dtype, consts, warps, stages):
 
 def variants(family):
     return {"layer_norm": _layer_norm, "bias_gelu": _bias_gelu, "attention": _attention,
-            "common": _common}[family]()
+            "common": _common, "geglu": _geglu}[family]()
 
 
 def _compile_one(job):

@@ -135,6 +135,7 @@ def test_auto_takes_the_kernel_for_input_it_takes(kernels_here):
     torch.testing.assert_close(ops.layer_norm(x, w, b, 1e-5), ref.layer_norm(x, w, b, 1e-5), rtol=1e-5,
                                atol=1e-5)
     torch.testing.assert_close(ops.bias_gelu(x, b), ref.bias_gelu(x, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.geglu(x, b), ref.geglu(x, b), rtol=1e-5, atol=1e-5)
     q = torch.randn(2, 5, 2, 16, generator=g)
     torch.testing.assert_close(ops.attention(q, q + 1, q - 1), ref.attention(q, q + 1, q - 1), rtol=1e-4,
                                atol=1e-4)

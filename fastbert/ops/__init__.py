@@ -2,7 +2,9 @@
 
     layer_norm(x, weight, bias, eps, residual=None, variant="standard"|"bert_pytorch", *, dropout_p=0.0)
     bias_gelu(x, bias, approximate="none"|"tanh", *, dropout_p=0.0)
-    attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None)
+    geglu(x, bias=None, approximate="none"|"tanh", *, dropout_p=0.0)  gelu(a) * g of a [..., 2F] projection
+    attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None,
+              *, window=None)
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
     fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole transformer block in one
@@ -18,8 +20,9 @@ from .attention import attention
 from .bias_gelu import bias_gelu
 from .block import fused_block
 from .embed import embed
+from .geglu import geglu
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
 
-__all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "last_choices",
+__all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "geglu", "last_choices",
            "layer_norm", "mlm_mask", "use_triton"]

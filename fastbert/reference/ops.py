@@ -56,6 +56,14 @@ def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):
     return F.dropout(y, dropout_p) if dropout_p > 0.0 else y
 
 
+def geglu(x, bias=None, approximate="none", *, dropout_p=0.0):
+    """GeGLU: gelu(a) * g with a, g = (x + bias).chunk(2, dim=-1), then F.dropout when dropout_p > 0.
+    x [..., 2F] (the concatenated [a, g] projection), bias [2F] or None; returns [..., F]."""
+    a, g = (x if bias is None else x + bias).chunk(2, dim=-1)
+    y = gelu(a, approximate) * g
+    return F.dropout(y, dropout_p) if dropout_p > 0.0 else y
+
+
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None, dropout_mask=None, *, window=None):
     """Bidirectional scaled dot-product attention.
