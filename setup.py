@@ -18,6 +18,7 @@ import shutil
 
 from setuptools import find_packages, setup
 
+DATA_PACKAGES = ["fastbert.data", "fastbert.data.world"]  # folders of data files, no __init__.py
 ABI_TARGET = (2, 10)  # oldest torch the extension loads under: TORCH_TARGET_VERSION
 PY_LIMITED_API = (3, 10)  # abi3 floor, = requires-python
 
@@ -137,11 +138,12 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    # every package under fastbert/ (a new subpackage is installed without listing it here), and
-    # kernels/ as fastbert.kernels
-    packages=[*find_packages(include=["fastbert", "fastbert.*"]), "fastbert.kernels"],
+    # every package under fastbert/ (a new subpackage is installed without listing it here),
+    # kernels/ as fastbert.kernels, and the data folders as data-only packages (declared, so that
+    # setuptools installs them without its "Package would be ignored" warning)
+    packages=[*find_packages(include=["fastbert", "fastbert.*"]), "fastbert.kernels", *DATA_PACKAGES],
     package_dir={"fastbert.kernels": "kernels"},
-    package_data={"fastbert": ["data/*.*", "data/world/*"]},
+    package_data={p: ["*.*"] for p in DATA_PACKAGES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # the wheel is tagged cp310-abi3 when the extension is (a metadata-only build has no extension)

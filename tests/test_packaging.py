@@ -74,3 +74,16 @@ def test_installed_copy_has_every_subpackage():
     packages = [d for d in os.listdir(checkout) if os.path.exists(os.path.join(checkout, d, "__init__.py"))]
     missing = [d for d in packages + ["kernels"] if not os.path.isdir(os.path.join(installed, d))]
     assert not missing, f"the installed fastbert ({installed}) lacks {missing}"
+
+
+def test_data_folders_are_declared_package_data(tmp_path):
+    """setuptools copies every data file of fastbert/data and fastbert/data/world, with no "Package would
+    be ignored" warning (build_py only: no compiler run, seconds)."""
+    cmd = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "would be ignored" not in out.stdout + out.stderr
+    for folder in ("data", os.path.join("data", "world")):
+        src = os.path.join(ROOT, "fastbert", folder)
+        files = sorted(f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)))
+        assert files and all(os.path.isfile(tmp_path / "fastbert" / folder / f) for f in files), folder
