@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from train_helpers import restore_threads, world_corpus  # noqa: F401 (autouse fixture)
 
 from fastbert import cli
 from fastbert.train import finetune, pretrain
@@ -16,21 +17,9 @@ SMALL = ["--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64", "
          "--batch", "8", "--max-steps", "1", "--no-progress", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        docs = f.read().split("\n\n")[:120]
-    path = root / "corpus.txt"
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
+    return world_corpus(tmp_path_factory.mktemp("inputs") / "corpus.txt", 120)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """`fastbert finetune`: sequence and token classification from a pretraining checkpoint."""
 
-import gzip
-
 import numpy as np
 import pytest
 import torch
+from train_helpers import restore_threads, world_corpus  # noqa: F401 (autouse fixture)
 
 from fastbert.train import finetune, pretrain
 from fastbert.train.data import CorpusError
@@ -13,10 +12,7 @@ from fastbert.train.data import CorpusError
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        docs = f.read().split("\n\n")[:150]
-    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    argv = ["--corpus", str(root / "corpus.txt"),
+    argv = ["--corpus", str(world_corpus(root / "corpus.txt", 150)),
             "--size", "tiny", "--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64",
             "--vocab-size", "1000", "--batch", "8", "--max-steps", "2", "--no-progress", "--out",
             str(root / "run"), "--threads", "1"]
@@ -24,13 +20,6 @@ def checkpoint(tmp_path_factory):
     assert pretrain.main(argv) == 0
     torch.set_num_threads(n)
     return str(root / "run")
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_scores_against_hand_computation():

@@ -2,7 +2,6 @@
 where, `--resume` takes the run folder, the metrics file continues with a marker and no repeated
 step; --time-limit ends on a decayed schedule and says how far it got."""
 
-import gzip
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from train_helpers import restore_threads, world_corpus  # noqa: F401 (autouse fixture)
 
 from fastbert.train import pretrain
 from fastbert.train.checkpoint import list_checkpoints
@@ -21,20 +21,10 @@ SMALL = ["--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64", "
          "--log-seconds", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
-    with gzip.open(pretrain.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        docs = f.read().split("\n\n")[:120]
-    path = root / "corpus.txt"
-    path.write_text("\n\n".join(docs) + "\n")
+    path = world_corpus(root / "corpus.txt", 120)
     cache = root / "cache"
     assert pretrain.main(SMALL + ["--corpus", str(path), "--cache-dir", str(cache), "--max-steps", "1",
                                   "--out", str(root / "warm")]) == 0  # vocabulary and shard, once

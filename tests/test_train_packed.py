@@ -3,19 +3,13 @@ refusal without CUDA); the packed step against the padded one is tested in tests
 
 import pytest
 import torch
+from train_helpers import restore_threads  # noqa: F401 (autouse fixture)
 
 from fastbert.train import pretrain
 
 TINY = ["--size", "tiny", "--layers", "2", "--hidden", "64", "--heads", "2", "--seq-len", "64",
         "--vocab-size", "2000", "--batch", "16", "--no-progress", "--log-every", "5", "--device", "cpu",
         "--threads", "1", "--dropout", "0", "--save-every", "1000"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(argv, tmp_path):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from train_helpers import restore_threads  # noqa: F401 (autouse fixture)
 
 from fastbert import cli
 from fastbert.train import pretrain
@@ -20,13 +21,6 @@ TINY = ["--corpus", pretrain.STDLIB_CORPUS,
         "--vocab-size", "2000", "--batch", "8", "--no-progress", "--log-every", "1", "--device", "cpu",
         "--threads", "1"]  # one thread: these models are too small to gain from more, and a busy CI
 # machine makes intra-op threads wait on each other
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,40 +20,21 @@ def _number(kind, text):
     return value
 
 
-def positive_int(text):
-    value = _number(int, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
+def _checked(kind, ok, words):
+    """An argparse type: `kind` (int or float) parsed, then refused unless ok(value), with `words`."""
+    def parse(text):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        return value
+    return parse
 
 
-def nonnegative_int(text):
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def probability(text):
-    """A dropout-like fraction in [0, 1)."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _checked(int, lambda v: v > 0, "must be a positive whole number")
+nonnegative_int = _checked(int, lambda v: v >= 0, "must be 0 or more")
+positive_float = _checked(float, lambda v: v > 0, "must be a positive number")
+nonnegative_float = _checked(float, lambda v: v >= 0, "must be 0 or more")
+probability = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")  # dropout-like fractions
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
