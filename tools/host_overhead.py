@@ -132,7 +132,10 @@ def build(provider, args, batch):
         return model, lambda: model(batch["ids"], batch["seg"])
     import transformers
 
-    model = transformers.BertModel(hf_config(args, provider.removeprefix("hf-")), add_pooling_layer=False)
+    attn = "sdpa" if provider == "hf-patched" else provider.removeprefix("hf-")
+    model = transformers.BertModel(hf_config(args, attn), add_pooling_layer=False)
+    if provider == "hf-patched":  # the same model, patched in place (fastbert.patch_hf)
+        fastbert.patch_hf(model)
     return model, lambda: model(input_ids=batch["ids"], token_type_ids=batch["token_type"],
                                 attention_mask=batch["mask"]).last_hidden_state
 
@@ -155,12 +158,16 @@ def setup(provider, args):
     """(step function, launch/sync/op counts of one step) of a provider, after warm-up steps."""
     batch = make_batch(args)
     model, forward = build(provider, args, batch)
-    model.train()
+    model.train(not args.inference)
     # the optimizer is left out unless asked for: on a GPU it is one fused AdamW for every
     # provider, while on the CPU its per-parameter loop would dominate the step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if args.optimizer else None
 
     def step():
+        if args.inference:
+            with torch.inference_mode():
+                forward()
+            return
         loss = forward().float().square().mean()
         loss.backward()
         if opt is not None:
@@ -252,16 +259,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=8, help="rounds over all providers (best kept)")
     parser.add_argument("--providers",
-                        default="fastbert,fastbert-padded,fastbert-hf,bert_pytorch,hf-sdpa,hf-eager")
+                        default="fastbert,fastbert-padded,fastbert-hf,bert_pytorch,hf-sdpa,hf-patched,hf-eager")
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step")
+    parser.add_argument("--inference", action="store_true",
+                        help="time an inference forward (eval mode, torch.inference_mode) instead of a step")
     parser.add_argument("--profile", action="store_true", help="print the top ops of each provider")
     parser.add_argument("--per-op", action="store_true",
                         help="also time each fused op's wrapper against torch's native op")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stub_kernels()
-    what = "fwd + bwd + AdamW" if args.optimizer else "fwd + bwd"
-    print(f"host time per training step ({what}), {args.layers} layers, hidden {args.hidden}, "
+    what = "inference forward" if args.inference else "fwd + bwd + AdamW" if args.optimizer else "fwd + bwd"
+    print(f"host time per {'call' if args.inference else 'training step'} ({what}), {args.layers} layers, hidden {args.hidden}, "
           f"batch {args.batch} x seq {args.seq}, torch {torch.__version__}, 1 CPU thread")
     print(f"{'provider':<16}{'ms/step':>9}{'ms/layer':>10}{'launches':>10}{'syncs':>7}{'aten ops':>10}")
     steps, counts = {}, {}
@@ -281,6 +290,8 @@ def main(argv=None):
         per_op(args)
     if "fastbert" in rows and "hf-sdpa" in rows:
         print(f"host time ratio fastbert / hf-sdpa: {rows['fastbert'] / rows['hf-sdpa']:.2f}")
+    if "hf-patched" in rows and "hf-sdpa" in rows:
+        print(f"host time ratio hf-patched / hf-sdpa: {rows['hf-patched'] / rows['hf-sdpa']:.2f}")
     return 0
 
 
