@@ -13,10 +13,10 @@ from . import ops, reference  # noqa: E402
 from .models import BERT, BERTLM, Encoder, from_hf, to_hf  # noqa: E402
 from .reference.model import BertConfig  # noqa: E402
 
-__all__ = ["BERT", "BERTLM", "BertConfig", "Encoder", "from_hf", "ops", "patch_hf", "reference", "to_hf",
-           "unpatch_hf"]
+__all__ = ["BERT", "BERTLM", "BertConfig", "Encoder", "from_hf", "is_patched", "ops", "patch_hf", "reference",
+           "to_hf", "unpatch_hf"]
 
-_LAZY = {"patch_hf", "unpatch_hf", "hf"}  # these import transformers: only when first used
+_LAZY = {"patch_hf", "unpatch_hf", "is_patched", "hf"}  # these import transformers: only when first used
 
 
 def __getattr__(name):

@@ -270,7 +270,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     stub_kernels()
     what = "inference forward" if args.inference else "fwd + bwd + AdamW" if args.optimizer else "fwd + bwd"
-    print(f"host time per {'call' if args.inference else 'training step'} ({what}), {args.layers} layers, hidden {args.hidden}, "
+    print(f"host time per {'call' if args.inference else 'training step'} ({what}), {args.layers} layers, "
+          f"hidden {args.hidden}, "
           f"batch {args.batch} x seq {args.seq}, torch {torch.__version__}, 1 CPU thread")
     print(f"{'provider':<16}{'ms/step':>9}{'ms/layer':>10}{'launches':>10}{'syncs':>7}{'aten ops':>10}")
     steps, counts = {}, {}

@@ -11,8 +11,12 @@ run fastbert.ops.attention (see fastbert.hf.attention), and patch_hf/unpatch_hf 
 BERT/RoBERTa model in place (see fastbert.hf.patch).
 """
 
-from .attention import NAME, fastbert_attention, fastbert_mask, register
-from .patch import is_patched, patch_hf, unpatch_hf
+from . import compat
+
+compat.check_version()  # before the modules below read transformers' classes
+
+from .attention import NAME, fastbert_attention, fastbert_mask, register  # noqa: E402
+from .patch import is_patched, patch_hf, unpatch_hf  # noqa: E402
 
 register()
 

@@ -21,15 +21,16 @@ arrive as 4D masks. The attention `fastbert_attention` then runs:
 
 import torch
 import torch.nn.functional as F
+from transformers import masking_utils  # at module level: an import inside traced code breaks dynamo
 
 from fastbert import ops
+
+from . import compat
 
 NAME = "fastbert"
 
 
 def _masking():
-    from transformers import masking_utils
-
     return masking_utils
 
 
@@ -59,23 +60,31 @@ def wants_attentions(module_config=None, kwargs=None) -> bool:
     return bool(getattr(module_config, "output_attentions", False))
 
 
-def fastbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, **kwargs):
-    """transformers mask builder: the 2D padding mask for bidirectional self-attention, else sdpa's."""
+def fastbert_mask(*args, **kwargs):
+    """transformers mask builder: the 2D padding mask for bidirectional self-attention, else sdpa's.
+
+    Its arguments are sdpa_mask's, whose names changed within 5.x: the query positions are
+    `cache_position` (a tensor) in the early releases and `q_length`/`q_offset` later."""
     mu = _masking()
-    bidirectional = getattr(mu, "bidirectional_mask_function", None)
-    plain = (bidirectional is not None and mask_function is bidirectional
-             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
-             and q_length == kv_length
-             and (attention_mask is None
-                  or (attention_mask.dim() == 2 and attention_mask.shape == (batch_size, kv_length))))
-    if plain:
-        return None if attention_mask is None else attention_mask.to(torch.bool)
+    a = compat.bind(mu.sdpa_mask, args, kwargs, method=False)
+    if a is not None:
+        batch, kv_length, mask = a.get("batch_size"), a.get("kv_length"), a.get("attention_mask")
+        if "q_length" in a:
+            q_length, q_offset = a["q_length"], a.get("q_offset", 0)
+        else:
+            position = a.get("cache_position")
+            q_length = position.shape[0] if isinstance(position, torch.Tensor) else None
+            q_offset = 0  # bidirectional self-attention without a cache: positions 0..S-1
+        kv_offset = a.get("kv_offset", 0)
+        bidirectional = getattr(mu, "bidirectional_mask_function", None)
+        if (bidirectional is not None and a.get("mask_function") is bidirectional
+                and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0
+                and kv_offset == 0 and q_length == kv_length
+                and (mask is None or (mask.dim() == 2 and mask.shape == (batch, kv_length)))):
+            return None if mask is None else mask.to(torch.bool)
     kwargs.pop("dtype", None)
     kwargs.pop("config", None)
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                        **kwargs)
+    return mu.sdpa_mask(*args, **kwargs)
 
 
 def _expand(mask, q_length):

@@ -28,7 +28,10 @@ from transformers.models.roberta import modeling_roberta
 
 from fastbert import ops
 
+from . import compat
 from .attention import NAME, _collector, packed_cu_seqlens, wants_attentions
+from .layers import BERT_LAYOUT, fused_layer
+from .layers import register as register_layer
 
 
 def _plain(module, kind):
@@ -100,23 +103,27 @@ class _ZeroRowGrad(torch.autograd.Function):
 
 
 class _EmbedMixin:
-    """forward(input_ids, token_type_ids, position_ids, inputs_embeds, cache_length) in fastbert.ops.embed."""
+    """forward(input_ids, token_type_ids, position_ids, inputs_embeds, <cache length>) in fastbert.ops.embed
+    (the cache length's name is the release's: compat.CACHE_LENGTH)."""
 
     _roberta_positions = False
 
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                cache_length=0, **kwargs):
+    def forward(self, *args, **kwargs):
+        a = compat.bind(self._fastbert_stock.forward, args, kwargs)
+        if a is None or not a.keys() <= _EMBED_ARGS:
+            return super().forward(*args, **kwargs)
+        input_ids, token_type_ids = a.get("input_ids"), a.get("token_type_ids")
+        position_ids = a.get("position_ids")
+        cache_length = compat.first(a, compat.CACHE_LENGTH, 0)
         p = _dropout_p(self, self.dropout)
         word, pos_table, tt, ln = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings,
                                    self.LayerNorm)
-        if (kwargs or p is None or inputs_embeds is not None or input_ids is None or input_ids.dim() != 2
+        if (p is None or a.get("inputs_embeds") is not None or input_ids is None or input_ids.dim() != 2
+                or not isinstance(cache_length, int)
                 or not all(_plain(m, nn.Embedding) for m in (word, pos_table, tt))
                 or not _plain(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None
-                or not (word.weight.dtype == pos_table.weight.dtype == tt.weight.dtype == ln.weight.dtype)
-                or (self._roberta_positions and position_ids is None and not isinstance(cache_length, int))):
-            return super().forward(input_ids=input_ids, token_type_ids=token_type_ids,
-                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                   cache_length=cache_length, **kwargs)
+                or not (word.weight.dtype == pos_table.weight.dtype == tt.weight.dtype == ln.weight.dtype)):
+            return super().forward(*args, **kwargs)
         batch, seq = input_ids.shape
         if position_ids is None:
             if self._roberta_positions:
@@ -140,6 +147,10 @@ class _EmbedMixin:
                          dropout_p=p, padding_idx=word.padding_idx, segment_padding_idx=tt.padding_idx)
 
 
+_EMBED_ARGS = frozenset({"input_ids", "token_type_ids", "position_ids", "inputs_embeds",
+                         *compat.CACHE_LENGTH})
+
+
 def _real_positions(valid, total):
     """Flat indices of the True entries of valid [B*S]; total (their count, known) spares nonzero's sync."""
     if hasattr(torch, "nonzero_static"):
@@ -156,58 +167,112 @@ def _scatter(h, index, batch, seq):
     return h.new_zeros(batch * seq, h.shape[-1]).index_copy(0, index, h).view(batch, seq, -1)
 
 
+# the encoder arguments the fused forward reads itself; every other keyword goes on to the layers
+_ENCODER_OWN = frozenset({"hidden_states", "attention_mask", "encoder_hidden_states",
+                          "encoder_attention_mask", "use_cache", "cache_position", "output_attentions",
+                          "output_hidden_states", "return_dict", "position_ids", *compat.CACHE})
+_VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 class _UnpadEncoderMixin:
-    """forward(hidden_states, attention_mask, ...) with the layers on the real tokens only (varlen)."""
+    """forward(hidden_states, attention_mask, ...) with every layer as one fused block where it can
+    (fastbert.hf.layers), on the real tokens only (varlen) when the batch is padded.
 
-    def _fastbert_unpad_applies(self, hidden_states, attention_mask, encoder_hidden_states, cache, kwargs):
-        cfg = self.config
-        return (cfg._attn_implementation == NAME and not cfg.is_decoder and encoder_hidden_states is None
-                and cache is None and "past_key_values" not in kwargs and hidden_states.dim() == 3
-                and not torch.compiler.is_compiling() and not wants_attentions(cfg, kwargs))
+    The layout a batch runs in:
+      - packed [1, T] input (DataCollatorWithFlattening): varlen from its cu_seq_lens_q/max_length_q
+        (no host sync) or from position_ids that restart (one sync to find the boundaries);
+      - no padding: the dense [B, S] layout as it is;
+      - right padding: unpadded once to [T, hidden], scattered back after the last layer (zeros at
+        padding positions); one host sync reads the token count and the longest row;
+      - the padded layout (stock layers, fastbert attention with a key padding mask) when a head would
+        read a padding position: some row starts with padding (left padding: the pooler and the
+        classification heads read position 0), or per-token labels other than -100 sit at padding
+        positions (the top model's pre-forward hook, fastbert.hf.patch, hands them over). Both are
+        part of the same one sync.
+    """
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
-        stock = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache,
-                 use_cache)
-        if not self._fastbert_unpad_applies(hidden_states, attention_mask, encoder_hidden_states, cache,
-                                            kwargs):
-            return super().forward(*stock, **kwargs)
+    def forward(self, *args, **kwargs):
+        labels_at_padding = self.__dict__.pop("_fastbert_labels_at_padding", None)
+        a = compat.bind(self._fastbert_stock.forward, args, kwargs)
+        if a is None or not self._fastbert_applies(a):
+            return super().forward(*args, **kwargs)
+        hidden_states, attention_mask = a["hidden_states"], a.get("attention_mask")
+        layer_kwargs = {k: v for k, v in a.items() if k not in _ENCODER_OWN}
+        if layer_kwargs.get("kwargs"):  # a release whose forward names **kwargs differently
+            return super().forward(*args, **kwargs)
         batch, seq, hidden = hidden_states.shape
         if attention_mask is None:
-            # a packed [1, T] batch (DataCollatorWithFlattening): boundaries from kwargs or position_ids
-            if batch != 1 or kwargs.get("cu_seq_lens_q") is not None:
-                return super().forward(*stock, **kwargs)  # the attention function reads cu_seq_lens_q
-            packed = None if kwargs.get("position_ids") is None else packed_cu_seqlens(kwargs["position_ids"])
-            if packed is None:
-                return super().forward(*stock, **kwargs)
-            cu, max_len = packed
-            return self._fastbert_layers(hidden_states, kwargs, cu, max_len)
+            if batch == 1 and layer_kwargs.get("cu_seq_lens_q") is not None:
+                cu, max_len = layer_kwargs["cu_seq_lens_q"], layer_kwargs.get("max_length_q")
+                k = layer_kwargs.get("cu_seq_lens_k")
+                if max_len is None or (k is not None and k is not cu and not torch.equal(k, cu)):
+                    return super().forward(*args, **kwargs)
+                out = self._fastbert_layers(hidden_states[0], layer_kwargs, cu.to(torch.int32), int(max_len))
+                return _output(out.unsqueeze(0))
+            packed = None
+            if batch == 1 and a.get("position_ids") is not None:
+                packed = packed_cu_seqlens(a["position_ids"])
+            if packed is not None:
+                out = self._fastbert_layers(hidden_states[0], layer_kwargs, *packed)
+                return _output(out.unsqueeze(0))
+            return _output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
-            return super().forward(*stock, **kwargs)
-        valid = attention_mask.reshape(-1)
+            return super().forward(*args, **kwargs)
         lengths = attention_mask.sum(1, dtype=torch.int32)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        total, max_len = (int(v) for v in torch.stack([cu[-1], lengths.max()]).tolist())  # the one host sync
+        checks = [cu[-1], lengths.max(), attention_mask[:, 0].all().to(torch.int32)]
+        if labels_at_padding is not None:
+            checks.append(labels_at_padding.to(torch.int32))
+        total, max_len, first_real, *labels = torch.stack(checks).tolist()  # the one host sync
+        if not first_real or any(labels):
+            return super().forward(*args, **kwargs)  # a head reads padding positions: keep them
         if total == batch * seq:  # no padding: the dense layout as it is
-            return super().forward(hidden_states, None, *stock[2:], **kwargs)
-        index = _real_positions(valid, total)
-        packed = hidden_states.reshape(batch * seq, hidden).index_select(0, index).unsqueeze(0)  # [1, T, N]
+            return _output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
+        index = _real_positions(attention_mask.reshape(-1), total)
+        packed = hidden_states.reshape(batch * seq, hidden).index_select(0, index)  # [T, N]
         collected = _collector()
         captured = collected.get("hidden_states") if collected is not None else None
         first = len(captured) if captured is not None else 0
-        out = self._fastbert_layers(packed, kwargs, cu, max_len).last_hidden_state
+        out = self._fastbert_layers(packed, layer_kwargs, cu, max_len)
         if captured is not None:  # hidden states the capture hooks took on the packed layout
             for i in range(first, len(captured)):
                 if captured[i] is not None:
                     captured[i] = hidden_states if i == 0 else _scatter(captured[i], index, batch, seq)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_scatter(out, index, batch, seq))
+        return _output(_scatter(out, index, batch, seq))
 
-    def _fastbert_layers(self, h, kwargs, cu, max_len):
-        kwargs = dict(kwargs, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-        kwargs.pop("position_ids", None)
+    def _fastbert_applies(self, a):
+        cfg = self.config
+        h = a.get("hidden_states")
+        return (cfg._attn_implementation == NAME and not cfg.is_decoder
+                and a.get("encoder_hidden_states") is None and compat.first(a, compat.CACHE) is None
+                and not a.get("use_cache") and isinstance(h, torch.Tensor) and h.dim() == 3
+                and not a.get("output_hidden_states") and not a.get("output_attentions")
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not wants_attentions(cfg, a)
+                # transformers 5.0 records hidden states by replacing the layers' forward per call
+                and not any("forward" in layer.__dict__ for layer in self.layer))
+
+    def _fastbert_layers(self, h, layer_kwargs, cu, max_len):
+        """h: [T, N] (varlen, cu/max_len given) or [B, S, N] (dense, no padding) through every layer:
+        one fused block each where fastbert.hf.layers takes it, else the layer module."""
+        collected = _collector()
+        capturing = collected is not None and "hidden_states" in collected
+        if cu is not None:
+            layer_kwargs = dict(layer_kwargs, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+                                max_length_k=max_len)
+        else:
+            layer_kwargs = {k: v for k, v in layer_kwargs.items() if k not in _VARLEN}
         for layer in self.layer:
-            h = layer(h, None, None, encoder_attention_mask=None, cache=None, **kwargs)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+            out = None if capturing else fused_layer(layer, h, gelu_form, cu, max_len)
+            if out is None:  # the module: [1, T, N] for the varlen attention function
+                out = layer(h.unsqueeze(0) if cu is not None else h, None, **layer_kwargs)
+                out = out[0] if cu is not None else out
+            h = out
+        return h
+
+
+def _output(h):
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
 
 
 # stock class -> fused subclass; module-level names so pickle finds them
@@ -231,3 +296,10 @@ for _prefix, _module in (("Bert", modeling_bert), ("Roberta", modeling_roberta))
         globals()[_name] = _cls
         FUSED[_stock] = _cls
         ROLE[_cls] = _ROLE_OF[_part]
+    _layer = getattr(_module, _prefix + "Layer", None)
+    if _layer is not None:  # the layer itself keeps its class; fastbert.hf.layers runs it as one block
+        _stock_parts = ({getattr(_module, _prefix + "Attention")},
+                        {getattr(_module, _prefix + "SelfAttention")})
+        _fused_parts = {FUSED[getattr(_module, _prefix + p)]
+                        for p in ("SelfOutput", "Intermediate", "Output")}
+        register_layer(_layer, BERT_LAYOUT, _stock_parts, _fused_parts)

@@ -8,14 +8,86 @@ attention implementation "fastbert"). The model keeps its class (transformers ke
 capture on it); patched submodules become instances of subclasses of their stock classes.
 """
 
+import copy
 import warnings
 
+import torch
 from torch import nn
 
+from . import compat
 from .attention import NAME, register
 from .modules import FUSED, ROLE
 
 _PREV_ATTN = "_fastbert_prev_attn_implementation"
+_HOOK = "_fastbert_labels_hook"
+_ENCODERS = "_fastbert_encoders"
+_CONFIGS = {}  # stock config class -> its subclass that lets output_attentions run with "fastbert"
+
+
+def _config_class(cls):
+    """A subclass of the config class whose output_attentions may be set under attn_implementation
+    "fastbert" (its attention then returns the eager weights), where transformers refuses it for
+    every implementation but eager. Same __name__ (reprs, saved configs); pickled by its qualname."""
+    if cls in _CONFIGS.values():
+        return cls
+    sub = _CONFIGS.get(cls)
+    if sub is None:
+        prop = cls.output_attentions
+
+        def set_output_attentions(self, value):
+            if value and self._attn_implementation == NAME:
+                self._output_attentions = value
+            else:
+                prop.fset(self, value)
+
+        def validate_output_attentions(self):
+            if self._attn_implementation != NAME:
+                super(sub, self).validate_output_attentions()
+
+        name = "Fast" + cls.__name__
+        attrs = {"__module__": __name__, "__qualname__": name,
+                 "output_attentions": property(prop.fget, set_output_attentions)}
+        if hasattr(cls, "validate_output_attentions"):
+            attrs["validate_output_attentions"] = validate_output_attentions
+        sub = type(cls.__name__, (cls,), attrs)
+        _CONFIGS[cls] = sub
+        globals()[name] = sub
+    return sub
+
+
+def _own_config(model):
+    """Give model (and each submodule holding the same config object) a copy of its config of the
+    subclass above, so patching leaves the caller's config, and models built from it later, as they
+    were."""
+    old = model.config
+    new = copy.deepcopy(old)
+    new.__class__ = _config_class(type(old))
+    for module in model.modules():
+        if module.__dict__.get("config") is old:
+            module.__dict__["config"] = new
+
+
+def _stock_config(model):
+    config = getattr(model, "config", None)
+    for stock, sub in _CONFIGS.items():
+        if type(config) is sub:
+            config.__class__ = stock
+
+
+def _labels_hook(model, args, kwargs):
+    """Before each forward of a patched model: whether per-token labels (other than -100) sit at padding
+    positions, as a device tensor for the encoder's one host sync (it then keeps the padded layout, so
+    the loss is stock's)."""
+    labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
+    if args:
+        bound = compat.bind(type(model).forward, args, kwargs)
+        if bound is not None:
+            labels, mask = bound.get("labels"), bound.get("attention_mask")
+    if (isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor) and labels.shape == mask.shape
+            and not labels.is_floating_point()):
+        flag = ((labels != -100) & (mask == 0)).any()
+        for encoder in model.__dict__.get(_ENCODERS, ()):
+            encoder.__dict__["_fastbert_labels_at_padding"] = flag
 
 
 def _check_model(model, fn):
@@ -47,26 +119,36 @@ def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddin
     wrappers, quantized layers) keep the stock path. Patching a patched model re-applies the flags.
     """
     _check_model(model, "patch_hf")
+    compat.check_version()
     unpatch_hf(model)
+    config = getattr(model, "config", None)
+    stock_model = hasattr(model, "set_attn_implementation") and config is not None
+    # a model built with eager attention or with output_attentions set keeps its attention (it returns
+    # the weights); everything else is fused
+    if attention and stock_model and (config._attn_implementation == "eager" or config.output_attentions):
+        attention = False
     wanted = {"layer_norm": layer_norm, "bias_gelu": bias_gelu, "embeddings": embeddings,
               "unpad": unpad and attention and not reads_padding(model)}
-    found = 0
-    for module in model.modules():
-        fused = FUSED.get(type(module))
-        if fused is None:
-            continue
-        found += 1
-        if wanted[ROLE[fused]]:
-            module.__class__ = fused
+    found = [(module, FUSED[type(module)]) for module in model.modules() if type(module) in FUSED]
     if not found:
         raise ValueError(
             f"patch_hf: {type(model).__name__} has none of the BERT/RoBERTa modules fastbert patches "
             f"(supported: {', '.join(sorted(c.__name__ for c in FUSED))})")
+    if attention and not stock_model:
+        raise TypeError(f"patch_hf(attention=True) needs a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    encoders = []
+    for module, fused in found:
+        if wanted[ROLE[fused]]:
+            module.__class__ = fused
+            if ROLE[fused] == "unpad":
+                encoders.append(module)
+    if encoders:
+        model.__dict__[_ENCODERS] = encoders
+        model.__dict__[_HOOK] = model.register_forward_pre_hook(_labels_hook, with_kwargs=True).id
     if attention:
-        if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
-            raise TypeError(f"patch_hf(attention=True) needs a transformers PreTrainedModel, got "
-                            f"{type(model).__name__}")
         register()
+        _own_config(model)
         previous = model.config._attn_implementation
         if previous != NAME:
             model.set_attn_implementation(NAME)
@@ -85,11 +167,17 @@ def unpatch_hf(model):
         stock = getattr(type(module), "_fastbert_stock", None)
         if stock is not None and FUSED.get(stock) is type(module):
             module.__class__ = stock
+    hook = model.__dict__.pop(_HOOK, None)
+    if hook is not None:
+        model._forward_pre_hooks.pop(hook, None)
+        getattr(model, "_forward_pre_hooks_with_kwargs", {}).pop(hook, None)
+    model.__dict__.pop(_ENCODERS, None)
     previous = getattr(model, _PREV_ATTN, None)
     if previous is not None:
         if model.config._attn_implementation == NAME:
             model.set_attn_implementation(previous)
         delattr(model, _PREV_ATTN)
+    _stock_config(model)
     return model
 
 

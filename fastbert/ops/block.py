@@ -89,13 +89,36 @@ def _params(leaves):
 
 def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
     """The block's output through the fused eager path, or None when the per-op path must run."""
-    if torch.compiler.is_compiling() or _kl is None:
+    if key_padding_mask is not None or _kl is None or torch.compiler.is_compiling() or not enabled():
         return None
     cfg = block.cfg
-    if key_padding_mask is not None or not enabled():
-        return None
     pre = cfg.preset == "bert_pytorch"  # pre-LN (bert_pytorch) or post-LN (hf)
-    if not isinstance(x, torch.Tensor):
+    leaves = _leaves(block)
+    _, _, _, _, norm1, norm2, _, _, drop, ff = leaves
+    if pre and drop.training != block.training:
+        return None  # the per-op path's trailing nn.Dropout follows its own flag
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != cfg.hidden:
+        return None
+    p = drop.p if block.training else 0.0
+    pa = cfg.attn_dropout if block._modules["attention"].training else 0.0
+    pf = ff._modules["dropout"].p if ff.training else 0.0
+    return run_block(pre, x, _params(leaves), cfg.heads, 0.0 if pre else p, p, pa, pf, norm1.eps, norm2.eps,
+                     norm1.variant == "bert_pytorch", norm2.variant == "bert_pytorch", cfg.gelu,
+                     cu_seqlens, max_seqlen)
+
+
+def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbiased2, gelu,
+              cu_seqlens=None, max_seqlen=None):
+    """One block from its 16 parameters (in _PostLN's order: Wq, Wk, Wv, bq, bk, bv, Wo, bo, LN1 weight,
+    LN1 bias, W1, b1, W2, b2, LN2 weight, LN2 bias), or None where the per-op path must run.
+
+    pre         pre-LN (bert_pytorch) or post-LN (transformers' BERT family)
+    p1, p2      hidden dropout in LN1 / LN2 (post-LN; 0.0 where the model has none); pre-LN uses p2
+    pa, pf      attention-probability dropout, dropout after the FFN activation
+    eps*, unbiased*   the LayerNorms' eps and variant (bert_pytorch's unbiased std)
+    gelu        "none" (erf) or "tanh"
+    The callers pass the dropout rates of their modules' training state (0.0 in eval)."""
+    if _kl is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return None
     name = os.environ.get("FASTBERT_BACKEND", "auto")
     if name not in _dispatch.BACKENDS:
@@ -112,8 +135,8 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
             return None
     if os.environ.get("FASTBERT_ATTN_CHECK") == "1":
         return None  # the per-op attention checks cu_seqlens' values
-    n, heads = x.shape[-1], cfg.heads
-    if n != cfg.hidden or n > _kl.MAX_HIDDEN or n % heads:
+    n = x.shape[-1]
+    if n > _kl.MAX_HIDDEN or n % heads or params[0].shape[-1] != n:
         return None
     head_dim = n // heads
     if head_dim % 8 or head_dim > _ka.MAX_HEAD_DIM:
@@ -131,8 +154,6 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
             return None
         mode, seqinfo, max_seqlen = _ka.MODE_DENSE, None, x.shape[1]
         hshape = (x.shape[0], x.shape[1], heads, head_dim)
-    leaves = _leaves(block)
-    params = _params(leaves)
     if x.is_cuda:  # every parameter of x's dtype on x's device (is_cpu/is_cuda: no device objects)
         index = x.get_device()
         for t in params:
@@ -142,22 +163,15 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
         for t in params:
             if t.dtype is not dtype or not t.is_cpu:
                 return None
-    _, _, _, _, norm1, norm2, _, _, drop, ff = leaves
-    if pre and drop.training != block.training:
-        return None  # the per-op path's trailing nn.Dropout follows its own flag
-    p = drop.p if block.training else 0.0
-    pa = cfg.attn_dropout if block._modules["attention"].training else 0.0
-    pf = ff._modules["dropout"].p if ff.training else 0.0
-    if not (0.0 <= p < 1.0 and 0.0 <= pa < 1.0 and 0.0 <= pf < 1.0):
+    if not (0.0 <= p1 < 1.0 and 0.0 <= p2 < 1.0 and 0.0 <= pa < 1.0 and 0.0 <= pf < 1.0):
         return None
     # what ran, for fastbert.ops.last_choices() (pretrain logs it after the first step)
     last = _dispatch._last
     dev = device.type
     last["attention", dev] = last["layer_norm", dev] = last["bias_gelu", dev] = TRITON
-    seeds = _draw_seeds(device, 0.0 if pre else p, p, pa, pf)
-    meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p), float(pa), float(pf),
-            float(norm1.eps), float(norm2.eps), norm1.variant == "bert_pytorch",
-            norm2.variant == "bert_pytorch", cfg.gelu, cast)
+    seeds = _draw_seeds(device, 0.0 if pre else p1, p2, pa, pf)
+    meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p2), float(pa), float(pf), float(eps1),
+            float(eps2), bool(unbiased1), bool(unbiased2), gelu, float(p1), cast)
     if torch.is_grad_enabled():
         return (_apply_pre if pre else _apply_post)(_UNWRAP, meta, x, seqinfo, *seeds, *params)
     with _no_autocast(x, cast):
@@ -237,7 +251,7 @@ def _ffn_sublayer_bwd(du, xin, f, g, w1, b1, w2, meta, sf_seed, pd):
 
 
 def _forward_post(meta, x, seqinfo, seeds, params):
-    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     s1_seed, s2_seed, sa_seed, sf_seed = seeds
     x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
@@ -245,7 +259,7 @@ def _forward_post(meta, x, seqinfo, seeds, params):
     # F.linear; the LayerNorms take c and fp32 and give fp32 (the residual stream), as the per-op path
     xc = _to(x2, c)
     a, (q, k, v, o, o2, lse) = _attention_sublayer(xc, params, meta, seqinfo, sa_seed)
-    h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p, s1_seed, validate=False)
+    h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p1, s1_seed, validate=False)
     hc = _to(h, c)
     u, f, g = _ffn_sublayer(hc, w1, b1, w2, b2, meta, sf_seed)
     y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
@@ -272,7 +286,7 @@ class _PostLN(torch.autograd.Function):
     def backward(ctx, dy):
         (xc, q, k, v, o, o2, lse, s1, mean1, rstd1, hc, f, g, s2, mean2, rstd2, seqinfo, s1_seed, s2_seed,
          sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
-        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = ctx.meta
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = ctx.meta
         pd = None if c is None else wq.dtype  # the parameters' gradients: cast back from c
         m, n = xc.shape
         # LN2: y = LN(dropout(u) + h)
@@ -285,8 +299,8 @@ class _PostLN(torch.autograd.Function):
         else:
             dh = dsum2 + df.mm(_to(w1, c)).to(dsum2.dtype)
         # LN1: h = LN(dropout(a) + x)
-        dsum1, dx1, dg1, dc1 = _kl.layer_norm_bwd(dh, None, s1, g1, mean1, rstd1, unb1, p, s1_seed)
-        da = _to(dx1 if p > 0.0 else dsum1, c)
+        dsum1, dx1, dg1, dc1 = _kl.layer_norm_bwd(dh, None, s1, g1, mean1, rstd1, unb1, p1, s1_seed)
+        da = _to(dx1 if p1 > 0.0 else dsum1, c)
         dqkv, dattn = _attention_sublayer_bwd(da, xc, (q, k, v, o, o2, lse), wq, wk, wv, wo, ctx.meta,
                                               seqinfo, sa_seed, pd)
         wcat = torch.cat((wq, wk, wv))
@@ -303,7 +317,7 @@ def _forward_pre(meta, x, seqinfo, seeds, params):
     """bert_pytorch's block: h = x + drop(attn(LN1(x))); out = drop(h + drop(ffn(LN2(h)))), where
     LN2 takes the first dropout and the residual add (as the per-op path), the FFN's dropout runs
     in bias_gelu, and the last two dropouts are torch's own (native_dropout: masks kept)."""
-    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = meta
+    hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     _, s2_seed, sa_seed, sf_seed = seeds
     x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
@@ -340,7 +354,7 @@ class _PreLN(torch.autograd.Function):
     def backward(ctx, dout):
         (x2, y1c, mean1, rstd1, q, k, v, o, o2, lse, h, mean2, rstd2, y2c, f, g, mask1, mask2, seqinfo,
          s2_seed, sa_seed, sf_seed, wq, wk, wv, wo, g1, w1, b1, w2, g2) = ctx.saved_tensors
-        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, c = ctx.meta
+        hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = ctx.meta
         pd = None if c is None else wq.dtype  # the parameters' gradients: cast back from c
         m, n = x2.shape
         dh2 = dout if dout.dim() == 2 else dout.reshape(m, n)  # gradient of h + drop(u)
