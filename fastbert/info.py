@@ -20,6 +20,7 @@ NATIVE = {  # what a Triton op's native form runs
     "bias_gelu": "torch (F.gelu)",
     "attention": "torch (SDPA)",
     "geglu": "torch (F.gelu(a) * g)",
+    "rotary": "reference (plain torch: no fused form)",
 }
 NAMES = {_dispatch.TRITON: "triton", _dispatch.CPP: "C++ (fastbert._C)", _dispatch.REFERENCE: "reference"}
 FALLBACK = "off-kernel input falls back to the native form"

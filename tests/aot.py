@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 ARCHS = (80, 90)
-FAMILIES = ("layer_norm", "bias_gelu", "attention", "common", "geglu")
+FAMILIES = ("layer_norm", "bias_gelu", "attention", "common", "geglu", "rotary")
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -206,6 +206,28 @@ def _geglu():
     return out
 
 
+ROTARY_SIG = {"X": "*bf16", "OUT": "*bf16", "COS": "*fp32", "SIN": "*fp32", "SEQINFO": "*i32",
+              "sxt": "i32", "sxw": "i32", "sxh": "i32", "sot": "i32", "sow": "i32", "soh": "i32",
+              "scp": "i32", "SEQ": "i32"}
+
+
+def _rotary():
+    """Each (BLOCK_T, warps, head dim, rotary half) of rotary_configs(), varlen and padded, forward
+    and backward (CONJ); strides compiled as multiples of 16 (as the projection's views); no spills."""
+    from fastbert.kernels import rotary as K
+
+    out = []
+    for block_t, warps, dim, half in K.rotary_configs():
+        for mode in (K.MODE_VARLEN, K.MODE_PADDED):
+            for conj in (False, True):
+                consts = dict(HEAD_DIM=dim, ROT_HALF=half, BLOCK_R=K.next_power_of_2(half),
+                              BLOCK_D=K.next_power_of_2(dim), MODE=mode, CONJ=conj, BLOCK_T=block_t)
+                name = f"rotary {'bwd' if conj else 'fwd'} T{block_t} w{warps} D{dim} R{2 * half} MODE={mode}"
+                out.append(Variant(name, K._rotary_kernel, ROTARY_SIG, consts, warps, 1,
+                                   ("sxt", "sxw", "sxh", "sot", "sow", "soh", "scp")))
+    return out
+
+
 def _common():
     from fastbert.kernels import _common as C
 
@@ -296,7 +318,7 @@ def _attn_variant(kname, kernel, dtype, consts, warps, stages):
 
 def variants(family):
     return {"layer_norm": _layer_norm, "bias_gelu": _bias_gelu, "attention": _attention,
-            "common": _common, "geglu": _geglu}[family]()
+            "common": _common, "geglu": _geglu, "rotary": _rotary}[family]()
 
 
 def _compile_one(job):

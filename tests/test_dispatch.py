@@ -136,6 +136,8 @@ def test_auto_takes_the_kernel_for_input_it_takes(kernels_here):
                                atol=1e-5)
     torch.testing.assert_close(ops.bias_gelu(x, b), ref.bias_gelu(x, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.geglu(x, b), ref.geglu(x, b), rtol=1e-5, atol=1e-5)
+    qkv, (cos, sin) = torch.randn(2, 5, 3, 2, 16, generator=g), ops.rotary_tables(16, 5)
+    torch.testing.assert_close(ops.rotary(qkv, cos, sin), ref.rotary(qkv, cos, sin), rtol=1e-5, atol=1e-5)
     q = torch.randn(2, 5, 2, 16, generator=g)
     torch.testing.assert_close(ops.attention(q, q + 1, q - 1), ref.attention(q, q + 1, q - 1), rtol=1e-4,
                                atol=1e-4)

@@ -5,6 +5,8 @@
     geglu(x, bias=None, approximate="none"|"tanh", *, dropout_p=0.0)  gelu(a) * g of a [..., 2F] projection
     attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None, max_seqlen=None,
               *, window=None)
+    rotary(qkv, cos, sin, cu_seqlens=None, max_seqlen=None)  RoPE on q, k of a packed [T, 3, H, D]
+        projection (rotary_tables(rotary_dim, max_positions, theta) builds cos, sin)
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
     fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole transformer block in one
@@ -23,6 +25,7 @@ from .embed import embed
 from .geglu import geglu
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
+from .rotary import rotary, rotary_tables
 
 __all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "geglu", "last_choices",
-           "layer_norm", "mlm_mask", "use_triton"]
+           "layer_norm", "mlm_mask", "rotary", "rotary_tables", "use_triton"]

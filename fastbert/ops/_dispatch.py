@@ -7,10 +7,10 @@ with a stand-in for a device, and last_choices() reports what ran most recently 
 is what `fastbert pretrain` logs after its first step.
 
 FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
-  auto       Triton ops (layer_norm, bias_gelu, attention, geglu): the Triton kernel for CUDA tensors the
-             kernel takes (its check(*args) passes); otherwise, for CPU tensors or input the kernel
-             rejects (fp64, a strided layout it cannot address, a size above its limit), the op's
-             native form: torch's own fused ops where they compute the same function (native=True;
+  auto       Triton ops (layer_norm, bias_gelu, attention, geglu, rotary): the Triton kernel for CUDA
+             tensors the kernel takes (its check(*args) passes); otherwise, for CPU tensors or input
+             the kernel rejects (fp64, a strided layout it cannot address, a size above its limit),
+             the op's native form: torch's own fused ops where they compute the same function (native=True;
              F.layer_norm, F.gelu, F.scaled_dot_product_attention), the reference where they do not.
              C++ ops (embed, mlm_mask): fastbert._C on CPU tensors, and on CUDA tensors when it was
              built with its CUDA kernels; the reference otherwise.
@@ -28,7 +28,7 @@ from fastbert import _ext
 
 BACKENDS = ("reference", "triton", "auto")
 TRITON, CPP, NATIVE, REFERENCE = "triton", "C++", "native", "reference"
-TRITON_OPS = ("layer_norm", "bias_gelu", "attention", "geglu")
+TRITON_OPS = ("layer_norm", "bias_gelu", "attention", "geglu", "rotary")
 CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}  # op -> torch.ops.fastbert name
 
 

@@ -64,6 +64,35 @@ def geglu(x, bias=None, approximate="none", *, dropout_p=0.0):
     return F.dropout(y, dropout_p) if dropout_p > 0.0 else y
 
 
+def rotate_half(x):
+    """cat(-x2, x1) of the two halves of the last dim (transformers' rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(qkv, cos, sin, cu_seqlens=None):
+    """Rotary embeddings on q and k of a packed projection, half-split layout (transformers'
+    apply_rotary_pos_emb with rotate_half): x * cat(c, c) + rotate_half(x) * cat(s, s) on the first
+    R = 2 * cos.shape[1] dims of every head of q and k, the rest and v unchanged.
+    qkv [T, 3, H, D] with cu_seqlens [B+1] (positions restart at 0 in each sequence) or
+    [B, S, 3, H, D] (position s); cos, sin [P, R/2] tables. Returns a new tensor of qkv's shape."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pos = torch.cat([torch.arange(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+                        + [torch.zeros(0, dtype=torch.int64)]).to(qkv.device)  # [T]
+        shape = (-1, 1, 1)  # [T, 1, 1, R]: broadcast over (q/k, H)
+    else:
+        pos = torch.arange(qkv.shape[1], device=qkv.device)  # [S]
+        shape = (1, -1, 1, 1)  # [1, S, 1, 1, R]
+    rot = 2 * cos.shape[1]
+    c = torch.cat((cos[pos], cos[pos]), dim=-1).to(qkv.dtype).reshape(*shape, rot)
+    s = torch.cat((sin[pos], sin[pos]), dim=-1).to(qkv.dtype).reshape(*shape, rot)
+    qk = qkv.narrow(-3, 0, 2)
+    head, tail = qk[..., :rot], qk[..., rot:]
+    rotated = torch.cat((head * c + rotate_half(head) * s, tail), dim=-1)
+    return torch.cat((rotated, qkv.narrow(-3, 2, 1)), dim=-3)
+
+
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None, dropout_mask=None, *, window=None):
     """Bidirectional scaled dot-product attention.
