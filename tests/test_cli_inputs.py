@@ -171,3 +171,13 @@ def test_version(capsys):
     assert cli.main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("fastbert ") and fastbert.__version__ in out and "torch" in out
+
+
+def test_help_names_no_internals():
+    """--help speaks of options and defaults, not of the code's constants and functions."""
+    import re
+
+    for parser in (pretrain.build_parser(), finetune.build_parser()):
+        text = parser.format_help()
+        assert not re.search(r"CPU_DEFAULTS|CUDA_DEFAULTS|default_lr|fastbert\.train\.", text), text
+    assert "default: no limit" in pretrain.build_parser().format_help()

@@ -246,9 +246,9 @@ def build_parser(p=None):
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--lr", type=_lr_arg, default="auto",
-                   help="learning rate; auto (default): scaled to the model's width (see default_lr: 7.3e-4 "
-                   "for hidden 128, 5e-5 for 768); search: try auto x {1/3, 1, 3} on a tenth of the "
-                   "training rows and train with the best")
+                   help="learning rate; auto (default): scaled to the model's width, 5e-5 at hidden 768 "
+                   "rising as hidden^-1.5 (7.3e-4 at hidden 128), at most 1e-3; search: try auto x "
+                   "{1/3, 1, 3} on a tenth of the training rows and train with the best")
     p.add_argument("--warmup", type=probability, default=0.1, help="warmup as a fraction of the steps")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
     p.add_argument("--seq-len", type=positive_int, default=128)

@@ -17,8 +17,8 @@ or FSDP2 fully_shard with --fsdp). Losses are normalised by the global count of 
 examples of the step, so a run on P processes with batch B matches one process with --accum P.
 
 Run folder (--out): checkpoints/ (atomic, the last --keep), metrics.jsonl (a JSON line per log step,
-the held-out evaluation, resume and stop events; fastbert.train.runlog), config.json (options, model,
-versions), cache/ (vocabulary and token shard), tensorboard/ with --tensorboard.
+the held-out evaluation, resume and stop events), config.json (options, model, versions), cache/
+(vocabulary and token shard), tensorboard/ with --tensorboard.
 
 Exit status: 0 on success, 2 on bad input (corpus, vocabulary, options, checkpoint) with one message
 on stderr; an existing checkpoint is never overwritten or removed by a run that fails its checks.
@@ -144,7 +144,7 @@ def build_parser(p=None):
                    "CUDA, fp32 on CPU)")
     t.add_argument("--packed", action="store_true", help="pack whole examples into fixed budgets of batch x "
                    "seq-len token slots per micro-batch (Krell et al. 2021): static shapes, no host sync in "
-                   "the step (fastbert.train.packed_run)")
+                   "the step")
     t.add_argument("--pack-seqs", type=positive_int, help="sequence slots per pack (default: batch x "
                    "seq-len / 16)")
     t.add_argument("--cuda-graphs", action="store_true", help="capture the whole packed step (forward, loss, "
