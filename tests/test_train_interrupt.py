@@ -2,6 +2,7 @@
 where, `--resume` takes the run folder, the metrics file continues with a marker and no repeated
 step; --time-limit ends on a decayed schedule and says how far it got."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -157,3 +158,17 @@ def test_no_default_time_cap():
     o = pretrain._resolve_options(pretrain.build_parser().parse_args([]), cuda=False)
     assert o.time_limit is None and o.max_steps == 3000
     assert "CPU_DEFAULTS" not in pretrain.build_parser().format_help()
+
+
+def test_tensorboard_is_optional(corpus, tmp_path, capsys):
+    """--tensorboard writes event files when the tensorboard package is there, else exits 2 saying so."""
+    text, cache = corpus
+    argv = SMALL + ["--corpus", text, "--cache-dir", cache, "--out", str(tmp_path / "run"),
+                    "--max-steps", "2", "--tensorboard"]
+    if importlib.util.find_spec("tensorboard") is None:
+        assert pretrain.main(argv) == 2
+        assert "pip install tensorboard" in capsys.readouterr().err
+        return
+    assert pretrain.main(argv) == 0
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events), events
