@@ -115,8 +115,9 @@ XDIST=()
 if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
   XDIST=(-n "$WORKERS" --dist loadfile)
 fi
-GPU_TESTS=(tests/test_graphs.py tests/test_packing.py tests/test_model_fused.py tests/test_embed.py tests/test_mlm_mask.py tests/test_attention.py
-           tests/test_layer_norm.py tests/test_bias_gelu.py
+GPU_TESTS=(tests/test_fused_block.py tests/test_hf_inputs.py tests/test_hf_patch.py
+           tests/test_graphs.py tests/test_packing.py tests/test_model_fused.py tests/test_embed.py tests/test_mlm_mask.py tests/test_attention.py
+           tests/test_layer_norm.py tests/test_bias_gelu.py tests/test_geglu.py tests/test_rotary.py
            tests/test_train_heads.py::test_linear_cross_entropy_bf16_autocast
            tests/test_train_pretrain.py::test_pretrain_on_cuda tests/test_dispatch.py tests/test_csrc_nvcc.py)
 CPU_TESTS=()
