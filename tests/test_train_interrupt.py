@@ -15,7 +15,7 @@ from train_helpers import restore_threads, world_corpus  # noqa: F401 (autouse f
 
 from fastbert.train import pretrain
 from fastbert.train.checkpoint import list_checkpoints
-from fastbert.train.optim import warmup_linear
+from fastbert.train.optim import TimeBudget, warmup_linear
 
 SMALL = ["--layers", "1", "--hidden", "32", "--heads", "2", "--seq-len", "64", "--vocab-size", "600",
          "--batch", "8", "--no-progress", "--device", "cpu", "--threads", "1", "--log-every", "1",
@@ -146,7 +146,7 @@ def test_schedule_follows_the_time_left():
     assert f(10) == 0.25 and f(99) == pytest.approx(1 / 98)
     left[0] = -0.1
     assert f(10) == 0.0
-    budget = pretrain.TimeBudget(limit=100.0, spent=40.0)
+    budget = TimeBudget(limit=100.0, spent=40.0)
     assert budget.remaining() == pytest.approx(1.0) and not budget.over()  # warmup ended at 40 s
     budget.spent = 70.0
     assert budget.remaining() == pytest.approx(0.5)

@@ -41,7 +41,7 @@ from fastbert.reference.model import BertConfig
 
 from .checkpoint import CheckpointError, export_hf_classifier, find_checkpoint, load_checkpoint, run_folder_of
 from .data import CorpusError, check_text_file
-from .interrupt import Interrupted, StopSignals
+from .interrupt import StopSignals, exit_status
 from .optim import param_groups, warmup_linear
 from .options import cpu_threads, nonnegative_float, positive_float, positive_int, probability, resolve_device
 from .runlog import RunLog, write_config
@@ -652,14 +652,7 @@ def _print_comparison(results, task):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)["exit_code"]
-    except (CorpusError, VocabError, CheckpointError, FinetuneError) as e:
-        print(f"fastbert finetune: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"fastbert finetune: {e}: stopped", file=sys.stderr)
-        return e.exit_code
+    return exit_status("finetune", run, args, (CorpusError, VocabError, CheckpointError, FinetuneError))
 
 
 if __name__ == "__main__":

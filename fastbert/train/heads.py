@@ -147,3 +147,14 @@ class PretrainModel(nn.Module):
             loss = F.nll_loss(picked, labels, reduction="sum")
             correct = (picked.argmax(1) == labels).sum()
         return loss, correct, nsp
+
+
+def flops_per_step(cfg, tokens, sum_len2, masked, sparse=True):
+    """Model FLOPs (forward + backward = 3 x forward) of one step: matmuls of the encoder on the
+    non-padding tokens, attention scores and values (4 L^2 N per layer and sequence), MLM head."""
+    n, i = cfg.hidden, cfg.intermediate
+    per_token = 2 * cfg.n_layers * (4 * n * n + 2 * n * i)
+    attn = 4 * cfg.n_layers * n * sum_len2
+    head_rows = masked if sparse else tokens
+    head = 2 * head_rows * (n * cfg.vocab_size + (n * n if cfg.preset == "hf" else 0))
+    return 3 * (per_token * tokens + attn + head)

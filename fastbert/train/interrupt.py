@@ -62,3 +62,19 @@ class StopSignals:
     @property
     def exit_code(self):
         return 128 + self.signum if self.signum else 0
+
+
+def exit_status(command, run, args, errors):
+    """run(args)'s "exit_code"; 2 with one message for the error classes `errors` (bad input); 128 +
+    the signal's number for a signal that came outside the training loop (nothing to save then)."""
+    import sys
+
+    try:
+        return run(args)["exit_code"]
+    except errors as e:
+        print(f"fastbert {command}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"fastbert {command}: {e} outside training (before it started, or after the last save): "
+              f"stopped", file=sys.stderr)
+        return e.exit_code

@@ -1,4 +1,7 @@
-"""Optimizer pieces shared by pretraining and fine-tuning: AdamW parameter groups and the LR schedule."""
+"""Optimizer pieces shared by pretraining and fine-tuning: AdamW parameter groups, the LR schedule and
+the time budget it can follow (--time-limit)."""
+
+import time
 
 
 def param_groups(model, weight_decay):
@@ -25,3 +28,29 @@ def warmup_linear(warmup, total, remaining=None):
             down = min(down, max(0.0, remaining()))
         return down
     return f
+
+
+class TimeBudget:
+    """--time-limit: the seconds trained so far (a resumed run starts from its checkpoint's), and the
+    fraction of the budget left after warmup, which the LR schedule follows (warmup_linear's
+    `remaining`). Without a limit it only counts."""
+
+    def __init__(self, limit=None, spent=0.0, warm_at=None):
+        self.limit, self.spent, self.warm_at, self.t0 = limit, float(spent), warm_at, None
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self):
+        return self.spent + (time.perf_counter() - self.t0 if self.t0 is not None else 0.0)
+
+    def remaining(self):
+        """1 when warmup ends (the first time the schedule asks), 0 when the limit is reached."""
+        if self.limit is None:
+            return 1.0
+        if self.warm_at is None:
+            self.warm_at = min(self.elapsed(), 0.5 * self.limit)
+        return (self.limit - self.elapsed()) / max(1e-9, self.limit - self.warm_at)
+
+    def over(self):
+        return self.limit is not None and self.elapsed() >= self.limit

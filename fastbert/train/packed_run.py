@@ -17,6 +17,7 @@ metrics, lr() is the learning rate of the last step.
 import torch
 
 from .graphs import packed_pretrain_step, warmup_linear_lr
+from .heads import flops_per_step  # the same FLOP count as the padded loop
 from .optim import param_groups
 from .packing import PackedPretrainData, step_counts
 
@@ -72,7 +73,6 @@ class PackedLoop:
 
     def step(self, metrics):
         s, t = self.s, self.t
-        from .pretrain import flops_per_step  # the same FLOP count as the padded loop
 
         epoch, k = divmod(t.step, self.data.steps_per_epoch)
         packs = self.data.step_batches(epoch, k)  # CPU: packed, masked, checked
