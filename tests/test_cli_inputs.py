@@ -37,22 +37,19 @@ def _exit_code(fn, argv):
         return e.code
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--seq-len", "0", "must be a positive whole number, got 0"),
-    ("--batch", "0", "must be a positive whole number, got 0"),
-    ("--batch", "-1", "must be a positive whole number, got -1"),
-    ("--layers", "0", "must be a positive whole number"),
-    ("--hidden", "-4", "must be a positive whole number"),
-    ("--vocab-size", "0", "must be a positive whole number"),
-    ("--accum", "0", "must be a positive whole number"),
-    ("--max-steps", "-1", "must be 0 or more"),
-    ("--lr", "-1", "must be a positive number"),
-    ("--lr", "0", "must be a positive number"),
-    ("--lr", "nan", "expected a finite number"),
-    ("--lr", "fast", "expected a number"),
-    ("--time-limit", "0", "must be a positive number"),
+POSITIVE_INT = "must be a positive whole number"
+BAD_NUMBERS = [
+    *[(opt, value, f"{POSITIVE_INT}, got {value}") for opt, value in (
+        ("--seq-len", "0"), ("--batch", "0"), ("--batch", "-1"), ("--layers", "0"), ("--hidden", "-4"),
+        ("--vocab-size", "0"), ("--accum", "0"))],
+    *[("--lr", value, "must be a positive number") for value in ("-1", "0")],
+    ("--lr", "nan", "expected a finite number"), ("--lr", "fast", "expected a number"),
+    ("--max-steps", "-1", "must be 0 or more"), ("--time-limit", "0", "must be a positive number"),
     ("--dropout", "1.5", r"must be in \[0, 1\)"),
-])
+]
+
+
+@pytest.mark.parametrize("option,value,message", BAD_NUMBERS)
 def test_pretrain_refuses_bad_numbers(option, value, message, tmp_path, capsys):
     assert _exit_code(pretrain.main, ["--out", str(tmp_path / "r"), option, value]) == 2
     err = capsys.readouterr().err
