@@ -646,6 +646,8 @@ def _run(args, signals):
     path = _save(s, t) if last_saved != t.step else None
     if path is None and s.rank == 0:
         path = list_checkpoints(s.ckpt_dir)[-1][1] if list_checkpoints(s.ckpt_dir) else None
+    if signals.signum and s.world == 1:  # came during the last step's checkpoint: stop here all the same
+        reason = "signal"
     train_s = t.budget.elapsed()
     result = {"step": t.step, "history": logger.history, "model": t.model, "vocab": s.vocab, "config": s.cfg,
               "ops": ops_used, "heldout": None, "train_seconds": train_s, "stopped": reason, "exit_code": 0,
