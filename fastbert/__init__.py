@@ -4,7 +4,7 @@
     bert = fastbert.BERT(vocab_size)            # drop-in for bert_pytorch.model.BERT
     lm = fastbert.BERTLM(bert, vocab_size)      # drop-in for bert_pytorch.model.BERTLM
     enc = fastbert.from_hf(transformers_bert)   # same outputs as BertModel(...).last_hidden_state
-    model = fastbert.patch_hf(transformers_model)   # fused ops inside a transformers BERT/RoBERTa, in place
+    model = fastbert.patch_hf(transformers_model)   # fused ops inside a transformers BERT-family model
 """
 
 __version__ = "0.1.0"

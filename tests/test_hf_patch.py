@@ -543,7 +543,7 @@ def test_flags_select_what_is_patched():
 def test_bad_input():
     with pytest.raises(TypeError, match="patch_hf expects"):
         patch_hf("bert")
-    with pytest.raises(ValueError, match="none of the BERT/RoBERTa modules"):
+    with pytest.raises(ValueError, match="none of the modules fastbert patches.*DistilBERT"):
         patch_hf(nn.Linear(3, 3))
 
 

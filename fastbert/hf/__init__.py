@@ -8,7 +8,7 @@ AttentionInterface and AttentionMaskInterface (idempotent), so
     model.set_attn_implementation("fastbert")
 
 run fastbert.ops.attention (see fastbert.hf.attention), and patch_hf/unpatch_hf fuse the rest of a
-BERT/RoBERTa model in place (see fastbert.hf.patch).
+BERT-family model in place (see fastbert.hf.patch; the families: fastbert.hf.modules.FAMILIES).
 """
 
 from . import compat

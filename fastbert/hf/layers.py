@@ -14,8 +14,9 @@ patch_hf flags still switch parts off), no hooks other than transformers' own ou
 while nothing is being captured, no forward replaced on an instance, no chunked feed-forward. Anything
 else returns None and the caller calls the layer module (the per-op path), so every effect is kept.
 
-LAYOUTS maps a stock layer class to where its parts live, attribute paths from the layer; a family
-whose layer has this math under other names is one more row.
+LAYOUTS maps a layer class (the stock one; DistilBERT's fused TransformerBlock) to where its parts
+live, attribute paths from the layer; a family whose layer has this math under other names is one more
+row (the families: fastbert.hf.modules.FAMILIES).
 """
 
 from typing import NamedTuple
@@ -49,6 +50,13 @@ BERT_LAYOUT = Layout(
     w1=("intermediate", "dense"), act=("intermediate", "intermediate_act_fn"), w2=("output", "dense"),
     ln2=("output", "LayerNorm"), drop2=("output", "dropout"),
     stock=(("attention",), ("attention", "self")))
+
+# DistilBERT's TransformerBlock: no dropout before the first residual add, the FFN's after lin2
+DISTILBERT_LAYOUT = Layout(
+    attention=("attention",), q=("attention", "q_lin"), k=("attention", "k_lin"), v=("attention", "v_lin"),
+    o=("attention", "out_lin"), ln1=("sa_layer_norm",), drop1=None, w1=("ffn", "lin1"),
+    act=("ffn", "activation"), w2=("ffn", "lin2"), ln2=("output_layer_norm",), drop2=("ffn", "dropout"),
+    stock=(("attention",),))
 
 LAYOUTS = {}  # stock layer class -> (Layout, allowed classes per `stock` path, fused classes needed)
 
@@ -105,7 +113,8 @@ def _plan(layer, entry, gelu_form):
             return None
     for path in (layout.ln1[:-1], layout.w1[:-1], layout.ln2[:-1]):
         m = walk(path)
-        if m is None or type(m) not in fused_classes or "forward" in m.__dict__ or _hooked(m):
+        if (m is None or type(m) not in fused_classes or "forward" in m.__dict__ or _hooked(m)
+                or getattr(m, "chunk_size_feed_forward", 0)):
             return None
     attn = walk(layout.attention)
     q, k, v, o, w1, w2 = (walk(path) for path in (layout.q, layout.k, layout.v, layout.o, layout.w1,

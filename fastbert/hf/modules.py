@@ -18,19 +18,20 @@ quantized layer), so their effect is never lost:
                          with varlen attention and is scattered back to [B, S, hidden] (zeros at padding)
 """
 
+import importlib
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.bert import modeling_bert
-from transformers.models.roberta import modeling_roberta
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
 
 from fastbert import ops
 
 from . import compat
 from .attention import NAME, _collector, packed_cu_seqlens, wants_attentions
-from .layers import BERT_LAYOUT, fused_layer
+from .layers import BERT_LAYOUT, DISTILBERT_LAYOUT, Layout, fused_layer
 from .layers import register as register_layer
 
 
@@ -87,6 +88,54 @@ class _BiasGeluMixin:
         return ops.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias, form)
 
 
+class _FFNMixin:
+    """forward(input) = dropout(lin2(act(lin1(input)))) (DistilBERT's FFN): bias + GELU fused as above."""
+
+    def forward(self, input):
+        inner = self._fastbert_inner(input)
+        if inner is None:
+            return super().forward(input)
+        return self.dropout(self.lin2(inner))
+
+    def _fastbert_inner(self, x):
+        """gelu(lin1(x)) through fastbert.ops.bias_gelu, or None where that is not the module's math."""
+        form, lin1 = gelu_form(self.activation), self.lin1
+        if self.chunk_size_feed_forward or form is None or not _plain(lin1, nn.Linear) or lin1.bias is None:
+            return None
+        return ops.bias_gelu(F.linear(x, lin1.weight), lin1.bias, form)
+
+
+def _plain_norm(ln):
+    return (_plain(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None
+            and len(ln.normalized_shape) == 1)
+
+
+class _BlockNormsMixin:
+    """DistilBERT's TransformerBlock, forward(hidden_states, attention_mask, **kwargs):
+        h = sa_layer_norm(attention(x) + x);  y = output_layer_norm(ffn(h) + h)
+    each residual add + LayerNorm as one fastbert.ops.layer_norm, the FFN's closing dropout folded into
+    the second when the FFN is the fused one above."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        ln1, ln2, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
+        if not (_plain_norm(ln1) and _plain_norm(ln2)) or "forward" in self.__dict__:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        attn, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        h, _ = ops.layer_norm(attn.contiguous(), ln1.weight, ln1.bias, ln1.eps,
+                              residual=hidden_states.contiguous())
+        inner = p = None
+        if isinstance(ffn, _FFNMixin) and not ffn._forward_hooks and not ffn._forward_pre_hooks:
+            p = _dropout_p(ffn, ffn.dropout)
+            if p is not None and _plain(ffn.lin2, nn.Linear):
+                inner = ffn._fastbert_inner(h)
+        if inner is None:
+            x, p = ffn(h), 0.0
+        else:
+            x = ffn.lin2(inner)
+        y, _ = ops.layer_norm(x.contiguous(), ln2.weight, ln2.bias, ln2.eps, residual=h, dropout_p=p)
+        return y
+
+
 class _ZeroRowGrad(torch.autograd.Function):
     """Identity on a table whose row `row` gets no gradient (nn.Embedding(padding_idx=row))."""
 
@@ -116,13 +165,14 @@ class _EmbedMixin:
         position_ids = a.get("position_ids")
         cache_length = compat.first(a, compat.CACHE_LENGTH, 0)
         p = _dropout_p(self, self.dropout)
-        word, pos_table, tt, ln = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings,
-                                   self.LayerNorm)
-        if (p is None or a.get("inputs_embeds") is not None or input_ids is None or input_ids.dim() != 2
-                or not isinstance(cache_length, int)
-                or not all(_plain(m, nn.Embedding) for m in (word, pos_table, tt))
+        word, pos_table, ln = self.word_embeddings, self.position_embeddings, self.LayerNorm
+        tt = self._modules.get("token_type_embeddings")  # DistilBERT has none
+        tables = (word, pos_table) if tt is None else (word, pos_table, tt)
+        if (p is None or a.get("inputs_embeds") is not None or a.get("input_embeds") is not None
+                or input_ids is None or input_ids.dim() != 2 or not isinstance(cache_length, int)
+                or not all(_plain(m, nn.Embedding) for m in tables)
                 or not _plain(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None
-                or not (word.weight.dtype == pos_table.weight.dtype == tt.weight.dtype == ln.weight.dtype)):
+                or any(m.weight.dtype != ln.weight.dtype for m in tables)):
             return super().forward(*args, **kwargs)
         batch, seq = input_ids.shape
         if position_ids is None:
@@ -131,7 +181,9 @@ class _EmbedMixin:
                                                                        cache_length)
             else:
                 position_ids = self.position_ids[:, cache_length: seq + cache_length]
-        if token_type_ids is None:
+        if tt is None:
+            pass
+        elif token_type_ids is None:
             if hasattr(self, "token_type_ids"):
                 buffered = self.token_type_ids.to(position_ids.device).expand(position_ids.shape[0], -1)
                 token_type_ids = torch.gather(buffered, 1, position_ids).expand(batch, seq)
@@ -142,12 +194,13 @@ class _EmbedMixin:
         pos_weight = pos_table.weight
         if pos_table.padding_idx is not None and pos_weight.requires_grad:
             pos_weight = _ZeroRowGrad.apply(pos_weight, pos_table.padding_idx)
-        return ops.embed(input_ids, word.weight, pos_weight, token_type_ids.expand(batch, seq), tt.weight,
+        segments = None if tt is None else token_type_ids.expand(batch, seq)
+        return ops.embed(input_ids, word.weight, pos_weight, segments, None if tt is None else tt.weight,
                          position_ids=position_ids, ln_weight=ln.weight, ln_bias=ln.bias, eps=ln.eps,
                          dropout_p=p, padding_idx=word.padding_idx, segment_padding_idx=tt.padding_idx)
 
 
-_EMBED_ARGS = frozenset({"input_ids", "token_type_ids", "position_ids", "inputs_embeds",
+_EMBED_ARGS = frozenset({"input_ids", "token_type_ids", "position_ids", "inputs_embeds", "input_embeds",
                          *compat.CACHE_LENGTH})
 
 
@@ -208,14 +261,14 @@ class _UnpadEncoderMixin:
                 if max_len is None or (k is not None and k is not cu and not torch.equal(k, cu)):
                     return super().forward(*args, **kwargs)
                 out = self._fastbert_layers(hidden_states[0], layer_kwargs, cu.to(torch.int32), int(max_len))
-                return _output(out.unsqueeze(0))
+                return self._fastbert_output(out.unsqueeze(0))
             packed = None
             if batch == 1 and a.get("position_ids") is not None:
                 packed = packed_cu_seqlens(a["position_ids"])
             if packed is not None:
                 out = self._fastbert_layers(hidden_states[0], layer_kwargs, *packed)
-                return _output(out.unsqueeze(0))
-            return _output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
+                return self._fastbert_output(out.unsqueeze(0))
+            return self._fastbert_output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
             return super().forward(*args, **kwargs)
         lengths = attention_mask.sum(1, dtype=torch.int32)
@@ -227,7 +280,7 @@ class _UnpadEncoderMixin:
         if not first_real or any(labels):
             return super().forward(*args, **kwargs)  # a head reads padding positions: keep them
         if total == batch * seq:  # no padding: the dense layout as it is
-            return _output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
+            return self._fastbert_output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
         index = _real_positions(attention_mask.reshape(-1), total)
         packed = hidden_states.reshape(batch * seq, hidden).index_select(0, index)  # [T, N]
         collected = _collector()
@@ -238,12 +291,12 @@ class _UnpadEncoderMixin:
             for i in range(first, len(captured)):
                 if captured[i] is not None:
                     captured[i] = hidden_states if i == 0 else _scatter(captured[i], index, batch, seq)
-        return _output(_scatter(out, index, batch, seq))
+        return self._fastbert_output(_scatter(out, index, batch, seq))
 
     def _fastbert_applies(self, a):
-        cfg = self.config
+        cfg = _config_of(self)
         h = a.get("hidden_states")
-        return (cfg._attn_implementation == NAME and not cfg.is_decoder
+        return (cfg is not None and cfg._attn_implementation == NAME and not getattr(cfg, "is_decoder", False)
                 and a.get("encoder_hidden_states") is None and compat.first(a, compat.CACHE) is None
                 and not a.get("use_cache") and isinstance(h, torch.Tensor) and h.dim() == 3
                 and not a.get("output_hidden_states") and not a.get("output_attentions")
@@ -271,35 +324,95 @@ class _UnpadEncoderMixin:
         return h
 
 
-def _output(h):
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h)
+    def _fastbert_output(self, h):
+        return self._fastbert_output_class(last_hidden_state=h)
 
 
-# stock class -> fused subclass; module-level names so pickle finds them
-FUSED = {}
-_MIXINS = {"SelfOutput": _AddNormMixin, "Output": _AddNormMixin, "Intermediate": _BiasGeluMixin,
-           "Embeddings": _EmbedMixin, "Encoder": _UnpadEncoderMixin}
+def _config_of(encoder):
+    """The model config an encoder reads: its own, or (DistilBERT's Transformer has none) its first
+    layer's attention's."""
+    cfg = encoder.__dict__.get("config")
+    if cfg is None:
+        for m in encoder.layer[0].modules() if len(encoder.layer) else ():
+            cfg = m.__dict__.get("config")
+            if cfg is not None:
+                break
+    return cfg
+
+
+# The families patch_hf knows, one row each: the modeling module, and for each stock class the part it
+# plays (the fused subclass's mixin and the patch_hf flag that switches it). A family whose layer is
+# BERT's (XLM-RoBERTa, CamemBERT, ELECTRA copy it under their own prefix) is `_bert_like(prefix)`;
+# the layer class keeps its own class and runs as one fused block (fastbert.hf.layers) when its parts
+# are the plain fused ones. DistilBERT has the same math under other names: its own parts and layout.
+_PARTS = {  # part -> (mixin, role: the patch_hf flag)
+    "add_norm": (_AddNormMixin, "layer_norm"), "bias_gelu": (_BiasGeluMixin, "bias_gelu"),
+    "embeddings": (_EmbedMixin, "embeddings"), "unpad": (_UnpadEncoderMixin, "unpad"),
+    "ffn": (_FFNMixin, "bias_gelu"), "block_norms": (_BlockNormsMixin, "layer_norm"),
+}
+
+
+class Family(NamedTuple):
+    name: str  # as patch_hf's error names it
+    module: str  # transformers.models.<module>.modeling_<module>
+    prefix: str  # of its class names (fused classes: "Fast" + prefix + the rest)
+    parts: dict  # stock class name -> part
+    layer: str  # the layer class fastbert.hf.layers runs as one block (its fused subclass where it has one)
+    layout: Layout
+    stock: tuple  # per layout.stock path, the stock class name it must have
+    output: type = BaseModelOutputWithPastAndCrossAttentions  # what the stock encoder returns
+
+
+def _bert_like(name, module, prefix):
+    parts = {prefix + "SelfOutput": "add_norm", prefix + "Output": "add_norm",
+             prefix + "Intermediate": "bias_gelu", prefix + "Embeddings": "embeddings",
+             prefix + "Encoder": "unpad"}
+    return Family(name, module, prefix, parts, prefix + "Layer", BERT_LAYOUT,
+                  (prefix + "Attention", prefix + "SelfAttention"))
+
+
+FAMILIES = (
+    _bert_like("BERT", "bert", "Bert"),
+    _bert_like("RoBERTa", "roberta", "Roberta"),
+    _bert_like("XLM-RoBERTa", "xlm_roberta", "XLMRoberta"),
+    _bert_like("CamemBERT", "camembert", "Camembert"),
+    _bert_like("ELECTRA", "electra", "Electra"),
+    Family("DistilBERT", "distilbert", "DistilBert", {"Embeddings": "embeddings", "FFN": "ffn",
+                                        "TransformerBlock": "block_norms", "Transformer": "unpad"},
+           "TransformerBlock", DISTILBERT_LAYOUT, ("DistilBertSelfAttention",), BaseModelOutput),
+)
+
+FUSED = {}  # stock class -> fused subclass (module-level names, so pickle finds them)
 ROLE = {}  # fused subclass -> "layer_norm" | "bias_gelu" | "embeddings" | "unpad"
-_ROLE_OF = {"SelfOutput": "layer_norm", "Output": "layer_norm", "Intermediate": "bias_gelu",
-            "Embeddings": "embeddings", "Encoder": "unpad"}
+FAMILY_NAMES = []  # the families this transformers release has
 
-for _prefix, _module in (("Bert", modeling_bert), ("Roberta", modeling_roberta)):
-    for _part, _mixin in _MIXINS.items():
-        _stock = getattr(_module, _prefix + _part, None)
-        if _stock is None:  # pragma: no cover - a transformers without this class
-            continue
-        _name = "Fast" + _prefix + _part
-        _attrs = {"__module__": __name__, "__qualname__": _name, "_fastbert_stock": _stock}
-        if _part == "Embeddings":
-            _attrs["_roberta_positions"] = hasattr(_stock, "create_position_ids_from_input_ids")
-        _cls = type(_name, (_mixin, _stock), _attrs)
-        globals()[_name] = _cls
-        FUSED[_stock] = _cls
-        ROLE[_cls] = _ROLE_OF[_part]
-    _layer = getattr(_module, _prefix + "Layer", None)
-    if _layer is not None:  # the layer itself keeps its class; fastbert.hf.layers runs it as one block
-        _stock_parts = ({getattr(_module, _prefix + "Attention")},
-                        {getattr(_module, _prefix + "SelfAttention")})
-        _fused_parts = {FUSED[getattr(_module, _prefix + p)]
-                        for p in ("SelfOutput", "Intermediate", "Output")}
-        register_layer(_layer, BERT_LAYOUT, _stock_parts, _fused_parts)
+
+def _register(family):
+    try:
+        modeling = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    except ImportError:  # pragma: no cover - a transformers without this family
+        return
+    fused = {}
+    for stock_name, part in family.parts.items():
+        stock = getattr(modeling, stock_name)
+        mixin, role = _PARTS[part]
+        name = "Fast" + ("" if stock_name.startswith(family.prefix) else family.prefix) + stock_name
+        attrs = {"__module__": __name__, "__qualname__": name, "_fastbert_stock": stock}
+        if part == "embeddings":
+            attrs["_roberta_positions"] = hasattr(stock, "create_position_ids_from_input_ids")
+        if part == "unpad":
+            attrs["_fastbert_output_class"] = family.output
+        cls = type(name, (mixin, stock), attrs)
+        globals()[name] = cls
+        FUSED[stock] = fused[stock_name] = cls
+        ROLE[cls] = role
+    # the layer runs as one block when the parts on its way are the fused ones (so the patch_hf flags still
+    # switch parts off) and the attention classes are stock
+    layer = fused.get(family.layer) or getattr(modeling, family.layer)
+    needed = {cls for n, cls in fused.items() if _PARTS[family.parts[n]][1] in ("layer_norm", "bias_gelu")}
+    register_layer(layer, family.layout, [{getattr(modeling, n)} for n in family.stock], needed)
+    FAMILY_NAMES.append(family.name)
+
+
+for _family in FAMILIES:
+    _register(_family)

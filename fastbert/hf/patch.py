@@ -1,4 +1,4 @@
-"""patch_hf / unpatch_hf: fastbert's fused ops inside a transformers BERT or RoBERTa model, in place.
+"""patch_hf / unpatch_hf: fastbert's fused ops inside a transformers BERT-family model, in place.
 
     model = fastbert.patch_hf(model)      # same class, parameters, state_dict keys and outputs
     model = fastbert.unpatch_hf(model)    # back to the stock forwards (bit-identical outputs)
@@ -16,7 +16,7 @@ from torch import nn
 
 from . import compat
 from .attention import NAME, register
-from .modules import FUSED, ROLE
+from .modules import FAMILY_NAMES, FUSED, ROLE
 
 _PREV_ATTN = "_fastbert_prev_attn_implementation"
 _HOOK = "_fastbert_labels_hook"
@@ -102,7 +102,8 @@ def reads_padding(model) -> bool:
 
 
 def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddings=True, unpad=True):
-    """Run fastbert's fused ops inside a transformers BERT/RoBERTa model (any head class); returns model.
+    """Run fastbert's fused ops inside a transformers BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA or
+    DistilBERT model (any head class); returns model.
 
     attention   sets the model's attention implementation to "fastbert" (model.set_attn_implementation):
                 fastbert.ops.attention on padded or packed batches; causal/decoder use, 4D masks,
@@ -132,8 +133,8 @@ def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddin
     found = [(module, FUSED[type(module)]) for module in model.modules() if type(module) in FUSED]
     if not found:
         raise ValueError(
-            f"patch_hf: {type(model).__name__} has none of the BERT/RoBERTa modules fastbert patches "
-            f"(supported: {', '.join(sorted(c.__name__ for c in FUSED))})")
+            f"patch_hf: {type(model).__name__} has none of the modules fastbert patches (the families "
+            f"{', '.join(FAMILY_NAMES)}: any of their heads, or a model holding one)")
     if attention and not stock_model:
         raise TypeError(f"patch_hf(attention=True) needs a transformers PreTrainedModel, got "
                         f"{type(model).__name__}")
