@@ -70,29 +70,54 @@ def bwd_programs(row_tiles, col_tiles, device):
     return max(1, min(row_tiles, 4))
 
 
-def check_inputs(x, bias, approximate="none"):
-    """Raise ValueError/TypeError naming the problem before anything reaches Triton."""
-    if approximate not in GELU_FORMS:
-        raise ValueError(f"bias_gelu: approximate={approximate!r}; expected one of {GELU_FORMS}")
-    for name, t in (("x", x), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bias_gelu: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in C.FLOAT_DTYPES:
-            raise ValueError(f"bias_gelu: {name} has dtype {t.dtype}; the Triton kernel supports "
-                             f"float32, float16 and bfloat16 (integer and float64 inputs are not supported)")
-    if x.dim() < 1:
-        raise ValueError("bias_gelu: x must have at least one dimension (the feature size)")
-    n = x.shape[-1]
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias_gelu: bias has shape {tuple(bias.shape)}; expected ({n},) to match the "
-                         f"last dimension of x {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"bias_gelu: x must be contiguous (shape {tuple(x.shape)}, strides {x.stride()}); "
-                         f"call .contiguous() first")
-    if not bias.is_contiguous():
-        raise ValueError(f"bias_gelu: bias must be contiguous (stride {bias.stride()})")
-    if bias.device != x.device:
-        raise ValueError(f"bias_gelu: bias is on {bias.device}, x on {x.device}")
+def input_check(op, halves):
+    """The input check of `op` (bias_gelu, halves=False: x [..., N], bias [N] required; geglu,
+    halves=True: x [..., 2F] with 2F even and > 0, bias [2F] or None): check_inputs(x, bias,
+    approximate) raising ValueError/TypeError naming the problem before anything reaches Triton.
+    A closure, so the check that choose() calls on every op call costs no extra Python frame."""
+    what = "the 2F projection features" if halves else "the feature size"
+
+    def check_inputs(x, bias=None, approximate="none"):
+        if approximate not in GELU_FORMS:
+            raise ValueError(f"{op}: approximate={approximate!r}; expected one of {GELU_FORMS}")
+        for name, t in (("x", x), ("bias", bias)):
+            if t is None and halves and name == "bias":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+            if t.dtype not in C.FLOAT_DTYPES:
+                raise ValueError(f"{op}: {name} has dtype {t.dtype}; the Triton kernel supports float32, "
+                                 f"float16 and bfloat16 (integer and float64 inputs are not supported)")
+        if x.dim() < 1:
+            raise ValueError(f"{op}: x must have at least one dimension ({what})")
+        n = x.shape[-1]
+        if halves and (n % 2 or n == 0):
+            raise ValueError(f"{op}: the last dimension of x {tuple(x.shape)} must be even and > 0 "
+                             f"(the concatenated [a, g] projection, 2F features)")
+        if not x.is_contiguous():
+            raise ValueError(f"{op}: x must be contiguous (shape {tuple(x.shape)}, strides {x.stride()}); "
+                             f"call .contiguous() first")
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected ({n},) to match the "
+                                 f"last dimension of x {tuple(x.shape)}")
+            if not bias.is_contiguous():
+                raise ValueError(f"{op}: bias must be contiguous (stride {bias.stride()})")
+            if bias.device != x.device:
+                raise ValueError(f"{op}: bias is on {bias.device}, x on {x.device}")
+
+    return check_inputs
+
+
+check_inputs = input_check("bias_gelu", halves=False)
+
+
+def check_dropout(op, dropout_p, seed):
+    """dropout_p in [0, 1), and a seed tensor when dropout_p > 0 (the launchers' validate=True)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p {dropout_p} outside [0, 1)")
+    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() < 1):
+        raise ValueError(f"{op}: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
 
 
 @triton.jit
@@ -141,7 +166,9 @@ def _gelu(z, TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad(z, TANH: tl.constexpr):
+def _gelu_and_grad(z, TANH: tl.constexpr):
+    """(gelu(z), gelu'(z)) sharing one erf (or tanh) evaluation (geglu's backward needs both; bias+GELU's
+    uses gelu' only, and the compiler drops the unused gelu)."""
     if TANH:
         # 1 - t^2 = 4 e / (1 + e)^2 with e = exp(-2|u|): no cancellation where |t| is close to 1
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
@@ -149,10 +176,33 @@ def _gelu_grad(z, TANH: tl.constexpr):
         t = (1.0 - e) / (1.0 + e)
         t = tl.where(u < 0.0, -t, t)
         sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
-        return 0.5 * (1.0 + t) + 0.5 * z * sech2 * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        grad = 0.5 * (1.0 + t) + 0.5 * z * sech2 * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        return 0.5 * z * (1.0 + t), grad
     else:
         cdf = 0.5 * (1.0 + _erf(z * 0.7071067811865476))
-        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        return z * cdf, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _masks(rows, cols, M, N):
+    """(cols < N, the [rows, cols] tile's in-bounds mask) of a tile of an [M, N] array."""
+    col_ok = cols < N
+    return col_ok, (rows < M)[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _dropped(v, seed, offs, dropout_p):
+    """v * keep / (1 - p), keep the dropout mask of element indices offs under the hashed seed: the
+    forward's dropout and, on dy, the backward's (the same mask, regenerated)."""
+    return tl.where(dropout_keep(seed, offs, dropout_p), v / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _store_output(OUT, offs, y, mask, SEED, dropout_p, HAS_DROPOUT: tl.constexpr):
+    """The forward's end: y dropped out (seed at SEED[0]) when HAS_DROPOUT, stored in OUT's dtype."""
+    if HAS_DROPOUT:
+        y = _dropped(y, seed_hash(SEED), offs, dropout_p)
+    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -161,26 +211,25 @@ def _bias_gelu_fwd_kernel(
     B,  # [N] bias
     OUT,  # [M, N] gelu(x + bias), dropped out when HAS_DROPOUT
     SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
-    M,
-    N,
-    dropout_p,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TANH: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    M, N, dropout_p,  # rows, features, dropout probability
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    col_ok, mask = _masks(rows, cols, M, N)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
-    y = _gelu(z, TANH)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed_hash(SEED), offs, dropout_p)
-        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
-    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+    _store_output(OUT, offs, _gelu(z, TANH), mask, SEED, dropout_p, HAS_DROPOUT)
+
+
+@triton.jit
+def _bwd_program(SEED, N, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """A backward program's start: (its row-program index, the number G of row programs, its columns,
+    cols < N, the hashed dropout seed, computed once outside the row loop; 0 without dropout)."""
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = seed_hash(SEED) if HAS_DROPOUT else 0
+    return tl.program_id(0), tl.num_programs(0), cols, cols < N, seed
 
 
 @triton.jit
@@ -194,33 +243,22 @@ def _bias_gelu_bwd_kernel(
     M, N, dropout_p,  # rows, features, dropout probability (as in the forward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if HAS_DROPOUT:
-        seed = seed_hash(SEED)
-    g_programs = tl.num_programs(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid, g_programs, cols, col_ok, seed = _bwd_program(SEED, N, BLOCK_N, HAS_DROPOUT)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), g_programs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
+        _, mask = _masks(rows, cols, M, N)
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:  # the forward's mask, regenerated from the seed
-            dy = tl.where(dropout_keep(seed, offs, dropout_p), dy / (1.0 - dropout_p), 0.0)
-        dx = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
+            dy = _dropped(dy, seed, offs, dropout_p)
+        _, grad = _gelu_and_grad(z, TANH)
+        dx = tl.where(mask, dy * grad, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         acc += dx
     tl.store(DB_PART + pid * N + cols, tl.sum(acc, axis=0), mask=col_ok)
-
-
-def _dropout_seed(dropout_p, seed):
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"bias_gelu: dropout_p {dropout_p} outside [0, 1)")
-    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() < 1):
-        raise ValueError("bias_gelu: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
 
 
 def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropout_p=0.0, seed=None):
@@ -231,7 +269,7 @@ def bias_gelu_fwd(x, bias, approximate="none", config=None, validate=True, dropo
     input checks (fastbert.ops has run them already)."""
     if validate:
         check_inputs(x, bias, approximate)
-        _dropout_seed(dropout_p, seed)
+        check_dropout("bias_gelu", dropout_p, seed)
     n = x.shape[-1]
     m = x.numel() // max(n, 1)
     _alloc = C.allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1

@@ -9,7 +9,7 @@ tile of g (F columns further along the row) per program.
 Math (everything in fp32 whatever the storage dtype: low-precision loads are upcast first, which is
 also the only way bf16 arithmetic is right in the Triton interpreter):
   a = x[:, :F] + bias[:F],  g = x[:, F:] + bias[F:]
-  y = gelu(a) * g,  GELU exact (erf) or tanh, built on kernels/bias_gelu.py's _erf and _gelu (the
+  y = gelu(a) * g,  GELU exact (erf) or tanh: kernels/bias_gelu.py's _gelu and _gelu_and_grad (the
       polynomial erf and the overflow-free tanh, no libdevice, so the interpreter runs the same code)
   out = y * keep / (1 - p)   (dropout, training), keep from the hash of layer_norm's and bias_gelu's
       kernels (kernels/_common.dropout_keep) at the output element index row * F + col, regenerated
@@ -31,10 +31,20 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import dropout_keep, seed_hash
-from .bias_gelu import _erf, _gelu, bwd_programs, gelu_configs, gelu_settings
-
-GELU_FORMS = ("none", "tanh")
+from .bias_gelu import (  # the GELU math and the checks, shared with bias+GELU
+    GELU_FORMS,
+    _bwd_program,
+    _dropped,
+    _gelu,
+    _gelu_and_grad,
+    _masks,
+    _store_output,
+    bwd_programs,
+    check_dropout,
+    gelu_configs,
+    gelu_settings,
+    input_check,
+)
 
 __all__ = ["GELU_FORMS", "check_inputs", "geglu_bwd", "geglu_configs", "geglu_fwd", "geglu_settings"]
 
@@ -50,53 +60,7 @@ def geglu_configs():
     return gelu_configs()
 
 
-def check_inputs(x, bias=None, approximate="none"):
-    """Raise ValueError/TypeError naming the problem before anything reaches Triton."""
-    if approximate not in GELU_FORMS:
-        raise ValueError(f"geglu: approximate={approximate!r}; expected one of {GELU_FORMS}")
-    for name, t in (("x", x), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"geglu: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in C.FLOAT_DTYPES:
-            raise ValueError(f"geglu: {name} has dtype {t.dtype}; the Triton kernel supports "
-                             f"float32, float16 and bfloat16 (integer and float64 inputs are not supported)")
-    if x.dim() < 1:
-        raise ValueError("geglu: x must have at least one dimension (the 2F projection features)")
-    n = x.shape[-1]
-    if n % 2 or n == 0:
-        raise ValueError(f"geglu: the last dimension of x {tuple(x.shape)} must be even and > 0 "
-                         f"(the concatenated [a, g] projection, 2F features)")
-    if not x.is_contiguous():
-        raise ValueError(f"geglu: x must be contiguous (shape {tuple(x.shape)}, strides {x.stride()}); "
-                         f"call .contiguous() first")
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"geglu: bias has shape {tuple(bias.shape)}; expected ({n},) to match the "
-                             f"last dimension of x {tuple(x.shape)}")
-        if not bias.is_contiguous():
-            raise ValueError(f"geglu: bias must be contiguous (stride {bias.stride()})")
-        if bias.device != x.device:
-            raise ValueError(f"geglu: bias is on {bias.device}, x on {x.device}")
-
-
-@triton.jit
-def _gelu_and_grad(z, TANH: tl.constexpr):
-    """(gelu(z), gelu'(z)) sharing one erf (or tanh) evaluation: the backward needs both
-    (bias_gelu's _gelu_grad has the same formulas)."""
-    if TANH:
-        # 1 - t^2 = 4 e / (1 + e)^2 with e = exp(-2|u|): no cancellation where |t| is close to 1
-        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        e = tl.exp(-2.0 * tl.abs(u))
-        t = (1.0 - e) / (1.0 + e)
-        t = tl.where(u < 0.0, -t, t)
-        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
-        grad = 0.5 * (1.0 + t) + 0.5 * z * sech2 * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-        return 0.5 * z * (1.0 + t), grad
-    else:
-        cdf = 0.5 * (1.0 + _erf(z * 0.7071067811865476))
-        return z * cdf, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+check_inputs = input_check("geglu", halves=True)
 
 
 @triton.jit
@@ -105,19 +69,13 @@ def _geglu_fwd_kernel(
     B,  # [2F] bias (read when HAS_BIAS)
     OUT,  # [M, F] gelu(a) * g, dropped out when HAS_DROPOUT
     SEED,  # int64 dropout seed at SEED[0] (read when HAS_DROPOUT)
-    M,
-    F,  # output features (half of x's row)
-    dropout_p,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TANH: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    M, F, dropout_p,  # rows, output features (half of x's row), dropout probability
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    col_ok, mask = _masks(rows, cols, M, F)
     r64 = rows.to(tl.int64)[:, None]
     a_offs = r64 * (2 * F) + cols[None, :]  # [BM, BN] into X
     a = tl.load(X + a_offs, mask=mask, other=0.0).to(tl.float32)
@@ -127,10 +85,7 @@ def _geglu_fwd_kernel(
         g += tl.load(B + F + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = _gelu(a, TANH) * g
     o_offs = r64 * F + cols[None, :]  # [BM, BN] into OUT
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed_hash(SEED), o_offs, dropout_p)
-        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
-    tl.store(OUT + o_offs, y.to(OUT.dtype.element_ty), mask=mask)
+    _store_output(OUT, o_offs, y, mask, SEED, dropout_p, HAS_DROPOUT)
 
 
 @triton.jit
@@ -145,12 +100,7 @@ def _geglu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TANH: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if HAS_DROPOUT:
-        seed = seed_hash(SEED)
-    g_programs = tl.num_programs(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
+    pid, g_programs, cols, col_ok, seed = _bwd_program(SEED, F, BLOCK_N, HAS_DROPOUT)
     if HAS_BIAS:
         ba = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
         bg = tl.load(B + F + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -158,7 +108,7 @@ def _geglu_bwd_kernel(
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), g_programs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
+        _, mask = _masks(rows, cols, M, F)
         r64 = rows.to(tl.int64)[:, None]
         a_offs = r64 * (2 * F) + cols[None, :]
         o_offs = r64 * F + cols[None, :]
@@ -169,7 +119,7 @@ def _geglu_bwd_kernel(
             g += bg[None, :]
         dy = tl.load(DY + o_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:  # the forward's mask, regenerated from the seed
-            dy = tl.where(dropout_keep(seed, o_offs, dropout_p), dy / (1.0 - dropout_p), 0.0)
+            dy = _dropped(dy, seed, o_offs, dropout_p)
         act, act_grad = _gelu_and_grad(a, TANH)
         da = tl.where(mask, dy * g * act_grad, 0.0)
         dg = tl.where(mask, dy * act, 0.0)
@@ -184,13 +134,6 @@ def _geglu_bwd_kernel(
         tl.store(part + F + cols, tl.sum(acc_g, axis=0), mask=col_ok)
 
 
-def _check_dropout(dropout_p, seed):
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"geglu: dropout_p {dropout_p} outside [0, 1)")
-    if dropout_p > 0.0 and (not isinstance(seed, torch.Tensor) or seed.numel() < 1):
-        raise ValueError("geglu: dropout_p > 0 needs an int64 seed tensor (seed at element 0)")
-
-
 def geglu_fwd(x, bias=None, approximate="none", config=None, validate=True, dropout_p=0.0, seed=None):
     """Launch the forward. x [..., 2F] contiguous, bias [2F] or None. Returns dropout(gelu(a) * g)
     [..., F] in x's dtype (seed: int64 [>= 1] on x's device, the seed at element 0, needed when
@@ -198,7 +141,7 @@ def geglu_fwd(x, bias=None, approximate="none", config=None, validate=True, drop
     validate=False skips the input checks (fastbert.ops has run them already)."""
     if validate:
         check_inputs(x, bias, approximate)
-        _check_dropout(dropout_p, seed)
+        check_dropout("geglu", dropout_p, seed)
     f = x.shape[-1] // 2
     m = x.numel() // max(2 * f, 1)
     out = C.allocator()((*x.shape[:-1], f), x.dtype, x.device)  # NaN-poisoned under FASTBERT_POISON=1

@@ -12,6 +12,7 @@ PyTorch (F.gelu(a) * g) in the same dtype + one ulp at that scale. Outputs are N
 import itertools
 import math
 
+import gelu_checks as gc
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from fastbert.reference import ops as ref
 ROWS = (1, 7, 129)
 FEATURES = (64, 96, 1000, 1023)  # F: the output width (x has 2F)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FORMS = ("none", "tanh")
+FORMS = gc.FORMS
 
 
 def _inputs(rows, f, dtype, device, bias=True):
@@ -34,36 +35,14 @@ def _inputs(rows, f, dtype, device, bias=True):
     return x, b, dy
 
 
-def _forward_backward(fn, x, b, dy, dtype):
-    xs = x.detach().to(dtype).requires_grad_()
-    bs = None if b is None else b.detach().to(dtype).requires_grad_()
-    y = fn(xs, bs)
-    (y * dy.to(dtype)).sum().backward()
-    return {"y": y, "dx": xs.grad, "db": None if bs is None else bs.grad}
-
-
-def _torch_geglu(form):
-    def fn(xx, bb):
-        a, g = (xx if bb is None else xx + bb).chunk(2, dim=-1)
-        return F.gelu(a, approximate=form) * g
-
-    return fn
+def _torch_geglu(xx, bb, form):
+    a, g = (xx if bb is None else xx + bb).chunk(2, dim=-1)
+    return F.gelu(a, approximate=form) * g
 
 
 def check_against_truth(device, rows, f, dtype, form, bias=True):
-    x, b, dy = _inputs(rows, f, dtype, device, bias)
-    truth = _forward_backward(lambda xx, bb: ref.geglu(xx, bb, form), x, b, dy, torch.float64)
-    got = _forward_backward(lambda xx, bb: ops.geglu(xx, bb, form), x, b, dy, dtype)
-    assert (got["db"] is None) == (not bias)
-    for k, v in got.items():
-        if truth[k] is None:
-            continue
-        assert v.dtype == dtype and v.shape == truth[k].shape, k
-        assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
-    torch_lp = None
-    if dtype != torch.float32:
-        torch_lp = _forward_backward(_torch_geglu(form), x, b, dy, dtype)
-    return assert_within_tolerance(got, truth, torch_lp, dtype)
+    return gc.check_against_truth(ops.geglu, ref.geglu, _torch_geglu, _inputs(rows, f, dtype, device, bias),
+                                  dtype, form)
 
 
 pytestmark = pytest.mark.usefixtures("triton_poisoned")  # kernels with NaN-poisoned outputs
@@ -75,9 +54,8 @@ if DEVICES:
     @pytest.mark.parametrize("device,rows,f,dtype,form", GRID, ids=str)
     def test_grid(device, rows, f, dtype, form):
         """With a bias: y, dx, dbias over rows x features x dtype x GELU form."""
-        err = check_against_truth(device, rows, f, dtype, form)
-        print(f"geglu {device} {rows}x{f} {dtype} {form}: "
-              + " ".join(f"{k} {v:.2e}" for k, v in err.items()))
+        gc.print_errors(f"geglu {device} {rows}x{f} {dtype} {form}",
+                        check_against_truth(device, rows, f, dtype, form))
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("form", FORMS)
@@ -100,8 +78,10 @@ if DEVICES:
             x = (torch.randn(*lead, 2 * f, device=device) * 3)
             b = torch.randn(2 * f, device=device) if bias else None
             dy = torch.randn(*lead, f, device=device)
-            truth = _forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy, torch.float64)
-            got = _forward_backward(lambda xx, bb, fm=form: ops.geglu(xx, bb, fm), x, b, dy, torch.float32)
+            truth = gc.forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy,
+                                        torch.float64)
+            got = gc.forward_backward(lambda xx, bb, fm=form: ops.geglu(xx, bb, fm), x, b, dy,
+                                      torch.float32)
             assert got["y"].shape == (*lead, f)
             assert_within_tolerance(got, truth, None, torch.float32)
 
@@ -113,8 +93,8 @@ if DEVICES:
         for bias in (True, False):
             x, b, dy = _inputs(rows, f, torch.float32, device, bias)
             for form in FORMS:
-                truth = _forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy,
-                                          torch.float64)
+                truth = gc.forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy,
+                                            torch.float64)
                 y = K.geglu_fwd(x, b, form, config=cfg)
                 dx, db = K.geglu_bwd(dy, x, b, form, config=cfg, programs=3)
                 assert (db is None) == (not bias)
@@ -127,41 +107,16 @@ if DEVICES:
     def test_dropout_public_op(device, form, bias):
         """ops.geglu(..., dropout_p): keep rate near 1 - p, kept values gelu(a) g / (1 - p), the same
         mask for the same seed, and gradients those of the reference through that mask."""
-        rows, f, p = 64, 96, 0.25
-        x, b, dy = _inputs(rows, f, torch.float32, device, bias)
-        torch.manual_seed(3)
-        got = _forward_backward(lambda xx, bb: ops.geglu(xx, bb, form, dropout_p=p), x, b, dy, torch.float32)
-        clean = ref.geglu(x.double(), None if b is None else b.double(), form)
-        kept = got["y"] != 0
-        rate = kept.float().mean().item()
-        assert abs(rate - (1 - p)) < 0.05, rate
-        keep = kept.double()
-        truth = _forward_backward(lambda xx, bb: ref.geglu(xx, bb, form) * keep / (1 - p), x, b, dy,
-                                  torch.float64)
-        for k, e in max_errors(got, truth).items():
-            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (k, e)
-        assert (got["y"].double() - clean / (1 - p))[kept].abs().max() <= 1e-5 * clean.abs().max()
-        torch.manual_seed(3)
-        assert torch.equal(ops.geglu(x, b, form, dropout_p=p), got["y"]), "the same seed drew another mask"
-        assert not torch.equal(ops.geglu(x, b, form, dropout_p=p), got["y"]), "two calls drew one mask"
+        gc.check_dropout(ops.geglu, ref.geglu, _inputs(64, 96, torch.float32, device, bias), form)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_deterministic_bias_grad(device):
-        x, b, dy = _inputs(129, 1000, torch.float32, device)
-        runs = [_forward_backward(lambda xx, bb: ops.geglu(xx, bb), x, b, dy, torch.float32)
-                for _ in range(2)]
-        assert torch.equal(runs[0]["db"], runs[1]["db"]) and torch.equal(runs[0]["dx"], runs[1]["dx"])
+        gc.check_deterministic(ops.geglu, _inputs(129, 1000, torch.float32, device))
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_opcheck(device):
-        x, b, _ = _inputs(3, 32, torch.float32, device)
-        x.requires_grad_()
-        b.requires_grad_()
-        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
-        for form in FORMS:
-            for bb in (b, None):
-                torch.library.opcheck(torch.ops.fastbert.geglu_fwd.default, (x, bb, None, form, 0.0))
-                torch.library.opcheck(torch.ops.fastbert.geglu_fwd.default, (x, bb, seed, form, 0.2))
+        gc.check_opcheck(torch.ops.fastbert.geglu_fwd.default, _inputs(3, 32, torch.float32, device),
+                         optional_bias=True)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_torch_compile_fullgraph(device):
@@ -173,14 +128,8 @@ if DEVICES:
         def mlp(xx, bb):
             return F.linear(ops.geglu(F.linear(xx, w1), bb), w2)
 
-        b1 = torch.randn(128, device=device)
-        dy = torch.randn(7, 96, device=device)
-        backend = "inductor" if device == "cuda" else "aot_eager"
-        compiled = torch.compile(mlp, fullgraph=True, backend=backend)
-        eager = _forward_backward(mlp, x, b1, dy, torch.float32)
-        got = _forward_backward(compiled, x, b1, dy, torch.float32)
-        for k in eager:
-            torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+        gc.check_compile_fullgraph(mlp, x, torch.randn(128, device=device), torch.randn(7, 96, device=device),
+                                   device)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_autocast(device):
@@ -199,14 +148,8 @@ if DEVICES:
     @pytest.mark.parametrize("device", DEVICES)
     def test_public_bad_inputs(device):
         x, b, _ = _inputs(4, 32, torch.float32, device)
-        with pytest.raises(ValueError, match="contiguous"):
-            ops.geglu(torch.randn(64, 4, device=device).t(), None)
-        with pytest.raises(ValueError, match="bias has shape"):
-            ops.geglu(x, b[:32])
-        with pytest.raises(ValueError, match="must be even"):
-            ops.geglu(torch.randn(4, 63, device=device))
-        with pytest.raises(ValueError, match="approximate"):
-            ops.geglu(x, b, "sigmoid")
+        gc.check_public_rejects(ops.geglu, x, b, None, device,
+                                extra=[((torch.randn(4, 63, device=device),), "must be even")])
 
 
 if DEVICES == ["cuda"]:
@@ -221,29 +164,8 @@ if DEVICES == ["cuda"]:
 
 def test_launcher_rejects_bad_input():
     """ValueError naming the problem, raised before any Triton compile (CPU tensors)."""
-    x, b = torch.randn(4, 64), torch.randn(64)
-    cases = [
-        ((torch.randn(64, 4).t(), None), "x must be contiguous"),
-        ((x, torch.randn(63)), r"bias has shape \(63,\)"),
-        ((torch.randn(4, 7), None), "must be even"),
-        ((torch.randint(0, 5, (4, 64)), None), "x has dtype torch.int64"),
-        ((x, b.to(torch.int32)), "bias has dtype torch.int32"),
-        ((x.double(), None), "x has dtype torch.float64"),
-        ((x, torch.randn(128)[::2]), "bias must be contiguous"),
-    ]
-    for (xx, bb), msg in cases:
-        with pytest.raises(ValueError, match=msg):
-            K.geglu_fwd(xx, bb)
-    with pytest.raises(ValueError, match="approximate"):
-        K.geglu_fwd(x, b, "erf")
-    with pytest.raises(TypeError, match="bias must be a tensor"):
-        K.geglu_fwd(x, 1.0)
-    with pytest.raises(ValueError, match="dropout_p 1.0 outside"):
-        K.geglu_fwd(x, b, dropout_p=1.0, seed=torch.zeros(1, dtype=torch.int64))
-    with pytest.raises(ValueError, match="seed tensor"):
-        K.geglu_fwd(x, b, dropout_p=0.1)
-    with pytest.raises(ValueError, match="dropout_p -0.1 outside"):
-        ops.geglu(x, b, dropout_p=-0.1)
+    gc.check_launcher_rejects(K.geglu_fwd, ops.geglu, None,
+                              extra=[((torch.randn(4, 7), None), "must be even")])
 
 
 def test_native_and_reference_paths(monkeypatch):
@@ -253,10 +175,10 @@ def test_native_and_reference_paths(monkeypatch):
         for bias in (True, False):
             x, b, dy = _inputs(5, 40, torch.float32, "cpu", bias)
             for form in FORMS:
-                truth = _forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy,
-                                          torch.float64)
-                got = _forward_backward(lambda xx, bb, fm=form: ops.geglu(xx, bb, fm), x, b, dy,
-                                        torch.float32)
+                truth = gc.forward_backward(lambda xx, bb, fm=form: ref.geglu(xx, bb, fm), x, b, dy,
+                                            torch.float64)
+                got = gc.forward_backward(lambda xx, bb, fm=form: ops.geglu(xx, bb, fm), x, b, dy,
+                                          torch.float32)
                 assert_within_tolerance(got, truth, None, torch.float32)
 
 

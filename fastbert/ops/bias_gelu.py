@@ -30,42 +30,47 @@ else:  # pragma: no cover - triton is a dependency; the reference keeps working 
 _CHECK = _k.check_inputs if _k is not None else None  # the kernel's input check (choose() calls it)
 
 
-def _fwd(x, bias, seed, approximate, dropout_p):
-    return _k.bias_gelu_fwd(x, bias, approximate, validate=False, dropout_p=dropout_p, seed=seed)
+def gelu_family_op(name, fwd, bwd, halves):
+    """The FusedOp of an op (x, bias, seed, approximate, dropout_p) on launchers of kernels/bias_gelu.py's
+    signature: bias_gelu's (halves=False: the output like x, bias [N] required) and geglu's (halves=True:
+    the output [..., F] of x [..., 2F], bias optional; without one the backward's dbias is an empty
+    tensor, since a custom op returns tensors only). The backward recomputes from the saved x and bias.
+    The launchers are called straight from these closures: no frame more than a function per op."""
+    bias_type = "Tensor?" if halves else "Tensor"
+
+    def _fwd(x, bias, seed, approximate, dropout_p):
+        return fwd(x, bias, approximate, validate=False, dropout_p=dropout_p, seed=seed)
+
+    def _fwd_fake(x, bias, seed, approximate, dropout_p):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2)) if halves else torch.empty_like(x)
+
+    def _bwd(dy, x, bias, seed, approximate, dropout_p):
+        dx, db = bwd(dy, x, bias, approximate, dropout_p=dropout_p, seed=seed)
+        return dx, db if db is not None else x.new_empty((0,))
+
+    def _bwd_fake(dy, x, bias, seed, approximate, dropout_p):
+        return torch.empty_like(x), x.new_empty((0,)) if bias is None else torch.empty_like(bias)
+
+    def _save(ctx, inputs, output):
+        x, bias, seed, approximate, dropout_p = inputs
+        ctx.save_for_backward(x, bias, seed)
+        ctx.approximate, ctx.dropout_p = approximate, dropout_p
+
+    def _backward(ctx, grads, bwd):
+        x, bias, seed = ctx.saved_tensors
+        dx, dbias = bwd(grads[0], x, bias, seed, ctx.approximate, ctx.dropout_p)
+        return dx, dbias if bias is not None else None, None, None, None
+
+    return FusedOp(
+        name, fwd=_fwd, fwd_fake=_fwd_fake, bwd=_bwd, bwd_fake=_bwd_fake, save=_save,
+        backward=_backward, grad_args=(0, 1),
+        fwd_schema=f"(Tensor x, {bias_type} bias, Tensor? seed, str approximate, float dropout_p) -> Tensor",
+        bwd_schema=f"(Tensor dy, Tensor x, {bias_type} bias, Tensor? seed, str approximate, float dropout_p) "
+                   "-> (Tensor, Tensor)",
+    )
 
 
-def _fwd_fake(x, bias, seed, approximate, dropout_p):
-    return torch.empty_like(x)
-
-
-def _bwd(dy, x, bias, seed, approximate, dropout_p):
-    return _k.bias_gelu_bwd(dy, x, bias, approximate, dropout_p=dropout_p, seed=seed)
-
-
-def _bwd_fake(dy, x, bias, seed, approximate, dropout_p):
-    return torch.empty_like(x), torch.empty_like(bias)
-
-
-def _save(ctx, inputs, output):
-    x, bias, seed, approximate, dropout_p = inputs
-    ctx.save_for_backward(x, bias, seed)
-    ctx.approximate, ctx.dropout_p = approximate, dropout_p
-
-
-def _backward(ctx, grads, bwd):
-    x, bias, seed = ctx.saved_tensors
-    dx, dbias = bwd(grads[0], x, bias, seed, ctx.approximate, ctx.dropout_p)
-    return dx, dbias, None, None, None
-
-
-_OP = FusedOp(
-    "bias_gelu", fwd=_fwd, fwd_fake=_fwd_fake, bwd=_bwd, bwd_fake=_bwd_fake, save=_save,
-    backward=_backward, grad_args=(0, 1),
-    fwd_schema="(Tensor x, Tensor bias, Tensor? seed, str approximate, float dropout_p) -> Tensor",
-    bwd_schema="(Tensor dy, Tensor x, Tensor bias, Tensor? seed, str approximate, float dropout_p) "
-               "-> (Tensor, Tensor)",
-) if _k is not None else None
-
+_OP = gelu_family_op("bias_gelu", _k.bias_gelu_fwd, _k.bias_gelu_bwd, halves=False) if _k else None
 
 
 def bias_gelu(x, bias, approximate="none", *, dropout_p=0.0):

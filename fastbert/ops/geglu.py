@@ -22,53 +22,15 @@ import torch.nn.functional as F
 from fastbert.reference import ops as ref
 
 from ._dispatch import NATIVE, TRITON, choose, triton_available
-from ._fused import FusedOp
 from ._rng import dropout_seed
+from .bias_gelu import gelu_family_op  # the same custom ops and autograd, geglu's shapes
 
 if triton_available():
     from fastbert.kernels import geglu as _k
 else:  # pragma: no cover - triton is a dependency; the reference keeps working without it
     _k = None
 _CHECK = _k.check_inputs if _k is not None else None  # the kernel's input check (choose() calls it)
-
-
-def _fwd(x, bias, seed, approximate, dropout_p):
-    return _k.geglu_fwd(x, bias, approximate, validate=False, dropout_p=dropout_p, seed=seed)
-
-
-def _fwd_fake(x, bias, seed, approximate, dropout_p):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-def _bwd(dy, x, bias, seed, approximate, dropout_p):
-    """(dx, dbias); dbias has shape [0] without a bias (a custom op returns tensors only)."""
-    dx, db = _k.geglu_bwd(dy, x, bias, approximate, dropout_p=dropout_p, seed=seed)
-    return dx, db if db is not None else x.new_empty((0,))
-
-
-def _bwd_fake(dy, x, bias, seed, approximate, dropout_p):
-    return torch.empty_like(x), x.new_empty((0,)) if bias is None else torch.empty_like(bias)
-
-
-def _save(ctx, inputs, output):
-    x, bias, seed, approximate, dropout_p = inputs
-    ctx.save_for_backward(x, bias, seed)
-    ctx.approximate, ctx.dropout_p = approximate, dropout_p
-
-
-def _backward(ctx, grads, bwd):
-    x, bias, seed = ctx.saved_tensors
-    dx, dbias = bwd(grads[0], x, bias, seed, ctx.approximate, ctx.dropout_p)
-    return dx, dbias if bias is not None else None, None, None, None
-
-
-_OP = FusedOp(
-    "geglu", fwd=_fwd, fwd_fake=_fwd_fake, bwd=_bwd, bwd_fake=_bwd_fake, save=_save,
-    backward=_backward, grad_args=(0, 1),
-    fwd_schema="(Tensor x, Tensor? bias, Tensor? seed, str approximate, float dropout_p) -> Tensor",
-    bwd_schema="(Tensor dy, Tensor x, Tensor? bias, Tensor? seed, str approximate, float dropout_p) "
-               "-> (Tensor, Tensor)",
-) if _k is not None else None
+_OP = gelu_family_op("geglu", _k.geglu_fwd, _k.geglu_bwd, halves=True) if _k is not None else None
 
 
 def _native_supports(x, bias):
