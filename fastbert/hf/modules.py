@@ -197,7 +197,8 @@ class _EmbedMixin:
         segments = None if tt is None else token_type_ids.expand(batch, seq)
         return ops.embed(input_ids, word.weight, pos_weight, segments, None if tt is None else tt.weight,
                          position_ids=position_ids, ln_weight=ln.weight, ln_bias=ln.bias, eps=ln.eps,
-                         dropout_p=p, padding_idx=word.padding_idx, segment_padding_idx=tt.padding_idx)
+                         dropout_p=p, padding_idx=word.padding_idx,
+                         segment_padding_idx=None if tt is None else tt.padding_idx)
 
 
 _EMBED_ARGS = frozenset({"input_ids", "token_type_ids", "position_ids", "inputs_embeds", "input_embeds",
