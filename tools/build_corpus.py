@@ -23,12 +23,13 @@ Everything is deterministic (sorted file walk, seeded shuffles).
 
 import argparse
 import ast
-import gzip
 import inspect
 import os
 import random
 import re
 import sysconfig
+
+from build_world import corpus_summary, write_corpus, write_tags, write_tsv  # the shared file formats
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
 SKIP_FILES = {"this.py", "antigravity.py"}
@@ -211,8 +212,7 @@ def main(argv=None):
             if len(sents) >= 2:
                 docs.append(sents)
     os.makedirs(args.out, exist_ok=True)
-    with gzip.GzipFile(os.path.join(args.out, "corpus.txt.gz"), "wb", mtime=0) as f:
-        f.write("\n\n".join("\n".join(d) for d in docs).encode() + b"\n")
+    write_corpus(os.path.join(args.out, "corpus.txt.gz"), docs)
     rng = random.Random(0)
     by_fam = {}
     for s, fam in labelled:
@@ -223,16 +223,10 @@ def main(argv=None):
         rng.shuffle(ss)
         rows += [(s, fam) for s in ss[: args.per_class]]
     rng.shuffle(rows)
-    with open(os.path.join(args.out, "classify.tsv"), "w", encoding="utf-8") as f:
-        f.write("text\tlabel\n")
-        f.writelines(f"{s}\t{fam}\n" for s, fam in rows)
+    write_tsv(os.path.join(args.out, "classify.tsv"), rows)
     rng.shuffle(tagged)
-    with open(os.path.join(args.out, "tokens.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join("\n".join(f"{w} {t}" for w, t in sent) + "\n" for sent in
-                          tagged[: args.token_sentences]))
-    n_sent = sum(map(len, docs))
-    n_words = sum(len(s.split()) for d in docs for s in d)
-    print(f"{len(docs)} documents, {n_sent} sentences, {n_words} words; classification rows "
+    write_tags(os.path.join(args.out, "tokens.txt"), tagged[: args.token_sentences])
+    print(f"{corpus_summary(docs)}; classification rows "
           f"{len(rows)} ({ {k: min(len(v), args.per_class) for k, v in sorted(by_fam.items())} }); "
           f"token sentences {min(len(tagged), args.token_sentences)}")
 

@@ -28,85 +28,15 @@ Everything is deterministic given --seed; nothing is downloaded.
 
 import argparse
 import gzip
+import json
 import os
 import random
 
-KINDS = {
-    "animal": dict(
-        nouns="fox wolf otter badger rabbit deer squirrel beaver hedgehog raccoon moose bear lynx weasel "
-              "mole hare boar bison cougar coyote ferret marten skunk porcupine panda tiger lion zebra "
-              "giraffe camel donkey goat sheep horse pony hamster",
-        does=["slept in its den", "hunted at night", "ran across the field", "hid in the bushes",
-              "growled at the dog", "grazed quietly", "climbed the hill", "swam across the river",
-              "howled at the moon", "dug a hole under the fence", "licked its paws",
-              "fed its young", "sniffed the ground", "chased a bird"],
-        places=["forest", "meadow", "woods", "riverbank", "hills", "zoo", "barn", "wild"],
-        like=["furry", "hungry", "shy", "fierce", "sleepy", "wild", "fast", "clever"],
-    ),
-    "food": dict(
-        nouns="bread cheese soup pasta rice salad pie cake omelette pancake sandwich stew curry noodle "
-              "dumpling muffin biscuit waffle pizza burrito taco risotto porridge sausage bagel "
-              "croissant pudding tart lasagna sushi falafel kebab goulash quiche brownie cookie",
-        does=["was baked this morning", "was sliced into pieces", "was served with butter",
-              "tasted wonderful", "was cooked slowly", "was fried in oil", "was seasoned with salt",
-              "smelled delicious", "was left on the plate", "was eaten at lunch",
-              "was warmed in the oven", "was shared at the table", "was too hot to eat",
-              "came with a glass of milk"],
-        places=["kitchen", "bakery", "market", "restaurant", "cafe", "oven", "picnic", "canteen"],
-        like=["sweet", "salty", "fresh", "delicious", "warm", "spicy", "crispy", "tasty"],
-    ),
-    "instrument": dict(
-        nouns="violin cello guitar piano flute trumpet drum harp clarinet oboe banjo mandolin saxophone "
-              "trombone tuba ukulele accordion harmonica bassoon xylophone lute bagpipe viola "
-              "tambourine organ sitar cornet piccolo zither marimba bugle recorder harpsichord fiddle "
-              "dulcimer synthesizer",
-        does=["was played beautifully", "was tuned before the show", "sounded lovely",
-              "was played at the concert", "was carried onto the stage", "was practiced every day",
-              "filled the hall with music", "was played in the orchestra", "played a slow melody",
-              "was heard over the choir", "joined the band for the last song",
-              "was taken to the music lesson", "kept the rhythm", "played a sad tune"],
-        places=["concert", "stage", "orchestra", "studio", "recital", "festival", "band", "choir"],
-        like=["loud", "melodic", "gentle", "resonant", "soft", "musical", "bright", "tuneful"],
-    ),
-    "tool": dict(
-        nouns="hammer wrench screwdriver saw drill chisel pliers shovel rake axe spanner crowbar mallet "
-              "trowel clamp sander grinder hatchet pickaxe sickle scythe ladder wheelbarrow vise awl "
-              "jigsaw hoe pitchfork tongs stapler scissors spade plunger sledgehammer tweezers crank",
-        does=["was used to fix the fence", "was kept in the shed", "was sharpened last week",
-              "was borrowed from a neighbor", "was left on the workbench", "helped build the shelf",
-              "was oiled and cleaned", "was needed for the repair", "hung on the wall of the workshop",
-              "broke during the job", "loosened the rusty bolt", "cut through the board",
-              "was put back in the toolbox", "made the work easier"],
-        places=["workshop", "shed", "toolbox", "workbench", "basement", "hardware store", "site",
-                "repair shop"],
-        like=["heavy", "sharp", "rusty", "sturdy", "handy", "useful", "steel", "worn"],
-    ),
-    "vehicle": dict(
-        nouns="car truck bus bicycle motorcycle scooter tractor van taxi tram train jeep minivan "
-              "limousine ambulance wagon carriage sled canoe kayak yacht ferry sailboat helicopter "
-              "airplane glider rickshaw trolley forklift bulldozer camper moped hovercraft submarine "
-              "caravan coach",
-        does=["was parked outside", "drove down the highway", "was washed on sunday", "needed fuel",
-              "took us to the city", "carried ten passengers", "stopped at the station",
-              "was repaired at the garage", "raced past the bridge", "had a flat tire",
-              "left the harbor at dawn", "was stuck in traffic", "picked up the children",
-              "crossed the border"],
-        places=["road", "highway", "garage", "station", "harbor", "parking lot", "airport", "depot"],
-        like=["fast", "noisy", "comfortable", "expensive", "shiny", "slow", "powerful", "reliable"],
-    ),
-    "plant": dict(
-        nouns="rose tulip daisy lily orchid sunflower lavender fern cactus ivy oak maple birch willow "
-              "pine cedar bamboo moss clover daffodil poppy jasmine magnolia lilac peony begonia "
-              "geranium marigold hibiscus thistle heather juniper holly aloe dahlia azalea",
-        does=["was watered every morning", "bloomed in spring", "grew in the garden",
-              "was planted near the fence", "needed more sunlight", "was pruned in autumn",
-              "wilted in the heat", "grew tall in the greenhouse", "was moved to a bigger pot",
-              "had bright leaves", "spread its roots", "turned toward the sun",
-              "dropped its petals", "was covered in dew"],
-        places=["garden", "greenhouse", "pot", "park", "yard", "flower bed", "nursery", "orchard"],
-        like=["green", "tall", "fragrant", "colorful", "young", "tender", "leafy", "blooming"],
-    ),
-}
+# the six kinds: 36 nouns each, what one does or what is done with it, where, what it is like (data:
+# tools/world_kinds.json, in the order the builder draws from it)
+KINDS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "world_kinds.json")
+with open(KINDS_FILE, encoding="utf-8") as _f:
+    KINDS = json.load(_f)
 
 NAMES = ("maria james anna peter lucy tom sara david emma leo nina oscar julia ben clara sam olga "
          "hugo alice ivan rosa felix mia karl lena paul ines omar eva noah").split()
@@ -214,7 +144,28 @@ def tag_sentences(rng, pool, count):
     return out
 
 
+# the file formats fastbert's data sets share (tools/build_corpus.py writes its files with these too)
+def write_corpus(path, docs):
+    """corpus.txt.gz: one sentence a line, a blank line between documents (gzip without a timestamp)."""
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write("\n\n".join("\n".join(d) for d in docs).encode() + b"\n")
+
+
+def corpus_summary(docs):
+    """"D documents, S sentences, W words" of a corpus (documents as lists of sentences)."""
+    words = sum(len(s.split()) for d in docs for s in d)
+    return f"{len(docs)} documents, {sum(map(len, docs))} sentences, {words} words"
+
+
+def write_tsv(path, rows):
+    """Sequence classification: a `text<TAB>label` header row, then one (text, label) a line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text\tlabel\n")
+        f.writelines(f"{s}\t{k}\n" for s, k in rows)
+
+
 def write_tags(path, sents):
+    """Token classification (CoNLL): `word TAG` a line, a blank line after each sentence."""
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join("\n".join(f"{w} {t}" for w, t in s) + "\n" for s in sents))
 
@@ -235,22 +186,17 @@ def main(argv=None):
             for _ in range(args.docs_per_noun)]
     rng.shuffle(docs)
     os.makedirs(args.out, exist_ok=True)
-    with gzip.GzipFile(os.path.join(args.out, "corpus.txt.gz"), "wb", mtime=0) as f:
-        f.write("\n\n".join("\n".join(d) for d in docs).encode() + b"\n")
+    write_corpus(os.path.join(args.out, "corpus.txt.gz"), docs)
     split = split_nouns(rng)
     train = {k: v[0] for k, v in split.items()}
     test = {k: v[1] for k, v in split.items()}
     for name, rows in (("classify_train.tsv", classify_rows(rng, train, 8)),
                        ("classify_test.tsv", classify_rows(rng, test, 4))):
-        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-            f.write("text\tlabel\n")
-            f.writelines(f"{s}\t{k}\n" for s, k in rows)
+        write_tsv(os.path.join(args.out, name), rows)
     write_tags(os.path.join(args.out, "tags_train.txt"), tag_sentences(rng, train, 600))
     write_tags(os.path.join(args.out, "tags_test.txt"), tag_sentences(rng, test, 600))
-    words = sum(len(s.split()) for d in docs for s in d)
-    print(f"{len(docs)} documents, {sum(map(len, docs))} sentences, {words} words; classification "
-          f"576 training rows (12 nouns per kind), 576 held-out rows (24 other nouns per kind); "
-          f"tagging 600 + 600 sentences")
+    print(f"{corpus_summary(docs)}; classification 576 training rows (12 nouns per kind), 576 held-out "
+          f"rows (24 other nouns per kind); tagging 600 + 600 sentences")
 
 
 if __name__ == "__main__":
