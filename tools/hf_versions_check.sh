@@ -6,9 +6,7 @@
 #
 # FASTBERT_HF_RELEASES  the releases (default: "5.0.0 5.17.0": the oldest supported and the lent GPU
 #                       machine's); FASTBERT_HF_VENVS  where the venvs go (default /tmp/fastbert-hf)
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
+. "$(dirname "$0")/venv_lib.sh"  # strict mode, cd to the repository root, fresh_venv
 releases="${FASTBERT_HF_RELEASES:-5.0.0 5.17.0}"
 base="${FASTBERT_HF_VENVS:-/tmp/fastbert-hf}"
 triton_pin="$(grep -E '^triton' requirements-dev.txt | head -1)"
@@ -17,10 +15,8 @@ for release in $releases; do
   venv="$base/transformers-$release"
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import transformers, sys; \
 sys.exit(transformers.__version__ != '$release')" 2>/dev/null; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q torch==2.13.0 "transformers==$release" "$triton_pin" tokenizers tqdm \
-      numpy pytest accelerate
+    fresh_venv "$venv" torch==2.13.0 "transformers==$release" "$triton_pin" tokenizers tqdm numpy pytest \
+      accelerate
   fi
   echo "== transformers $release: venv ready ($(( $(date +%s) - t0 )) s)"
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_patch.py tests/test_hf_train.py \

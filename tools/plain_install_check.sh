@@ -10,16 +10,12 @@
 #
 # FASTBERT_PLAIN_VENV   the environment (default /tmp/fastbert-plain; made anew each run)
 # FASTBERT_PLAIN_TORCH  the torch the environment starts with (default torch==2.13.0)
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
+. "$(dirname "$0")/venv_lib.sh"  # strict mode, cd to the repository root, fresh_venv
 venv="${FASTBERT_PLAIN_VENV:-/tmp/fastbert-plain}"
 torch_spec="${FASTBERT_PLAIN_TORCH:-torch==2.13.0}"
 py="$venv/bin/python"
 t0=$(date +%s)
-rm -rf "$venv"
-python3 -m venv "$venv"
-"$py" -m pip install -q "$torch_spec"
+fresh_venv "$venv" "$torch_spec"
 t1=$(date +%s)
 echo "== plain install: $torch_spec in a fresh venv ($(( t1 - t0 )) s); pip install '.[test,bench]'"
 "$py" -m pip install -q ".[test,bench]"
