@@ -79,10 +79,14 @@ def _fast_ln(variant, eps, **kw):
     return fn
 
 
-def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5):
+def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5, bias=True):
+    """fastbert.ops.layer_norm against plain PyTorch (standard) or the reference (bert_pytorch) in fp64:
+    y, s, dx, d residual, dW and dB (bias=False: bias None, and no dB exists)."""
     x, r, w, b, dy, ds = _inputs(rows, hidden, dtype, device, residual)
+    b = b if bias else None
     truth = _forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, torch.float64)
     got = _forward_backward(_fast_ln(variant, eps), x, r, w, b, dy, ds, dtype)
+    assert bias or (got["db"] is None and truth["db"] is None)
     for k, v in got.items():
         if truth[k] is not None:
             assert v is not None and v.dtype == dtype and v.shape == truth[k].shape, k
@@ -91,6 +95,26 @@ def check_against_truth(device, rows, hidden, dtype, variant, residual, eps=1e-5
     if dtype != torch.float32:
         torch_lp = _forward_backward(_torch_ln(variant, eps), x, r, w, b, dy, ds, dtype)
     return assert_within_tolerance(got, truth, torch_lp, dtype)
+
+
+def check_tile_configs(device, rows, hidden, bias):
+    """The launchers at the config picked for CUDA (ln_settings(n)) against the fp64 truth, both
+    variants; bias=False: bias None, db None and y as with a zero bias."""
+    cfg = K.ln_settings(hidden)
+    x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
+    bb = b if bias else None
+    for unbiased in (False, True):
+        y, s, mean, rstd = K.layer_norm_fwd(x, w, bb, 1e-5, r, unbiased, config=cfg)
+        dsum, _, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, config=cfg, has_bias=bias)
+        if not bias:
+            assert db is None
+            yb, *_ = K.layer_norm_fwd(x, w, torch.zeros_like(b), 1e-5, r, unbiased, config=cfg)
+            torch.testing.assert_close(y, yb, rtol=1e-6, atol=1e-6)
+        variant = "bert_pytorch" if unbiased else "standard"
+        truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, bb, dy, ds, torch.float64)
+        got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": db}
+        for k, e in max_errors(got, truth).items():
+            assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
 
 
 def _pcg_reference(h):
@@ -139,16 +163,7 @@ if DEVICES:
     @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1000), (5, 2048), (3, 4097)])
     def test_cuda_tile_configs(device, rows, hidden):
         """The launch configs picked for CUDA (ln_settings(n)), also run in the interpreter."""
-        cfg = K.ln_settings(hidden)
-        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
-        for unbiased in (False, True):
-            y, s, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5, r, unbiased, config=cfg)
-            dsum, _, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, config=cfg)
-            variant = "bert_pytorch" if unbiased else "standard"
-            truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, b, dy, ds, torch.float64)
-            got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": db}
-            for k, e in max_errors(got, truth).items():
-                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
+        check_tile_configs(device, rows, hidden, bias=True)
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("variant", VARIANTS)
@@ -260,29 +275,13 @@ if DEVICES:
 if DEVICES:
     # ---- bias-free LayerNorm (weight only: ModernBERT's norms) ------------------------------------
 
-    def check_bias_free(device, rows, hidden, dtype, variant, residual, eps=1e-5):
-        """bias=None against F.layer_norm(s, (N,), w, None) (standard) or the reference (bert_pytorch)
-        in fp64: y, s, dx, d residual, dW; no dB exists."""
-        x, r, w, _, dy, ds = _inputs(rows, hidden, dtype, device, residual)
-        truth = _forward_backward(_torch_ln(variant, eps), x, r, w, None, dy, ds, torch.float64)
-        got = _forward_backward(_fast_ln(variant, eps), x, r, w, None, dy, ds, dtype)
-        assert got["db"] is None and truth["db"] is None
-        for k, v in got.items():
-            if truth[k] is not None:
-                assert v is not None and v.dtype == dtype and v.shape == truth[k].shape, k
-                assert torch.isfinite(v).all(), f"{k}: non-finite values (unwritten output?)"
-        torch_lp = None
-        if dtype != torch.float32:
-            torch_lp = _forward_backward(_torch_ln(variant, eps), x, r, w, None, dy, ds, dtype)
-        return assert_within_tolerance(got, truth, torch_lp, dtype)
-
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("residual", (False, True), ids=("plain", "residual"))
     @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1023), (1, 64), (33, 768)])
     def test_bias_free(device, rows, hidden, dtype, variant, residual):
-        err = check_bias_free(device, rows, hidden, dtype, variant, residual)
+        err = check_against_truth(device, rows, hidden, dtype, variant, residual, bias=False)
         print(f"ln bias-free {device} {rows}x{hidden} {dtype} {variant} residual={residual}: "
               + " ".join(f"{k} {v:.2e}" for k, v in err.items()))
 
@@ -295,25 +294,13 @@ if DEVICES:
             hidden = int(torch.randint(2, 1500, (1,), generator=g))
             variant = VARIANTS[int(torch.randint(0, 2, (1,), generator=g))]
             residual = bool(torch.randint(0, 2, (1,), generator=g))
-            check_bias_free(device, rows, hidden, torch.float32, variant, residual)
+            check_against_truth(device, rows, hidden, torch.float32, variant, residual, bias=False)
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("rows,hidden", [(7, 96), (129, 1000), (3, 4097)])
     def test_bias_free_cuda_tile_configs(device, rows, hidden):
         """The launchers with bias=None at the CUDA configs: db is None, the rest as with a bias."""
-        cfg = K.ln_settings(hidden)
-        x, r, w, b, dy, ds = _inputs(rows, hidden, torch.float32, device)
-        for unbiased in (False, True):
-            y, s, mean, rstd = K.layer_norm_fwd(x, w, None, 1e-5, r, unbiased, config=cfg)
-            dsum, _, dw, db = K.layer_norm_bwd(dy, ds, s, w, mean, rstd, unbiased, config=cfg, has_bias=False)
-            assert db is None
-            yb, *_ = K.layer_norm_fwd(x, w, torch.zeros_like(b), 1e-5, r, unbiased, config=cfg)
-            torch.testing.assert_close(y, yb, rtol=1e-6, atol=1e-6)
-            variant = "bert_pytorch" if unbiased else "standard"
-            truth = _forward_backward(_torch_ln(variant, 1e-5), x, r, w, None, dy, ds, torch.float64)
-            got = {"y": y, "s": s, "dx": dsum, "dres": dsum, "dw": dw, "db": None}
-            for k, e in max_errors(got, truth).items():
-                assert e <= 1e-5 * max(1.0, truth[k].abs().max().item()), (cfg, k, e)
+        check_tile_configs(device, rows, hidden, bias=False)
 
     @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("residual", (False, True), ids=("plain", "residual"))
