@@ -1,5 +1,6 @@
 """What the per-op kernel tests share: the devices the kernels run on here, max-error measurement, the
-tolerance rule, and the child run of a test file under the Triton interpreter.
+tolerance rule, the child run of a test file under the Triton interpreter, and the activations
+autograd saves (the fused model tests' memory checks).
 
 Tolerances (the rule flash-attention's tests use): fp32 max abs error <= tol * max(1, max |truth|)
 against an fp64 truth; fp16/bf16 max abs error <= 2x the error of plain PyTorch in the same dtype
@@ -42,6 +43,22 @@ def assert_within_tolerance(got, truth, torch_lp=None, dtype=torch.float32, fp32
         assert err[k] <= 2 * base[k] + ulp * scale[k], \
             f"{k}: error {err[k]:.3g} > 2 x torch's {base[k]:.3g} + ulp slack"
     return err
+
+
+def saved_activations(module, run):
+    """{storage pointer: (shape, storage bytes)} of what autograd saves for the backward while run()
+    runs, module's parameters left out: the activations a training step keeps."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
 
 
 def run_interpreted(test_file):

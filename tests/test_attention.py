@@ -127,6 +127,18 @@ def _record(dtype, mode, what, err):
     ERRORS[key] = max(ERRORS.get(key, 0.0), err)
 
 
+def _check_run(dtype, mode, label, tensors, kernel_kw=None, **kw):
+    """The kernel's (o, dq, dk, dv) on tensors (q, k, v, dout) with the options kw (and kernel_kw, the
+    kernel's only), each within _check's rule of the fp64 reference (the reference in dtype the
+    baseline), the errors recorded under mode; returns the kernel's four."""
+    got = _kernel_run(*tensors, **kw, **(kernel_kw or {}))
+    want = _ref_run(*tensors, torch.float64, **kw)
+    lowp = _ref_run(*tensors, dtype, **kw)
+    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got, want, lowp):
+        _record(dtype, mode, name, _check(f"{label} {name}", g, w, lp, dtype))
+    return got
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_errors():
     yield
@@ -176,11 +188,7 @@ def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
     scale = 0.3 if dim == 80 else None
 
     # padded mode: every query row (padding queries too) and every gradient
-    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, scale=scale)
-    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, scale=scale)
-    lowp = _ref_run(q, k, v, dout, dtype, key_padding_mask=mask, scale=scale)
-    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got, want, lowp):
-        _record(dtype, "padded", name, _check(f"padded {name}", g, w, lp, dtype))
+    got = _check_run(dtype, "padded", "padded", (q, k, v, dout), key_padding_mask=mask, scale=scale)
     # zero-length sequences: zero output and zero gradients
     for b, n in enumerate(lengths):
         if n == 0:
@@ -191,11 +199,8 @@ def test_padded_and_varlen(device, batch, heads, seq, dim, dtype):
     qp, kp, vp = (_pack(t, lengths) for t in (q, k, v))
     dp = _pack(dout, lengths)
     cu = _cu(lengths, device)
-    got_v = _kernel_run(qp, kp, vp, dp, cu_seqlens=cu, max_seqlen=max(lengths), scale=scale)
-    want_v = _ref_run(qp, kp, vp, dp, torch.float64, cu_seqlens=cu, scale=scale)
-    lowp_v = _ref_run(qp, kp, vp, dp, dtype, cu_seqlens=cu, scale=scale)
-    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
-        _record(dtype, "varlen", name, _check(f"varlen {name}", g, w, lp, dtype))
+    got_v = _check_run(dtype, "varlen", "varlen", (qp, kp, vp, dp), cu_seqlens=cu, scale=scale,
+                       kernel_kw=dict(max_seqlen=max(lengths)))
 
     # padded and varlen agree on the valid rows: the output and dQ (a row's dQ depends on its own dO
     # only; dK, dV differ by the padding queries' share, so those are checked against the reference
@@ -266,39 +271,55 @@ def test_dropout_kept_fraction(device, p):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_matches_reference_with_same_mask(device):
-    gen = torch.Generator().manual_seed(5)
-    batch, seq, heads, dim, p = 3, 70, 2, 32, 0.25
+    got, got_v, lengths = _dropout_runs(device, (5, 9), 70, [70, 0, 41], 0.25, "dropout", "dropout")
+    # varlen draws the same bits (positions are counted inside each sequence)
+    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=1e-5, atol=1e-5)
+
+
+def _dropout_runs(device, seeds, seq, lengths, p, mode, label, **kw):
+    """Padded q, k, v [3, seq, 2, 32] fp32 (seeds[0]) with dropout p (rng from seeds[1]) and the options
+    kw, against the fp64 reference on the kernels' keep bits (dropout_keep_mask), the errors recorded
+    under mode; then varlen on the packed valid rows. Returns (padded, varlen) (o, dq, dk, dv), lengths."""
+    gen = torch.Generator().manual_seed(seeds[0])
+    batch, heads, dim = len(lengths), 2, 32
     q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen)
-    lengths = [70, 0, 41]
     mask = _pad_mask(lengths, seq, device)
     dout = torch.randn(q.shape, generator=gen).to(device)
-    rng = dropout_seed(device, torch.Generator(device).manual_seed(9))
+    rng = dropout_seed(device, torch.Generator(device).manual_seed(seeds[1]))
     keep = A.dropout_keep_mask(rng, p, batch, heads, seq)
-    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng)
-    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
+    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng, **kw)
+    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep, **kw)
     for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
-        _record(torch.float32, "dropout", name, _check(f"dropout {name}", g, w, w, torch.float32))
-    # varlen draws the same bits (positions are counted inside each sequence)
-    cu = _cu(lengths, device)
-    got_v = _kernel_run(*(_pack(t, lengths) for t in (q, k, v)), _pack(dout.masked_fill(
-        mask[:, :, None, None], 0), lengths), cu_seqlens=cu, dropout_p=p, rng=rng)
-    torch.testing.assert_close(got_v[0], _pack(got[0], lengths), rtol=1e-5, atol=1e-5)
+        _record(torch.float32, mode, name, _check(f"{label} {name}", g, w, w, torch.float32))
+    got_v = _kernel_run(*(_pack(t, lengths) for t in (q, k, v, dout)), cu_seqlens=_cu(lengths, device),
+                        dropout_p=p, rng=rng, **kw)
+    return got, got_v, lengths
+
+
+def _opcheck_inputs(lengths, device):
+    """q, k, v [2, max(lengths), 1, 32] fp32 (seeded), the padding mask of lengths and a dropout rng."""
+    seq = max(lengths)
+    q, k, v = _inputs(len(lengths), seq, 1, 32, torch.float32, device, torch.Generator().manual_seed(2),
+                      strided=False)
+    return q, k, v, _pad_mask(lengths, seq, device), torch.tensor([1234, 5], dtype=torch.int64, device=device)
+
+
+def _opcheck_forward(args):
+    """torch.library.opcheck of fastbert::attention_fwd on args, its float tensors requiring grad."""
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_and_checkpoint(device):
     from torch.utils.checkpoint import checkpoint
 
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = _inputs(2, 17, 1, 32, torch.float32, device, gen, strided=False)
-    mask = _pad_mask([17, 5], 17, device)
+    q, k, v, mask, rng = _opcheck_inputs([17, 5], device)
     lens = torch.tensor([17, 5], dtype=torch.int32, device=device)
-    rng = torch.tensor([1234, 5], dtype=torch.int64, device=device)
     for args in ((q, k, v, None, None, None, A.MODE_DENSE, 0.0, 0.2, 17),
                  (q, k, v, lens, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 17)):
-        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
-        torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+        _opcheck_forward(args)
     # activation checkpointing recomputes the same dropout mask
     qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
 
@@ -375,19 +396,12 @@ def test_window_padded_and_varlen(device, batch, heads, seq, dim, dtype, window)
     mask = _pad_mask(lengths, seq, device)
     dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
     kw = dict(key_padding_mask=mask, window=window)
-    got = _kernel_run(q, k, v, dout, **kw)
-    want = _ref_run(q, k, v, dout, torch.float64, **kw)
-    lowp = _ref_run(q, k, v, dout, dtype, **kw)
-    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got, want, lowp):
-        _record(dtype, "window", name, _check(f"window padded {name}", g, w, lp, dtype))
+    _check_run(dtype, "window", "window padded", (q, k, v, dout), **kw)
 
     qp, kp, vp, dp = (_pack(t, lengths) for t in (q, k, v, dout))
     cu = _cu(lengths, device)
-    got_v = _kernel_run(qp, kp, vp, dp, cu_seqlens=cu, max_seqlen=max(lengths), window=window)
-    want_v = _ref_run(qp, kp, vp, dp, torch.float64, cu_seqlens=cu, window=window)
-    lowp_v = _ref_run(qp, kp, vp, dp, dtype, cu_seqlens=cu, window=window)
-    for name, g, w, lp in zip(("o", "dq", "dk", "dv"), got_v, want_v, lowp_v):
-        _record(dtype, "win-vl", name, _check(f"window varlen {name}", g, w, lp, dtype))
+    _check_run(dtype, "win-vl", "window varlen", (qp, kp, vp, dp), cu_seqlens=cu, window=window,
+               kernel_kw=dict(max_seqlen=max(lengths)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -420,22 +434,8 @@ def test_window_skips_blocks_outside_the_band(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_dropout_matches_reference_with_same_mask(device):
     """Window + dropout, padded and varlen: the kernels' keep bits (dropout_keep_mask) on the reference."""
-    gen = torch.Generator().manual_seed(6)
-    batch, seq, heads, dim, p, w = 3, 140, 2, 32, 0.2, 9
-    q, k, v = _inputs(batch, seq, heads, dim, torch.float32, device, gen)
-    lengths = [140, 0, 77]
-    mask = _pad_mask(lengths, seq, device)
-    dout = torch.randn(q.shape, generator=gen).to(device)
-    rng = dropout_seed(device, torch.Generator(device).manual_seed(10))
-    keep = A.dropout_keep_mask(rng, p, batch, heads, seq)
-    got = _kernel_run(q, k, v, dout, key_padding_mask=mask, dropout_p=p, rng=rng, window=w)
-    want = _ref_run(q, k, v, dout, torch.float64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep,
-                    window=w)
-    for name, g, wt in zip(("o", "dq", "dk", "dv"), got, want):
-        _record(torch.float32, "win-drop", name, _check(f"window dropout {name}", g, wt, wt, torch.float32))
-    cu = _cu(lengths, device)
-    got_v = _kernel_run(*(_pack(t, lengths) for t in (q, k, v)), _pack(dout, lengths), cu_seqlens=cu,
-                        dropout_p=p, rng=rng, window=w)
+    got, got_v, lengths = _dropout_runs(device, (6, 10), 140, [140, 0, 77], 0.2, "win-drop", "window dropout",
+                                        window=9)
     for g_v, g_p in zip(got_v[:2], got[:2]):  # output and dQ of the valid rows
         torch.testing.assert_close(g_v, _pack(g_p, lengths), rtol=1e-5, atol=1e-5)
 
@@ -459,14 +459,8 @@ def test_window_against_sdpa_dense_band_mask(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_window_opcheck(device):
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = _inputs(2, 40, 1, 32, torch.float32, device, gen, strided=False)
-    mask = _pad_mask([40, 9], 40, device)
-    rng = torch.tensor([1234, 5], dtype=torch.int64, device=device)
-    args = (q, k, v, None, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 40, 6)
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
-    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+    q, k, v, mask, rng = _opcheck_inputs([40, 9], device)
+    _opcheck_forward((q, k, v, None, mask.view(torch.uint8), rng, A.MODE_MASKED, 0.1, 0.2, 40, 6))
 
 
 def test_window_native_and_reference_paths(monkeypatch):

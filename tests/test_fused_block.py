@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from harness import saved_activations
 
 import fastbert
 from fastbert.ops import block as fused
@@ -198,18 +199,21 @@ def test_eval_and_no_grad(count_fused):
     assert (got - want).abs().max() <= 2e-5
 
 
+def _block_parts(blk, x):
+    """What composing blk by hand takes: the op modules of attention, bias+GELU and LayerNorm
+    (fastbert.ops' attributes of these names are the op functions), its config, attention, feed-forward,
+    both norms, dropout p and the [T, heads, head_dim] shape of q, k, v for the tokens x."""
+    att_op, gelu_op, ln_op = (importlib.import_module(f"fastbert.ops.{name}")
+                              for name in ("attention", "bias_gelu", "layer_norm"))
+    cfg = blk.cfg
+    return (att_op, gelu_op, ln_op, cfg, blk.attention, blk.feed_forward, blk.input_sublayer.norm,
+            blk.output_sublayer.norm, blk.dropout.p, (x.shape[0], cfg.heads, cfg.head_dim))
+
+
 def hand_composed_block(blk, x, cu, max_seqlen, seeds):
     """The post-LN block from the per-op FusedOps, given the block's seeds [LN1, LN2, attention seed,
     attention offset] (fastbert.ops.block's order)."""
-    # the modules (fastbert.ops' attributes of these names are the op functions)
-    att_op, gelu_op, ln_op = (importlib.import_module(f"fastbert.ops.{name}")
-                              for name in ("attention", "bias_gelu", "layer_norm"))
-
-    cfg = blk.cfg
-    att, ff = blk.attention, blk.feed_forward
-    n1, n2 = blk.input_sublayer.norm, blk.output_sublayer.norm
-    p = blk.dropout.p
-    shape = (x.shape[0], cfg.heads, cfg.head_dim)
+    att_op, gelu_op, ln_op, cfg, att, ff, n1, n2, p, shape = _block_parts(blk, x)
     q, k, v = (lin(x).view(shape) for lin in att.linear_layers)
     o = att_op.fused_attention(q, k, v, dropout_p=cfg.attn_dropout, cu_seqlens=cu, max_seqlen=max_seqlen,
                                rng=seeds[2:4])
@@ -222,13 +226,7 @@ def hand_composed_block(blk, x, cu, max_seqlen, seeds):
 def hand_composed_pre_ln_block(blk, x, cu, max_seqlen, seeds):
     """bert_pytorch's pre-LN block from the per-op FusedOps and torch's dropout, given the block's
     seeds [LN2, attention seed, offset, FFN]; the last two dropouts draw after them, as in the block."""
-    att_op, gelu_op, ln_op = (importlib.import_module(f"fastbert.ops.{name}")
-                              for name in ("attention", "bias_gelu", "layer_norm"))
-    cfg = blk.cfg
-    att, ff = blk.attention, blk.feed_forward
-    n1, n2 = blk.input_sublayer.norm, blk.output_sublayer.norm
-    p = blk.dropout.p
-    shape = (x.shape[0], cfg.heads, cfg.head_dim)
+    att_op, gelu_op, ln_op, cfg, att, ff, n1, n2, p, shape = _block_parts(blk, x)
     y1 = ln_op._OP(x, n1.a_2, n1.b_2, None, None, n1.eps, True, 0.0)[0]
     q, k, v = (lin(y1).view(shape) for lin in att.linear_layers)
     o = att_op.fused_attention(q, k, v, dropout_p=cfg.attn_dropout, cu_seqlens=cu, max_seqlen=max_seqlen,
@@ -320,16 +318,7 @@ def test_saved_activations_scale_with_real_tokens(count_fused):
     _, fast = models(cfg)
     tokens = 40
     ids, seg, pos, cu, max_seqlen = packed((13, 27), tokens)
-    params = {p.untyped_storage().data_ptr() for p in fast.parameters()}
-    saved = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fast.forward_packed(ids, seg, pos, cu, max_seqlen)
+    saved = saved_activations(fast, lambda: fast.forward_packed(ids, seg, pos, cu, max_seqlen))
     assert count_fused["n"] == cfg.n_layers
     assert all(shape.count(27) < 2 for shape, _ in saved.values()), sorted(saved.values())
     assert not any(shape == (3 * cfg.hidden, cfg.hidden) for shape, _ in saved.values())

@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from harness import saved_activations
 
 import fastbert
 from fastbert.reference.model import BertConfig
@@ -187,16 +188,7 @@ def test_saved_activations_scale_with_real_tokens():
     _, fast = pair("hf", dropout=0.1)
     fast.train()
     ids, seg, mask, real = batch("hf", rows=4, seq=seq, seed=3)
-    params = {p.untyped_storage().data_ptr() for p in fast.parameters()}
-    saved = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fast(ids, seg, mask)
+    saved = saved_activations(fast, lambda: fast(ids, seg, mask))
     assert all(shape.count(seq) < 2 for shape, _ in saved.values()), sorted(saved.values())
     tokens = int(real.sum())
     assert tokens < 0.8 * real.numel()  # the batch has padding
