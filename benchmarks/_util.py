@@ -193,6 +193,43 @@ def row_op_setup():
     return ("cuda", 16384, torch.bfloat16) if cuda else ("cpu", 256, torch.float32)
 
 
+_COMPILED = {}
+
+
+def provider_fn(provider, fused, eager):
+    """What a row-op benchmark times for provider: fastbert's op (fused), the eager PyTorch form, or
+    torch.compile of the eager form ("compile", compiled once per eager function)."""
+    if provider == "fastbert":
+        return fused
+    if provider == "eager":
+        return eager
+    if eager not in _COMPILED:
+        _COMPILED[eager] = torch.compile(eager)
+    return _COMPILED[eager]
+
+
+def op_step(fn, args, backward, leaves=(), dy=None):
+    """The call to time: fn(*args) under no_grad (forward), or the gradients of its output for leaves
+    with upstream gradient dy (forward+backward)."""
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return fn(*args)
+
+        return forward
+
+    def step():
+        return torch.autograd.grad(fn(*args), leaves, dy)
+
+    return step
+
+
+def time_step(benchmark, step, device, bytes_moved, tokens):
+    """run()'s synchronised rounds of step, then on CUDA its device time (kernel_time)."""
+    run(benchmark, step, device, bytes_moved=bytes_moved, tokens=tokens)
+    kernel_time(benchmark, step, bytes_moved)
+
+
 def kernel_time(benchmark, fn, bytes_moved):
     """CUDA only: device time per call from triton.testing.do_bench (back-to-back launches, L2
     flushed between them), which hides the host-side launch overhead that the synchronised rounds

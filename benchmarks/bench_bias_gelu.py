@@ -19,7 +19,7 @@ triton.testing.do_bench, without the host launch overhead that run()'s synchroni
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import kernel_time, row_op_setup, run, skip_interpreted
+from _util import op_step, provider_fn, row_op_setup, skip_interpreted, time_step
 
 import fastbert.ops as ops
 
@@ -31,35 +31,11 @@ def _eager(x, b, form):
     return F.gelu(x + b, approximate=form)
 
 
-_compiled = {}
-
-
-def _provider_fn(provider):
-    if provider == "fastbert":
-        return ops.bias_gelu
-    if provider == "eager":
-        return _eager
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_eager)
-    return _compiled["fn"]
-
-
 def _step(provider, n, form, backward):
     x = torch.randn(ROWS, n, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
     b = torch.randn(n, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
-    fn = _provider_fn(provider)
-    if not backward:
-        def forward():
-            with torch.no_grad():
-                return fn(x, b, form)
-
-        return forward
-    dy = torch.randn(ROWS, n, device=DEVICE, dtype=DTYPE)
-
-    def step():
-        return torch.autograd.grad(fn(x, b, form), (x, b), dy)
-
-    return step
+    dy = torch.randn(ROWS, n, device=DEVICE, dtype=DTYPE) if backward else None
+    return op_step(provider_fn(provider, ops.bias_gelu, _eager), (x, b, form), backward, (x, b), dy)
 
 
 def _bytes(n, backward):
@@ -74,6 +50,4 @@ def test_bias_gelu(benchmark, provider, n, form, backward):
     mode = "forward+backward" if backward else "forward"
     benchmark.group = f"bias_gelu {mode} {form} [{ROWS}, {n}] {str(DTYPE)[6:]} {DEVICE}"
     skip_interpreted(provider, "bias+GELU")
-    step, nbytes = _step(provider, n, form, backward), _bytes(n, backward)
-    run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    kernel_time(benchmark, step, nbytes)
+    time_step(benchmark, _step(provider, n, form, backward), DEVICE, _bytes(n, backward), ROWS)

@@ -19,7 +19,7 @@ On CUDA each result also records gpu_us / gpu_gbps / gpu_roofline_frac (triton.t
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import kernel_time, row_op_setup, run, skip_interpreted
+from _util import op_step, provider_fn, row_op_setup, skip_interpreted, time_step
 
 import fastbert.ops as ops
 
@@ -35,36 +35,12 @@ def _eager(x, b, form):
     return F.gelu(a, approximate=form) * g
 
 
-_compiled = {}
-
-
-def _provider_fn(provider):
-    if provider == "fastbert":
-        return ops.geglu
-    if provider == "eager":
-        return _eager
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_eager)
-    return _compiled["fn"]
-
-
 def _step(provider, f, form, bias, backward):
     x = torch.randn(ROWS, 2 * f, device=DEVICE, dtype=DTYPE).requires_grad_(backward)
     b = torch.randn(2 * f, device=DEVICE, dtype=DTYPE).requires_grad_(backward) if bias else None
-    fn = _provider_fn(provider)
-    if not backward:
-        def forward():
-            with torch.no_grad():
-                return fn(x, b, form)
-
-        return forward
-    dy = torch.randn(ROWS, f, device=DEVICE, dtype=DTYPE)
-    leaves = (x,) if b is None else (x, b)
-
-    def step():
-        return torch.autograd.grad(fn(x, b, form), leaves, dy)
-
-    return step
+    dy = torch.randn(ROWS, f, device=DEVICE, dtype=DTYPE) if backward else None
+    return op_step(provider_fn(provider, ops.geglu, _eager), (x, b, form), backward,
+                   (x,) if b is None else (x, b), dy)
 
 
 def _bytes(f, backward):
@@ -80,6 +56,4 @@ def test_geglu(benchmark, provider, f, form, bias, backward):
     benchmark.group = (f"geglu {mode} {form}{' bias' if bias else ''} [{ROWS}, 2x{f}] {str(DTYPE)[6:]} "
                        f"{DEVICE}")
     skip_interpreted(provider, "GeGLU")
-    step, nbytes = _step(provider, f, form, bias, backward), _bytes(f, backward)
-    run(benchmark, step, DEVICE, bytes_moved=nbytes, tokens=ROWS)
-    kernel_time(benchmark, step, nbytes)
+    time_step(benchmark, _step(provider, f, form, bias, backward), DEVICE, _bytes(f, backward), ROWS)
