@@ -68,6 +68,15 @@ def main(argv=None):
             return 2
         return 0
     cmd, rest = argv[0], argv[1:]
+    try:
+        return _run(cmd, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handling (loading torch, vocab): no traceback
+        print(f"fastbert {cmd}: SIGINT outside training (while loading, or in vocab): stopped",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as a signal during training
+
+
+def _run(cmd, rest):
     if cmd == "vocab":
         return _vocab(rest)
     if cmd == "pretrain":

@@ -104,22 +104,49 @@ def test_resume_drops_records_past_the_checkpoint(corpus, tmp_path):
     assert marker["step"] == 3 and marker["dropped_records"] == 3  # steps 4, 5 and their held-out line
 
 
-def test_sigterm_in_finetune_saves_the_model(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    """A 2-step pretraining run folder to fine-tune from."""
     text, cache = corpus
-    run = tmp_path / "pre"
+    run = tmp_path_factory.mktemp("pre") / "run"
     assert pretrain.main(SMALL + ["--corpus", text, "--cache-dir", cache, "--out", str(run),
                                   "--max-steps", "2"]) == 0
-    argv = ["finetune", "--checkpoint", str(run), "--batch", "8", "--seq-len", "64", "--epochs", "1000",
-            "--threads", "1", "--no-progress"]
+    return run
+
+
+@pytest.mark.parametrize("sig,rc", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_in_finetune_saves_the_model(pretrained, tmp_path, sig, rc):
+    """Ctrl-C (SIGINT) or SIGTERM during fine-tuning: the model trained so far written atomically,
+    where it is said on stderr, no traceback, exit status 128 + the signal (as pretraining)."""
+    folder = tmp_path / "ft"
+    argv = ["finetune", "--checkpoint", str(pretrained), "--batch", "8", "--seq-len", "64",
+            "--epochs", "1000", "--threads", "1", "--no-progress", "--out", str(folder)]
     proc, _ = _start(argv, "epoch 1 ")
-    rc, out, err = _finish(proc, signal.SIGTERM)
-    assert rc == 143, out[-2000:] + err[-2000:]
-    folder = run / "finetune-sequence"
-    assert "SIGTERM at step" in err and str(folder / "model.pt") in err and "Traceback" not in err, err
+    got, out, err = _finish(proc, sig)
+    assert got == rc, out[-2000:] + err[-2000:]
+    name = signal.Signals(sig).name
+    assert f"{name} at step" in err and str(folder / "model.pt") in err and "Traceback" not in err, err
+    assert not [p for p in os.listdir(folder) if ".tmp" in p]
     state = torch.load(folder / "model.pt", weights_only=True)
     assert state["labels"][0] == "animal"
     recs = _records(folder / "metrics.jsonl")
-    assert recs[0]["epoch"] == 1 and recs[-1]["event"] == "interrupted"
+    assert recs[0]["epoch"] == 1 and recs[-1]["event"] == "interrupted" and recs[-1]["signal"] == name
+
+
+def test_ctrl_c_while_loading_gives_no_traceback(monkeypatch, capsys):
+    """A KeyboardInterrupt outside training's handlers (the command still importing torch): one line,
+    exit status 130, no traceback."""
+    import fastbert.train.finetune as finetune
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "main", interrupted)
+    from fastbert import cli
+
+    assert cli.main(["finetune", "--checkpoint", "x"]) == 130
+    err = capsys.readouterr().err
+    assert "fastbert finetune: SIGINT outside training" in err and "Traceback" not in err
 
 
 def test_time_limit_ends_on_a_decayed_schedule(corpus, tmp_path, capsys):

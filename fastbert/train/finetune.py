@@ -20,7 +20,8 @@ fine-tuned state with its label list; one subfolder per run when there are sever
 JSON line per epoch of each run, with its held-out scores), config.json (options, versions), and with
 --export-hf DIR a transformers BertForSequenceClassification / BertForTokenClassification with its
 label names. Ctrl-C (SIGINT) or SIGTERM stops after the current step, saves the model trained so far
-(model.pt) and exits with 128 + the signal's number; bad input exits with status 2 and one message.
+(model.pt, written atomically), says where, and exits with 128 + the signal's number (130, 143), as
+pretraining does, with no traceback; bad input exits with status 2 and one message.
 """
 
 import argparse
@@ -627,6 +628,12 @@ def _one_run(task, args, seed, name, scratch, signals, log, out, sub):
     exported = _export(model, task, args, sub)
     signals.armed = True
     print(f"saved {path}" + (f"; transformers export in {exported}" if exported else ""), flush=True)
+    if signals.signum:  # it came after the last step (the last evaluation): this run is complete
+        log.write({"event": "interrupted", "seed": seed, "init": name, "step": history[-1]["step"],
+                   "signal": signals.name, "model": path})
+        print(f"fastbert finetune: {signals.name} after the last step of seed {seed} ({name}): the model "
+              f"is in {path}", file=sys.stderr, flush=True)
+        return signals.exit_code
     return {"seed": seed, "init": name, "lr": lr, "history": history, "model": model, **history[-1]}
 
 
