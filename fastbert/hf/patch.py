@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, st
 from .attention import NAME, register
 from .modules import FAMILY_NAMES, FUSED, ROLE
 
@@ -116,11 +116,16 @@ def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddin
                 on the real tokens (varlen attention), outputs are scattered back to [B, S, hidden] with
                 zeros at padding positions (no loss reads them); packed batches run varlen.
                 *ForQuestionAnswering keeps the padded layout (its span softmax reads padding positions)
+    A sentence_transformers.SentenceTransformer: its transformers model is patched, and its Transformer
+    module takes sentence-transformers' flattened (unpadded) input path (fastbert.hf.st).
     Submodules that are not plain nn.Linear / nn.LayerNorm / nn.Embedding / nn.Dropout (PEFT/LoRA
     wrappers, quantized layers) keep the stock path. Patching a patched model re-applies the flags.
     """
     _check_model(model, "patch_hf")
     compat.check_version()
+    if st.is_sentence_transformer(model):
+        return st.patch(model, patch_hf, attention=attention, layer_norm=layer_norm, bias_gelu=bias_gelu,
+                        embeddings=embeddings, unpad=unpad)
     unpatch_hf(model)
     config = getattr(model, "config", None)
     stock_model = hasattr(model, "set_attn_implementation") and config is not None
@@ -164,6 +169,11 @@ def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddin
 def unpatch_hf(model):
     """Undo patch_hf: stock classes and the previous attention implementation back; returns model."""
     _check_model(model, "unpatch_hf")
+    if st.is_sentence_transformer(model):
+        for module in st.transformer_modules(model):
+            st.unpatch(module)
+            unpatch_hf(module.model)
+        return model
     for module in model.modules():
         stock = getattr(type(module), "_fastbert_stock", None)
         if stock is not None and FUSED.get(stock) is type(module):
