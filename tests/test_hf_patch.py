@@ -96,7 +96,8 @@ def loss_of(out, real, weights):
     if getattr(out, "loss", None) is not None:
         return out.loss
     h = out.last_hidden_state * real[..., None]  # base model: a fixed projection
-    pooled = 0.0 if out.pooler_output is None else out.pooler_output.sum()
+    pooled = getattr(out, "pooler_output", None)  # ELECTRA and DistilBERT have no pooler
+    pooled = 0.0 if pooled is None else pooled.sum()
     return (h * weights).sum() + pooled
 
 
