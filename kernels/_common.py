@@ -7,11 +7,12 @@ triton.next_power_of_2 (about 6 us per call in triton 3.9, where they are conste
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastbert._env import getenv
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the row-wise kernels load
 TILE = 2048  # elements per program of the row-wise kernels on CUDA
@@ -47,7 +48,7 @@ def allocator():
     FASTBERT_POISON=1 (tests: an element a kernel fails to write then shows as NaN). The variable
     is read once per call, not once per tensor. alloc(shape, dtype, device), or alloc.like(t) for a
     tensor of t's shape, dtype and device (t contiguous: the result is too)."""
-    return _nan if os.environ.get("FASTBERT_POISON", "0") == "1" else _empty
+    return _nan if getenv("FASTBERT_POISON", "0") == "1" else _empty
 
 
 @functools.cache

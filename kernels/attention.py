@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert._env import getenv
+
 from ._common import allocator, cdiv, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -610,9 +612,8 @@ def _drop_params(dropout_p):
 
 def _head_strides(x):
     """(batch, row, head) strides of a [B, S, H, D] or [T, H, D] tensor (batch 0 when packed)."""
-    if x.dim() == 4:
-        return x.stride(0), x.stride(1), x.stride(2)
-    return 0, x.stride(0), x.stride(1)
+    s = x.stride()  # one call: stride(i) three times costs about three times as much host time
+    return s[:3] if len(s) == 4 else (0, s[0], s[1])
 
 
 def _geometry(q):
@@ -653,16 +654,19 @@ def check_window(window):
     return int(window)
 
 
-def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen, window=None):
+def attention_fwd(q, k, v, seqinfo, mask, rng, mode, dropout_p, scale, max_seqlen, window=None, lse=None):
     """Launch the forward on prepared inputs (see prepare). rng: int64 [2] (seed, offset) on q's device
     when dropout_p > 0; window: the sliding window (None: global; an int w >= 0: query i attends key j
-    iff |i - j| <= w). Returns (out like q, lse fp32 [B, H, S] or [H, T])."""
+    iff |i - j| <= w). Returns (out like q, lse fp32 [B, H, S] or [H, T]).
+    lse: a contiguous fp32 tensor of lse's shape to write it into instead of a new one (a forward with
+    no backward passes a scratch buffer)."""
     batch, heads, rows, dim, lse_shp, (slb, slh) = _geometry(q)
     if mode == MODE_VARLEN:
         batch = seqinfo.numel() - 1
     new = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     out = new.like(q) if q.is_contiguous() else new(q.shape, q.dtype, q.device)
-    lse = new(lse_shp, torch.float32, q.device)
+    if lse is None:
+        lse = new(lse_shp, torch.float32, q.device)
     if q.numel() == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_(), lse.fill_(float("inf"))
     thresh, drop_scale = _drop_params(dropout_p)
@@ -801,7 +805,7 @@ def prepare(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlen
         # checking the values costs a host sync (and a graph break under torch.compile): done when
         # max_seqlen must be computed anyway, or with FASTBERT_ATTN_CHECK=1; a caller passing
         # max_seqlen is trusted (as flash-attn's varlen API does), on every device
-        if max_seqlen is None or os.environ.get("FASTBERT_ATTN_CHECK") == "1":
+        if max_seqlen is None or getenv("FASTBERT_ATTN_CHECK") == "1":
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             first, last, min_len, max_len = torch.stack(
                 [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()  # one sync

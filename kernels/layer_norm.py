@@ -270,7 +270,7 @@ def _ln_bwd_kernel(
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_p=0.0, seed=None,
-                   config=None, validate=True):
+                   config=None, validate=True, store_sum=None, stats=None):
     """Launch the forward. x, residual [..., N] contiguous; weight [N], bias [N] or None (a
     bias-free LayerNorm, y = w * xhat); seed int64 [>= 1] (the
     seed at element 0) when dropout_p > 0. Returns (y, s, mean, rstd): y [..., N] in the dtype of x
@@ -278,6 +278,10 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
     rstd fp32 [...].
     config (BLOCK_M, BLOCK_N, num_warps) overrides ln_settings (tests); validate=False skips the
     input checks (fastbert.ops has run them already).
+    For a forward with no backward (the fused block without autograd): store_sum=False leaves s
+    unwritten even with a residual or dropout (returned as None); stats (mean, rstd), contiguous fp32 tensors
+    of at least one element per row, are written instead of new ones (the same tensor twice: a
+    scratch buffer, when the statistics are not read).
     """
     if validate:
         check_inputs(x, weight, bias, residual, "bert_pytorch" if unbiased else "standard", dropout_p)
@@ -288,16 +292,23 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, unbiased=False, dropout_
     m = x.numel() // n
     out_dtype = x.dtype if residual is None or residual.dtype == x.dtype else \
         torch.promote_types(x.dtype, residual.dtype)
-    store_sum = residual is not None or has_dropout
+    placeholder = store_sum is None  # s is a [0] tensor when not stored (None when store_sum=False)
+    if store_sum is None:
+        store_sum = residual is not None or has_dropout
     _alloc = allocator()  # NaN-poisoned outputs under FASTBERT_POISON=1
     if out_dtype == x.dtype and x.is_contiguous():
         y = _alloc.like(x)
-        s = _alloc.like(x) if store_sum else _alloc((0,), out_dtype, x.device)
+        s = _alloc.like(x) if store_sum else None
     else:
         y = _alloc(x.shape, out_dtype, x.device)
-        s = _alloc(x.shape if store_sum else (0,), out_dtype, x.device)
-    mean = _alloc(x.shape[:-1], torch.float32, x.device)
-    rstd = _alloc(x.shape[:-1], torch.float32, x.device)
+        s = _alloc(x.shape, out_dtype, x.device) if store_sum else None
+    if s is None and placeholder:
+        s = _alloc((0,), out_dtype, x.device)
+    if stats is None:
+        mean = _alloc(x.shape[:-1], torch.float32, x.device)
+        rstd = _alloc(x.shape[:-1], torch.float32, x.device)
+    else:
+        mean, rstd = stats
     if m == 0:
         return y, s, mean, rstd
     block_m, block_n, warps = config or ln_settings(n, x.device)

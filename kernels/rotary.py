@@ -23,11 +23,12 @@ Grid: (cdiv(max_seqlen, BLOCK_T), B, H); a program rotates BLOCK_T tokens of one
 for q, k and v in turn, loading the cos/sin rows of its positions once.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastbert._env import getenv
 
 from ._common import FLOAT_DTYPES, allocator, cdiv, next_power_of_2
 
@@ -176,7 +177,7 @@ def prepare(qkv, cos, sin, cu_seqlens=None, max_seqlen=None):
         if max_seqlen is not None and max_seqlen != seq:
             _fail(f"max_seqlen {max_seqlen} != S {seq} in padded mode")
         max_seqlen = seq
-    elif max_seqlen is None or os.environ.get("FASTBERT_ATTN_CHECK") == "1":
+    elif max_seqlen is None or getenv("FASTBERT_ATTN_CHECK") == "1":
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         first, last, min_len, max_len = torch.stack(
             [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()  # one sync

@@ -189,3 +189,24 @@ def test_native_varlen_attention_matches_reference(monkeypatch):
     monkeypatch.setenv("FASTBERT_BACKEND", "auto")
     with pytest.raises(ValueError, match="max_seqlen"):
         ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=8)
+
+
+def test_getenv_follows_os_environ(monkeypatch):
+    """fastbert._env.getenv (the per-call reads of FASTBERT_* switches) sees every change made through
+    os.environ at once: monkeypatch's setenv / delenv, assignment, del, and unset names."""
+    import os
+
+    from fastbert._env import getenv
+
+    name = "FASTBERT_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) is None and getenv(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, "triton")
+    assert getenv(name, "auto") == "triton"
+    os.environ[name] = "ü 1"  # non-ASCII survives the encoding round trip
+    assert getenv(name) == "ü 1"
+    del os.environ[name]
+    assert getenv(name, "auto") == "auto"
+    monkeypatch.setenv("FASTBERT_BACKEND", "reference")
+    assert _dispatch.backend() == "reference"
+    assert _dispatch.choose("layer_norm", torch.zeros(2)) == _dispatch.REFERENCE

@@ -188,15 +188,44 @@ def test_autocast_matches_per_op(preset, count_fused, monkeypatch):
         assert err <= 4 * torch.finfo(half).eps * max(1.0, float(g.abs().max())), (name, err)
 
 
-def test_eval_and_no_grad(count_fused):
-    ref, fast = models(config())
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_eval_and_no_grad(preset, grad_mode, count_fused):
+    """Without autograd the block writes no LayerNorm sums and sends lse and the statistics to one
+    scratch buffer: the reference's outputs, varlen and dense (FASTBERT_POISON is on: a row left
+    unwritten shows as NaN)."""
+    ref, fast = models(config(preset=preset, ffn=256 if preset == "bert_pytorch" else 128))
     ref.eval()
     fast.eval()
-    inputs = packed((9, 12), 24)
-    with torch.no_grad():
+    inputs = packed((9, 12, 0, 3), 24)
+    blk, blk_ref = fast.transformer_blocks[0], ref.transformer_blocks[0]
+    x = torch.randn(3, 10, 64, device=DEVICE)
+    context = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
+    with context():
         got, want = fast.forward_packed(*inputs), ref.forward_packed(*inputs)
-    assert count_fused["n"] == 2
+        dense, dense_want = blk(x, None, None, None), blk_ref(x, None, None, None)
+    assert count_fused["n"] == 3
     assert (got - want).abs().max() <= 2e-5
+    assert (dense - dense_want).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("preset", ["hf", "bert_pytorch"])
+def test_no_grad_dropout_matches_autograd_forward(preset, count_fused):
+    """In training mode under no_grad (dropout on, nothing saved) the block gives the output of the
+    autograd forward with the same seed: the same masks, the same math."""
+    _, fast = models(config(dropout=0.2, layers=1, preset=preset,
+                            ffn=256 if preset == "bert_pytorch" else 128))
+    blk = fast.transformer_blocks[0]
+    _, _, _, cu, max_seqlen = packed((9, 14, 0, 5), 32)
+    x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    torch.manual_seed(5)
+    with_grad = blk(x, None, cu, max_seqlen).detach()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        without = blk(x, None, cu, max_seqlen)
+    assert count_fused["n"] == 2
+    assert torch.isfinite(without).all()
+    assert torch.equal(with_grad, without)
 
 
 def _block_parts(blk, x):

@@ -20,11 +20,10 @@ FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
   reference  the pure-PyTorch reference everywhere (fastbert.reference.ops, the tests' ground truth).
 """
 
-import os
-
 import torch
 
 from fastbert import _ext
+from fastbert._env import getenv
 
 BACKENDS = ("reference", "triton", "auto")
 TRITON, CPP, NATIVE, REFERENCE = "triton", "C++", "native", "reference"
@@ -33,7 +32,7 @@ CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}  # op -> torch.o
 
 
 def backend() -> str:
-    raw = os.environ.get("FASTBERT_BACKEND", "auto")
+    raw = getenv("FASTBERT_BACKEND", "auto")
     if raw in BACKENDS:  # the common case: no normalising
         return raw
     name = raw.strip().lower()
@@ -58,7 +57,7 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 _last: dict = {}
@@ -88,7 +87,7 @@ def choose(op, x, check=None, args=(), native=True) -> str:
     function for this input (otherwise the fallback is the reference), or a callable that says so
     (evaluated only when a fallback is needed, since it may cost a host sync)."""
     # the common cases inline (this runs on every op call: a BERT step makes hundreds)
-    name = os.environ.get("FASTBERT_BACKEND", "auto")
+    name = getenv("FASTBERT_BACKEND", "auto")
     if name not in BACKENDS:
         name = backend()  # normalises, or raises naming the bad value
     tensor = x.__class__ is torch.Tensor or isinstance(x, torch.Tensor)  # not info's stand-ins

@@ -26,7 +26,12 @@ parameter gradient against the per-op path and the reference.
 Saved for the backward (per real token, as the per-op path): the block input, qkv, the attention
 output, the LayerNorm sums or inputs, the FFN input, pre-activation and activation, torch's dropout
 masks (pre-LN), and per-row statistics; the concatenated weight is rebuilt in the backward, not
-kept. The block's dropout seeds (LayerNorms, attention's (seed, offset) pair, the FFN's) come from
+kept. Without autograd (no_grad, inference_mode: eval and serving) nothing is saved, so the
+LayerNorms do not write their sums and their statistics and attention's lse go to one scratch buffer
+per block (six allocations and two [T, N] writes fewer). The Q/K/V weights are
+concatenated on every call there too: a cache across calls would need to know when a weight changed,
+and a write through `param.data` (an EMA update, a manual load) bumps no version counter.
+The block's dropout seeds (LayerNorms, attention's (seed, offset) pair, the FFN's) come from
 ONE torch.randint per block on x's device, each kernel reading its own element, so
 torch.manual_seed, activation checkpointing (which restores the generators) and CUDA graphs behave
 as with the per-op draws.
@@ -40,10 +45,11 @@ turns it off (the per-op path everywhere).
 """
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
+
+from fastbert._env import getenv
 
 from . import _dispatch
 from ._dispatch import TRITON, triton_available
@@ -63,7 +69,7 @@ _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def enabled() -> bool:
-    return os.environ.get("FASTBERT_FUSED_BLOCK", "1") != "0"
+    return getenv("FASTBERT_FUSED_BLOCK", "1") != "0"
 
 
 def _leaves(block):
@@ -120,20 +126,22 @@ def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbi
     The callers pass the dropout rates of their modules' training state (0.0 in eval)."""
     if _kl is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return None
-    name = os.environ.get("FASTBERT_BACKEND", "auto")
+    name = getenv("FASTBERT_BACKEND", "auto")
     if name not in _dispatch.BACKENDS:
         name = _dispatch.backend()
-    if name == "reference" or not (_dispatch._TRITON if x.is_cuda else _dispatch._triton_device(x, name)):
+    cuda = x.is_cuda
+    if name == "reference" or not (_dispatch._TRITON if cuda else _dispatch._triton_device(x, name)):
         return None
-    dtype, device = x.dtype, x.device
+    dtype = x.dtype
     if dtype not in _FLOAT or not x.is_contiguous():
         return None
+    device = x.device
     cast = None  # under autocast: its dtype, for fp32 input and parameters (what pretraining runs)
     if torch.is_autocast_enabled(device.type):
         cast = torch.get_autocast_dtype(device.type)
         if dtype != torch.float32 or cast not in (torch.float16, torch.bfloat16):
             return None
-    if os.environ.get("FASTBERT_ATTN_CHECK") == "1":
+    if getenv("FASTBERT_ATTN_CHECK") == "1":
         return None  # the per-op attention checks cu_seqlens' values
     n = x.shape[-1]
     if n > _kl.MAX_HIDDEN or n % heads or params[0].shape[-1] != n:
@@ -147,14 +155,14 @@ def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbi
                 or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
                 or cu_seqlens.device != device):
             return None  # the per-op path names the problem
-        mode, seqinfo = _ka.MODE_VARLEN, cu_seqlens.contiguous()
+        mode, seqinfo = _ka.MODE_VARLEN, cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
         hshape = (x.shape[0], heads, head_dim)
     else:
         if x.dim() != 3 or (max_seqlen is not None and max_seqlen != x.shape[1]):
             return None
         mode, seqinfo, max_seqlen = _ka.MODE_DENSE, None, x.shape[1]
         hshape = (x.shape[0], x.shape[1], heads, head_dim)
-    if x.is_cuda:  # every parameter of x's dtype on x's device (is_cpu/is_cuda: no device objects)
+    if cuda:  # every parameter of x's dtype on x's device (is_cpu/is_cuda: no device objects)
         index = x.get_device()
         for t in params:
             if t.dtype is not dtype or not t.is_cuda or t.get_device() != index:
@@ -169,13 +177,23 @@ def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbi
     last = _dispatch._last
     dev = device.type
     last["attention", dev] = last["layer_norm", dev] = last["bias_gelu", dev] = TRITON
-    seeds = _draw_seeds(device, 0.0 if pre else p1, p2, pa, pf)
+    seeds = (_draw_seeds(device, 0.0 if pre else p1, p2, pa, pf) if (p1 or p2 or pa or pf)
+             else _NO_SEEDS)
     meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(p2), float(pa), float(pf), float(eps1),
             float(eps2), bool(unbiased1), bool(unbiased2), gelu, float(p1), cast)
     if torch.is_grad_enabled():
         return (_apply_pre if pre else _apply_post)(_UNWRAP, meta, x, seqinfo, *seeds, *params)
-    with _no_autocast(x, cast):
-        return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params)[0]
+    # no autograd: nothing is saved, so the LayerNorms' sums are not written and their statistics and
+    # attention's lse go to one scratch buffer (fp32, H x tokens: lse's shape, at least a row each)
+    lse_shape = (heads, hshape[0]) if mode == _ka.MODE_VARLEN else (hshape[0], heads, hshape[1])
+    scratch = _kc.allocator()(lse_shape, torch.float32, device)
+    if cast is None:
+        return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params, scratch)[0]
+    with torch.autocast(device.type, enabled=False):
+        return (_forward_pre if pre else _forward_post)(meta, x, seqinfo, seeds, params, scratch)[0]
+
+
+_NO_SEEDS = (None, None, None, None)
 
 
 def _draw_seeds(device, p1, p2, pa, pf):
@@ -204,14 +222,14 @@ def _to(t, dtype):
 
 # the two sublayers both blocks share, forward and backward: xin [M, N] is the sublayer's input in
 # the compute dtype c (None: the parameters' dtype), pd the dtype of the parameters' gradients
-def _attention_sublayer(xin, params, meta, seqinfo, sa_seed):
+def _attention_sublayer(xin, params, meta, seqinfo, sa_seed, scratch=None):
     """a = attention(xin @ [Wq; Wk; Wv]^T + [bq; bk; bv]) @ Wo^T + bo; returns a and what the
-    backward keeps (q, k, v, o, o2, lse)."""
+    backward keeps (q, k, v, o, o2, lse). scratch: lse's buffer when no backward follows."""
     wq, wk, wv, bq, bk, bv, wo, bo = params[:8]
     hshape, mode, max_seqlen, scale, pa, c = meta[0], meta[1], meta[2], meta[3], meta[5], meta[-1]
     qkv = F.linear(xin, _to(torch.cat((wq, wk, wv)), c), _to(torch.cat((bq, bk, bv)), c))  # [M, 3N]
     q, k, v = _qkv_views(qkv, hshape)
-    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen)
+    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen, lse=scratch)
     o2 = o.view(xin.shape)
     return F.linear(o2, _to(wo, c), _to(bo, c)), (q, k, v, o, o2, lse)
 
@@ -250,7 +268,9 @@ def _ffn_sublayer_bwd(du, xin, f, g, w1, b1, w2, meta, sf_seed, pd):
     return df, _to(df.t().mm(xin), pd), db1, dw2, db2
 
 
-def _forward_post(meta, x, seqinfo, seeds, params):
+def _forward_post(meta, x, seqinfo, seeds, params, scratch=None):
+    """The post-LN block's (output, saved tensors). scratch: None under autograd; without it, the
+    fp32 buffer that takes lse and the LayerNorms' statistics (not kept), the LayerNorms' sums unwritten."""
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     s1_seed, s2_seed, sa_seed, sf_seed = seeds
@@ -258,11 +278,14 @@ def _forward_post(meta, x, seqinfo, seeds, params):
     # under autocast (c: its dtype) the linears run in c on cast inputs and weights, as autocast's
     # F.linear; the LayerNorms take c and fp32 and give fp32 (the residual stream), as the per-op path
     xc = _to(x2, c)
-    a, (q, k, v, o, o2, lse) = _attention_sublayer(xc, params, meta, seqinfo, sa_seed)
-    h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p1, s1_seed, validate=False)
+    a, (q, k, v, o, o2, lse) = _attention_sublayer(xc, params, meta, seqinfo, sa_seed, scratch)
+    keep, stats = (None, None) if scratch is None else (False, (scratch, scratch))
+    h, s1, mean1, rstd1 = _kl.layer_norm_fwd(a, g1, c1, eps1, x2, unb1, p1, s1_seed, validate=False,
+                                             store_sum=keep, stats=stats)
     hc = _to(h, c)
     u, f, g = _ffn_sublayer(hc, w1, b1, w2, b2, meta, sf_seed)
-    y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False)
+    y, s2, mean2, rstd2 = _kl.layer_norm_fwd(u, g2, c2, eps2, h, unb2, p, s2_seed, validate=False,
+                                             store_sum=keep, stats=stats)
     saved = (xc, q, k, v, o, o2, lse, s1, mean1, rstd1, hc, f, g, s2, mean2, rstd2)
     return (y if x.dim() == 2 else y.view(x.shape)), saved
 
@@ -313,18 +336,22 @@ class _PostLN(torch.autograd.Function):
         return (None, dx, None, None, None, None, None, *dattn, dg1, dc1, dw1, db1, dw2, db2, dg2, dc2)
 
 
-def _forward_pre(meta, x, seqinfo, seeds, params):
+def _forward_pre(meta, x, seqinfo, seeds, params, scratch=None):
     """bert_pytorch's block: h = x + drop(attn(LN1(x))); out = drop(h + drop(ffn(LN2(h)))), where
     LN2 takes the first dropout and the residual add (as the per-op path), the FFN's dropout runs
-    in bias_gelu, and the last two dropouts are torch's own (native_dropout: masks kept)."""
+    in bias_gelu, and the last two dropouts are torch's own (native_dropout: masks kept). scratch
+    as in _forward_post (LN2's sum h is the residual stream: always written)."""
     hshape, mode, max_seqlen, scale, p, pa, pf, eps1, eps2, unb1, unb2, approx, p1, c = meta
     wq, wk, wv, bq, bk, bv, wo, bo, g1, c1, w1, b1, w2, b2, g2, c2 = params
     _, s2_seed, sa_seed, sf_seed = seeds
     x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
-    y1, _, mean1, rstd1 = _kl.layer_norm_fwd(x2, g1, c1, eps1, None, unb1, 0.0, None, validate=False)
+    keep, stats = (None, None) if scratch is None else (False, (scratch, scratch))
+    y1, _, mean1, rstd1 = _kl.layer_norm_fwd(x2, g1, c1, eps1, None, unb1, 0.0, None, validate=False,
+                                             store_sum=keep, stats=stats)
     y1c = _to(y1, c)
-    a, (q, k, v, o, o2, lse) = _attention_sublayer(y1c, params, meta, seqinfo, sa_seed)
-    y2, h, mean2, rstd2 = _kl.layer_norm_fwd(a, g2, c2, eps2, x2, unb2, p, s2_seed, validate=False)
+    a, (q, k, v, o, o2, lse) = _attention_sublayer(y1c, params, meta, seqinfo, sa_seed, scratch)
+    y2, h, mean2, rstd2 = _kl.layer_norm_fwd(a, g2, c2, eps2, x2, unb2, p, s2_seed, validate=False,
+                                             stats=stats)
     y2c = _to(y2, c)
     u, f, g = _ffn_sublayer(y2c, w1, b1, w2, b2, meta, sf_seed)
     if p > 0.0:
