@@ -21,6 +21,7 @@ NATIVE = {  # what a Triton op's native form runs
     "attention": "torch (SDPA)",
     "geglu": "torch (F.gelu(a) * g)",
     "rotary": "reference (plain torch: no fused form)",
+    "segment_pool": "reference (index_add / scatter_reduce)",
 }
 NAMES = {_dispatch.TRITON: "triton", _dispatch.CPP: "C++ (fastbert._C)", _dispatch.REFERENCE: "reference"}
 FALLBACK = "off-kernel input falls back to the native form"

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 ARCHS = (80, 90)
-FAMILIES = ("layer_norm", "bias_gelu", "attention", "common", "geglu", "rotary")
+FAMILIES = ("layer_norm", "bias_gelu", "attention", "common", "geglu", "rotary", "segment_pool")
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
 
@@ -228,6 +228,25 @@ def _rotary():
     return out
 
 
+def _segment_pool():
+    """The CUDA tile of segment_pool_configs(), mean and max, forward and backward, bf16 input; the
+    row stride compiled as a multiple of 16 (the encoder's output); no spills."""
+    from fastbert.kernels import segment_pool as K
+
+    fwd_sig = {"X": "*bf16", "Y": "*bf16", "COUNT": "*fp32", "CU": "*i32", "sxt": "i32", "N": "i32"}
+    bwd_sig = {"DY": "*bf16", "DX": "*bf16", "X": "*bf16", "Y": "*bf16", "COUNT": "*fp32", "CU": "*i32",
+               "sxt": "i32", "N": "i32"}
+    out = []
+    for block_t, block_n, warps in K.segment_pool_configs():
+        for mode, code in K.MODES.items():
+            consts = dict(MODE=code, BLOCK_T=block_t, BLOCK_N=block_n)
+            for what, kernel, sig in (("fwd", K._segment_pool_fwd_kernel, fwd_sig),
+                                      ("bwd", K._segment_pool_bwd_kernel, bwd_sig)):
+                out.append(Variant(f"segment_pool {what} {mode} T{block_t} N{block_n} w{warps}", kernel, sig,
+                                   consts, warps, 1, ("sxt",)))
+    return out
+
+
 def _common():
     from fastbert.kernels import _common as C
 
@@ -318,7 +337,7 @@ def _attn_variant(kname, kernel, dtype, consts, warps, stages):
 
 def variants(family):
     return {"layer_norm": _layer_norm, "bias_gelu": _bias_gelu, "attention": _attention,
-            "common": _common, "geglu": _geglu, "rotary": _rotary}[family]()
+            "common": _common, "geglu": _geglu, "rotary": _rotary, "segment_pool": _segment_pool}[family]()
 
 
 def _compile_one(job):

@@ -141,6 +141,8 @@ def test_auto_takes_the_kernel_for_input_it_takes(kernels_here):
     q = torch.randn(2, 5, 2, 16, generator=g)
     torch.testing.assert_close(ops.attention(q, q + 1, q - 1), ref.attention(q, q + 1, q - 1), rtol=1e-4,
                                atol=1e-4)
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    torch.testing.assert_close(ops.segment_pool(x, cu), ref.segment_pool(x, cu), rtol=1e-5, atol=1e-5)
     choices = _dispatch.last_choices()
     assert all(choices[op, "cpu"] == _dispatch.TRITON for op in _dispatch.TRITON_OPS)
 

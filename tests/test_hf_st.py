@@ -9,11 +9,12 @@ relative to the largest magnitude of the stock tensor (tests/test_hf_patch.py's 
 """
 
 import copy
+import io
 
 import pytest
 import torch
 import transformers
-from test_hf_patch import assert_close
+from test_hf_patch import assert_close, fused_device
 
 import fastbert
 
@@ -91,6 +92,31 @@ def test_flattened_batch_builds_no_padded_tensor(tmp_path, monkeypatch):
     total = int(features["cu_seq_lens_q"][-1])
     assert seen == {"shape": (1, total, 32), "flat": True}
     assert out["sentence_embedding"].shape == (len(TEXTS), 32)
+    assert type(patched[1]).__name__ == "FastPooling"
+    assert ("segment_pool", "cpu") in fastbert.ops.last_choices()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_fused_path_matches_stock(tmp_path, pooling, monkeypatch):
+    """The Triton kernels (interpreted on CPU): encoder blocks and segment_pool."""
+    stock, patched = stock_and_patched(build_st(tmp_path, pooling=pooling))
+    device = fused_device(monkeypatch)
+    stock.to(device)
+    patched.to(device)
+    got = patched.encode(TEXTS, convert_to_tensor=True, batch_size=4)
+    assert fastbert.ops.last_choices()[("segment_pool", torch.device(device).type)] == "triton"
+    assert_close(got, stock.encode(TEXTS, convert_to_tensor=True, batch_size=4), f"fused {pooling}")
+
+
+def test_patched_model_pickles(tmp_path):
+    stock, patched = stock_and_patched(build_st(tmp_path))
+    buf = io.BytesIO()
+    torch.save(patched, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert fastbert.is_patched(loaded) and type(loaded[1]).__name__ == "FastPooling"
+    want = patched.encode(TEXTS, convert_to_tensor=True)
+    assert torch.equal(loaded.encode(TEXTS, convert_to_tensor=True), want)
 
 
 def test_unpad_inputs_false_is_honoured(tmp_path):
@@ -109,6 +135,7 @@ def test_undo_is_bit_identical(tmp_path):
     fastbert.patch_hf(model)  # patching twice re-applies
     fastbert.unpatch_hf(model)
     assert not fastbert.is_patched(model) and not model[0].can_flatten_inputs
+    assert type(model[1]).__name__ == "Pooling"
     assert torch.equal(model.encode(TEXTS, convert_to_tensor=True), ref)
 
 

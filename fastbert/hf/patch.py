@@ -170,8 +170,8 @@ def unpatch_hf(model):
     """Undo patch_hf: stock classes and the previous attention implementation back; returns model."""
     _check_model(model, "unpatch_hf")
     if st.is_sentence_transformer(model):
+        st.unpatch(model)
         for module in st.transformer_modules(model):
-            st.unpatch(module)
             unpatch_hf(module.model)
         return model
     for module in model.modules():

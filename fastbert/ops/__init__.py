@@ -7,6 +7,7 @@
               *, window=None)
     rotary(qkv, cos, sin, cu_seqlens=None, max_seqlen=None)  RoPE on q, k of a packed [T, 3, H, D]
         projection (rotary_tables(rotary_dim, max_positions, theta) builds cos, sin)
+    segment_pool(x, cu_seqlens, mode="mean"|"max"|"cls")  one vector per sequence of a varlen [T, N] batch
     embed(input_ids, token_weight, position_weight, segment_ids=None, segment_weight=None, ...)
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
     fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole transformer block in one
@@ -26,6 +27,7 @@ from .geglu import geglu
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
 from .rotary import rotary, rotary_tables
+from .segment_pool import segment_pool
 
 __all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "geglu", "last_choices",
-           "layer_norm", "mlm_mask", "rotary", "rotary_tables", "use_triton"]
+           "layer_norm", "mlm_mask", "rotary", "rotary_tables", "segment_pool", "use_triton"]

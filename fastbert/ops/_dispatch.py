@@ -7,7 +7,7 @@ with a stand-in for a device, and last_choices() reports what ran most recently 
 is what `fastbert pretrain` logs after its first step.
 
 FASTBERT_BACKEND=reference|triton|auto (default auto), read at every call:
-  auto       Triton ops (layer_norm, bias_gelu, attention, geglu, rotary): the Triton kernel for CUDA
+  auto       Triton ops (TRITON_OPS below): the Triton kernel for CUDA
              tensors the kernel takes (its check(*args) passes); otherwise, for CPU tensors or input
              the kernel rejects (fp64, a strided layout it cannot address, a size above its limit),
              the op's native form: torch's own fused ops where they compute the same function (native=True;
@@ -27,7 +27,7 @@ from fastbert._env import getenv
 
 BACKENDS = ("reference", "triton", "auto")
 TRITON, CPP, NATIVE, REFERENCE = "triton", "C++", "native", "reference"
-TRITON_OPS = ("layer_norm", "bias_gelu", "attention", "geglu", "rotary")
+TRITON_OPS = ("layer_norm", "bias_gelu", "attention", "geglu", "rotary", "segment_pool")
 CPP_OPS = {"embed": "embedding_gather", "mlm_mask": "mlm_mask"}  # op -> torch.ops.fastbert name
 
 

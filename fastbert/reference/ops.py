@@ -93,6 +93,31 @@ def rotary(qkv, cos, sin, cu_seqlens=None):
     return torch.cat((rotated, qkv.narrow(-3, 2, 1)), dim=-3)
 
 
+def segment_pool(x, cu_seqlens, mode="mean"):
+    """One vector per sequence of x [T, N] (sequence b: rows cu_seqlens[b] .. cu_seqlens[b+1] - 1):
+    "mean" of its rows (fp32 accumulation for half inputs; 0 when empty), "max" per column (-inf when
+    empty), "cls" its first row (0 when empty). Returns [B, N] in x's dtype."""
+    if mode not in ("mean", "max", "cls"):
+        raise ValueError(f"segment_pool mode {mode!r}; expected mean, max or cls")
+    if x.dim() != 2 or cu_seqlens.dim() != 1:
+        raise ValueError(f"segment_pool: x [T, N] and cu_seqlens [B+1], got {tuple(x.shape)}, "
+                         f"{tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    batch, n = lengths.numel(), x.shape[1]
+    seg = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths)
+    rows = x[: int(cu[-1])] if batch else x[:0]
+    if mode == "cls":
+        first = x[cu[:-1].clamp(max=max(x.shape[0] - 1, 0))] if batch else x.new_zeros(0, n)
+        return first.masked_fill((lengths == 0)[:, None], 0)
+    if mode == "max":
+        out = x.new_full((batch, n), float("-inf"))
+        return out.scatter_reduce(0, seg[:, None].expand(-1, n), rows, reduce="amax")
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    total = x.new_zeros((batch, n), dtype=acc).index_add(0, seg, rows.to(acc))
+    return (total / lengths.clamp(min=1)[:, None].to(acc)).to(x.dtype)
+
+
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, cu_seqlens=None,
               max_seqlen=None, dropout_mask=None, *, window=None):
     """Bidirectional scaled dot-product attention.
