@@ -14,6 +14,9 @@ arrive as 4D masks. The attention `fastbert_attention` then runs:
     DataCollatorWithFlattening(return_flash_attn_kwargs=True)), or a [1, T] batch whose position_ids
     restart (a packed batch from DataCollatorWithFlattening): fastbert.ops.attention(cu_seqlens=...);
   - padded: a 2D mask or None: fastbert.ops.attention(key_padding_mask=~mask);
+  - a `sliding_window` keyword (ModernBERT's local layers; flash-attn's inclusive count) on a non-causal
+    call becomes fastbert.ops.attention's window = sliding_window - 1 in both forms above (a 4D mask,
+    which carries the band itself, still goes to SDPA);
   - stock: anything else runs transformers' SDPA attention (causal/decoder use, 4D masks, cross-attention
     whose key length differs, cache), and output_attentions=True runs the eager softmax so the weights
     are returned, as attn_implementation="eager" does.
@@ -162,7 +165,9 @@ def fastbert_attention(module, query, key, value, attention_mask, dropout=0.0, s
     causal = bool(causal) and query.shape[2] > 1
     if wants_attentions(getattr(module, "config", None), kwargs):
         return _eager(module, query, key, value, attention_mask, dropout, scaling, causal)
-    exotic = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "sliding_window"))
+    exotic = any(kwargs.get(name) is not None for name in ("softcap", "position_bias"))
+    window = _window(kwargs.get("sliding_window"))
+    exotic = exotic or window is False
     mask_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                          and attention_mask.dim() == 2)
     if (causal or exotic or not mask_2d or query.shape != key.shape or key.shape != value.shape
@@ -175,12 +180,32 @@ def fastbert_attention(module, query, key, value, attention_mask, dropout=0.0, s
         cu, max_len = packed
         # [1, H, T, D] views of [1, T, H, D] projections -> [T, H, D]
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        out = ops.attention(q, k, v, dropout_p=dropout, scale=scaling, cu_seqlens=cu, max_seqlen=max_len)
+        if window is None:
+            out = ops.attention(q, k, v, dropout_p=dropout, scale=scaling, cu_seqlens=cu, max_seqlen=max_len)
+        else:
+            out = ops.attention(q, k, v, dropout_p=dropout, scale=scaling, cu_seqlens=cu, max_seqlen=max_len,
+                                window=window)
         return out.unsqueeze(0), None
     pad = None if attention_mask is None else ~attention_mask
-    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                        key_padding_mask=pad, dropout_p=dropout, scale=scaling)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if window is None:
+        out = ops.attention(q, k, v, key_padding_mask=pad, dropout_p=dropout, scale=scaling)
+    else:
+        out = ops.attention(q, k, v, key_padding_mask=pad, dropout_p=dropout, scale=scaling, window=window)
     return out, None
+
+
+def _window(sliding_window):
+    """transformers' `sliding_window` keyword (ModernBERT's local layers) as fastbert.ops.attention's
+    window: flash-attn counts it inclusively, window_size = (sliding_window - 1, sliding_window - 1)
+    (transformers.modeling_flash_attention_utils), so query i attends key j iff |i - j| <=
+    sliding_window - 1 (ModernBERT: local_attention // 2, the band of its eager/sdpa mask). None: no
+    window; False: a value fastbert does not take (the stock path)."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        return False
+    return sliding_window - 1
 
 
 def register():
