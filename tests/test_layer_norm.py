@@ -217,6 +217,21 @@ if DEVICES:
             assert torch.equal(runs[0][k], runs[1][k]), k
 
     @pytest.mark.parametrize("device", DEVICES)
+    def test_forward_without_backward_outputs(device):
+        """store_sum=False and stats= (the fused block without autograd): the same y, no sum written
+        (None), the statistics in the given buffers, or one scratch buffer given twice."""
+        x, r, w, b, _, _ = _inputs(37, 96, torch.float32, device)
+        y, s, mean, rstd = K.layer_norm_fwd(x, w, b, 1e-5, r)
+        m, rs = torch.empty(37, device=device), torch.empty(37, device=device)
+        y2, s2, mean2, rstd2 = K.layer_norm_fwd(x, w, b, 1e-5, r, store_sum=False, stats=(m, rs))
+        assert s2 is None and mean2 is m and rstd2 is rs
+        assert torch.equal(y2, y) and torch.equal(m, mean) and torch.equal(rs, rstd)
+        scratch = torch.empty(2 * 37, device=device)
+        y3 = K.layer_norm_fwd(x, w, b, 1e-5, r, store_sum=False, stats=(scratch, scratch))[0]
+        assert torch.equal(y3, y)
+        assert K.layer_norm_fwd(x, w, b, 1e-5)[1].shape == (0,)  # the default keeps the [0] placeholder
+
+    @pytest.mark.parametrize("device", DEVICES)
     def test_opcheck(device):
         x, r, w, b, _, _ = _inputs(3, 64, torch.float32, device)
         seed = torch.tensor([7], dtype=torch.int64, device=device)
