@@ -16,8 +16,8 @@
 #
 # Order (issue 19): first the CUDA tests of what has never run on a GPU (stage tests-new: the fused
 # block, FusedOp and dispatch, device-side dropout seeds, the graphed step, the stable-ABI CUDA module,
-# the patched transformers model), then the pretraining and in-place benchmarks (bench-pre:
-# bench_pretrain.py and bench_hf.py::test_hf_inplace), then the kernel test files (tests-kernels), the
+# the patched transformers model), then the in-place and pretraining benchmarks (bench-pre:
+# bench_hf.py::test_hf_inplace, then bench_pretrain.py), then the kernel test files (tests-kernels), the
 # other benchmarks (bench), the report, and the CPU-only test files (tests-cpu) with what is left.
 #
 # Every stage has a timeout and the whole run a budget (GPU_RUN_BUDGET_S, default 480 s: inside the
@@ -172,15 +172,15 @@ run_stage tests-new 140 290 "$OUT/tests.log" -- env FASTBERT_ATTN_AUTOTUNE=0 \
 # The pretraining step (issue 12: padded, packed, packed + CUDA graph against HF and bert_pytorch;
 # the graphed provider runs under torch.cuda.set_sync_debug_mode("warn"), so a sync in the replayed
 # step shows in bench.log) and the patched transformers model against stock (issue 19:
-# bench_hf.py::test_hf_inplace); the other benchmarks come after the kernel tests. The two JSON
-# files are merged into bench.json.
+# bench_hf.py::test_hf_inplace, first: 8 short cases, the issue's acceptance numbers); the other
+# benchmarks come after the kernel tests. The two JSON files are merged into bench.json.
 : >"$OUT/bench.log"
 BENCH_OPTS=(-q -rfEs -p no:cacheprovider --benchmark-only --benchmark-columns=median,iqr,rounds
             --benchmark-group-by=group)
 PRE_LIMIT=$(stage_limit 100 190)
 export FASTBERT_BENCH_BUDGET_S=$(( PRE_LIMIT > 60 ? PRE_LIMIT - 20 : PRE_LIMIT / 2 + 1 ))
 run_stage bench-pre 100 190 "$OUT/bench.log" -- \
-  "$PY" -m pytest benchmarks/bench_pretrain.py benchmarks/bench_hf.py::test_hf_inplace \
+  "$PY" -m pytest benchmarks/bench_hf.py::test_hf_inplace benchmarks/bench_pretrain.py \
   --benchmark-json "$OUT/bench-pretrain.json" "${BENCH_OPTS[@]}"
 
 # --- the kernel test files --------------------------------------------------------------------------
