@@ -215,3 +215,153 @@ def test_hf_inplace(benchmark, workload, batch_size, provider):
     assert torch.isfinite(out).all()
     del model, step, out
     _free()
+
+
+# Every family in place (issue 20): a fine-tuning step (*ForSequenceClassification, batch 32) and a padded
+# inference pass (batch 64), seq 128 padded to max_length with the skewed lengths above, patched against
+# the same model stock (sdpa). BERT is test_hf_inplace's. The issue's acceptance on a GPU: each family's
+# fine-tuning step >= 1.5x stock (extra_info target_speedup).
+FAMILY_CASES = (("finetune", 32), ("infer", 64))
+
+
+def family_classifier(family, provider):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=VOCAB, max_position_embeddings=514, num_labels=2)
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
+                                            dropout=DROPOUT, attention_dropout=DROPOUT, pad_token_id=0,
+                                            **common)
+    else:
+        cls = {"roberta": transformers.RobertaConfig, "xlm_roberta": transformers.XLMRobertaConfig,
+               "electra": transformers.ElectraConfig}[family]
+        cfg = cls(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  intermediate_size=FFN, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
+                  pad_token_id=0, **common)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
+    model = model.to(DTYPE)
+    if provider != "hf-sdpa":
+        import fastbert
+
+        fastbert.patch_hf(model)
+    return model
+
+
+@pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
+@pytest.mark.parametrize("workload,batch_size", FAMILY_CASES, ids=[f"{w}-{b}" for w, b in FAMILY_CASES])
+@pytest.mark.parametrize("family", ["roberta", "xlm_roberta", "electra", "distilbert"])
+def test_hf_family(benchmark, family, workload, batch_size, provider):
+    _free()
+    benchmark.group = f"hf-family-{family}-{workload}-{batch_size}"
+    batch = make_batch("skewed", batch_size, pad_to=MAX_LEN)
+    model = family_classifier(family, provider)
+    step = inplace_step(model, "infer" if workload == "infer" else "train")
+    info = benchmark.extra_info
+    info.update(provider=provider, family=family, workload=workload, batch=batch_size, seq=MAX_LEN,
+                pad_frac=round(batch["pad_frac"], 4), real_tokens=batch["tokens"],
+                dtype=str(DTYPE).replace("torch.", ""),
+                model=f"{type(model).__name__} L{LAYERS} H{HIDDEN} A{HEADS} FFN{FFN} V{VOCAB}")
+    if provider != "hf-sdpa":
+        info.update(compare_with=["hf-sdpa"], target_speedup=1.5 if workload == "finetune" else 2.0)
+    out = run(benchmark, functools.partial(step, batch), DEVICE,
+              flops=useful_flops(batch["lengths"], workload == "finetune"), tokens=batch["tokens"])
+    assert torch.isfinite(out).all()
+    del model, step, out
+    _free()
+
+
+# sentence-transformers (issue 20): encode() of real sentences of mixed length (lines of the embedded
+# corpus, fastbert/data/corpus.txt.gz) and a contrastive training step (MultipleNegativesRankingLoss on
+# pairs of consecutive lines), patched (fastbert.patch_hf: flattened batches, segment_pool) against the
+# same model stock. The model: all-MiniLM-L6-v2's architecture (hidden 384, 6 layers, 12 heads, FFN 1536)
+# built from a config on CUDA, the small model above on the CPU; a WordPiece vocabulary of the corpus'
+# words. tokens/s counts real tokens; peak memory is recorded on CUDA. Acceptance on a GPU: training
+# >= 1.5x tokens/s and lower peak memory than stock.
+ST_SIZES = {True: (384, 6, 12, 1536, 512, 64), False: (HIDDEN, LAYERS, HEADS, FFN, 64, 16)}
+
+
+@functools.cache
+def _st_dir():
+    import gzip
+    import os
+    import re
+    import tempfile
+
+    transformers = pytest.importorskip("transformers")
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastbert", "data",
+                          "corpus.txt.gz")
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f if len(line.split()) >= 3]
+    words = sorted({w for line in lines[:5000] for w in re.findall(r"\w+", line.lower())})[:8000]
+    folder = tempfile.mkdtemp(prefix="fastbert-bench-st-")
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=os.path.join(folder, "vocab.txt"),
+                                         model_max_length=MAX_LEN)
+    hidden, layers, heads, ffn, _, _ = ST_SIZES[CUDA]
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, intermediate_size=ffn,
+                                  max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(os.path.join(folder, "model"))
+    tok.save_pretrained(os.path.join(folder, "model"))
+    return os.path.join(folder, "model"), tuple(lines)
+
+
+def st_model(provider):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer import modules
+
+    path, _ = _st_dir()
+    transformer = modules.Transformer(path, model_kwargs={"attn_implementation": "sdpa"})
+    pool = modules.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+    model = st.SentenceTransformer(modules=[transformer, pool], device=DEVICE).to(DTYPE)
+    if provider != "hf-sdpa":
+        import fastbert
+
+        fastbert.patch_hf(model)
+    return model
+
+
+def _features(model, texts):
+    features = model.preprocess(list(texts))
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+@pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
+@pytest.mark.parametrize("workload", ["encode", "train"])
+def test_hf_st(benchmark, workload, provider):
+    _free()
+    benchmark.group = f"hf-st-{workload}"
+    model = st_model(provider)
+    _, lines = _st_dir()
+    sentences, train_batch = ST_SIZES[CUDA][4], ST_SIZES[CUDA][5]
+    tokenizer = model[0].tokenizer
+    if workload == "encode":
+        texts = lines[:sentences]
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                return model.encode(list(texts), batch_size=64, convert_to_tensor=True)
+    else:
+        from sentence_transformers.sentence_transformer import losses
+
+        texts = lines[: 2 * train_batch]
+        anchors, positives = _features(model, texts[0::2]), _features(model, texts[1::2])
+        loss = losses.MultipleNegativesRankingLoss(model)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if CUDA else None)
+        step = training_step(lambda: loss([dict(anchors), dict(positives)], None), opt)
+    tokens = sum(len(tokenizer(t, truncation=True, max_length=MAX_LEN)["input_ids"]) for t in texts)
+    info = benchmark.extra_info
+    info.update(provider=provider, workload=workload, sentences=len(texts), real_tokens=tokens,
+                dtype=str(DTYPE).replace("torch.", ""), model="SentenceTransformer(BertModel "
+                f"L{ST_SIZES[CUDA][1]} H{ST_SIZES[CUDA][0]}, mean pooling)")
+    if provider != "hf-sdpa":
+        info.update(compare_with=["hf-sdpa"], target_speedup=1.5 if workload == "train" else None)
+    out = run(benchmark, step, DEVICE, tokens=tokens)
+    assert torch.isfinite(out).all()
+    del out
+    _free()
