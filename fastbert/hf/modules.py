@@ -246,6 +246,8 @@ class _UnpadEncoderMixin:
     """
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # the padded layout (below); dynamo < 2.13 traces no __dict__.pop
+            return super().forward(*args, **kwargs)
         labels_at_padding = self.__dict__.pop("_fastbert_labels_at_padding", None)
         a = compat.bind(self._fastbert_stock.forward, args, kwargs)
         if a is None or not self._fastbert_applies(a):

@@ -78,6 +78,8 @@ def _labels_hook(model, args, kwargs):
     """Before each forward of a patched model: whether per-token labels (other than -100) sit at padding
     positions, as a device tensor for the encoder's one host sync (it then keeps the padded layout, so
     the loss is stock's)."""
+    if torch.compiler.is_compiling():  # compiled models keep the padded layout: nothing to hand over
+        return
     labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
     if args:
         bound = compat.bind(type(model).forward, args, kwargs)
