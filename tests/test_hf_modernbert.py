@@ -196,6 +196,17 @@ def test_no_padding_eval_and_return_dict_false(calls):
     assert len(calls.runs) == 3
 
 
+def test_inputs_embeds_matches_stock_and_input_ids(calls):
+    cfg, stock, patched = build("ModernBertForTokenClassification")
+    inputs, labels = inputs_for("ModernBertForTokenClassification", cfg)
+    ids = inputs.pop("input_ids")
+    embeds = {"inputs_embeds": patched.get_input_embeddings()(ids).detach()}
+    compare_models(stock, patched, {**inputs, **embeds}, labels)
+    assert calls.runs
+    with torch.no_grad():  # zeros at padding either way, as the unpadded input_ids path gives
+        assert torch.equal(patched(**inputs, **embeds).logits, patched(input_ids=ids, **inputs).logits)
+
+
 def test_padded_row_equals_sequence_alone():
     cfg, _, model = build("ModernBertModel")
     model.eval()
@@ -229,6 +240,23 @@ def test_packed_batch_runs_varlen_per_sequence(calls):
     unpatch_hf(model)
     with torch.no_grad():
         assert_close(stock_like, model(input_ids=ids, position_ids=odd).last_hidden_state, "odd positions")
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_flattening_collator_batches(flash_kwargs, calls):
+    cfg, _, model = build("ModernBertForMaskedLM")
+    model.eval()
+    seqs = [torch.randint(3, VOCAB, (n,)) for n in (6, 10, 3)]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    packed = collator([{"input_ids": s.tolist()} for s in seqs])
+    assert ("cu_seq_lens_q" in packed) == flash_kwargs
+    with torch.no_grad():
+        out = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        start = 0
+        for s in seqs:
+            assert_close(out[start:start + len(s)], model(input_ids=s[None]).logits[0], "packed sequence")
+            start += len(s)
+    assert len(calls.runs) == 4
 
 
 @pytest.mark.parametrize("flags", [dict(unpad=False), dict(layer_norm=False), dict(bias_gelu=False),

@@ -29,8 +29,8 @@ The parts:
       packed [1, T] batch whose position_ids restart (DataCollatorWithFlattening) runs variable-length.
       The stock forward (with the fused parts above inside it, and attention "fastbert") runs where a
       head reads padding positions (some row starts with padding, per-token labels at padding positions,
-      *ForQuestionAnswering: unpad is off for it), and for everything it does not take: inputs_embeds,
-      given position_ids other than arange or a packing, 4D or dict masks, output_hidden_states /
+      *ForQuestionAnswering: unpad is off for it), and for everything it does not take: given
+      position_ids other than arange or a packing, 4D or dict masks, output_hidden_states /
       output_attentions, torch.compile / jit tracing, unknown keyword arguments, rope tables that are not
       the full head dim. Its class keeps the stock __name__ (save_pretrained's "architectures").
 A layer whose modules are not the plain ones (a hook, a wrapped Linear, gradient checkpointing) is
@@ -39,6 +39,7 @@ variable-length keywords, so fastbert's attention function (fastbert.hf.attentio
 transformers' `sliding_window`) keeps it variable-length and windowed.
 """
 
+import functools
 import importlib
 import inspect
 
@@ -52,7 +53,17 @@ from fastbert import ops
 from . import compat
 from .attention import NAME, _collector, wants_attentions
 from .layers import _capture_hook
-from .modules import FAMILY_NAMES, FUSED, ROLE, _dropout_p, _plain, _real_positions, _scatter, gelu_form
+from .modules import (
+    _VARLEN,
+    FAMILY_NAMES,
+    FUSED,
+    ROLE,
+    _dropout_p,
+    _plain,
+    _real_positions,
+    _scatter,
+    gelu_form,
+)
 
 MODULE = "transformers.models.modernbert.modeling_modernbert"
 
@@ -75,15 +86,19 @@ def _norm(ln, x, residual=None):
 
 
 class _EmbeddingsMixin:
-    """forward(input_ids, inputs_embeds) = drop(norm(tok_embeddings(input_ids))), the norm fused."""
+    """forward(input_ids, inputs_embeds) = drop(norm(inputs_embeds or tok_embeddings(input_ids))), the
+    norm fused."""
 
     def forward(self, *args, **kwargs):
         a = compat.bind(self._fastbert_stock.forward, args, kwargs)
-        if (a is None or not a.keys() <= {"input_ids", "inputs_embeds"} or a.get("inputs_embeds") is not None
-                or a.get("input_ids") is None or not _plain(self.tok_embeddings, nn.Embedding)
-                or not _norm_ok(self.norm)):
+        if a is None or not a.keys() <= {"input_ids", "inputs_embeds"} or not _norm_ok(self.norm):
             return super().forward(*args, **kwargs)
-        return self.drop(_norm(self.norm, self.tok_embeddings(a["input_ids"])))
+        x = a.get("inputs_embeds")
+        if x is None:
+            if a.get("input_ids") is None or not _plain(self.tok_embeddings, nn.Embedding):
+                return super().forward(*args, **kwargs)
+            x = self.tok_embeddings(a["input_ids"])
+        return self.drop(_norm(self.norm, x))
 
 
 class _GegluMixin:
@@ -172,27 +187,37 @@ class _ModelMixin:
     real tokens only (see the module docstring), else the stock forward."""
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the stock forward (padded layout)
+            return super().forward(*args, **kwargs)  # before the __dict__ pop (dynamo < 2.13)
         labels_at_padding = self.__dict__.pop("_fastbert_labels_at_padding", None)
         a = compat.bind(self._fastbert_stock.forward, args, kwargs)
         if a is not None:
             a.update(a.pop("kwargs", None) or {})
+        flash = {k: a.pop(k) for k in _VARLEN if a is not None and k in a}  # DataCollatorWithFlattening's
         if a is None or not self._fastbert_applies(a):
             return super().forward(*args, **kwargs)
-        ids, mask, position_ids = a["input_ids"], a.get("attention_mask"), a.get("position_ids")
-        batch, seq = ids.shape
+        mask, position_ids = a.get("attention_mask"), a.get("position_ids")
+        embeds = a.get("inputs_embeds")
+        tokens = a["input_ids"] if embeds is None else embeds  # [B, S] ids or [B, S, N] embeddings
+        batch, seq = tokens.shape[:2]
+        ids = tokens.reshape(batch * seq, *tokens.shape[2:])  # [B*S] or [B*S, N]
+        run = functools.partial(self._fastbert_run, embeds=embeds is not None)
+        if flash and (batch != 1 or mask is not None or position_ids is None):
+            return super().forward(*args, **kwargs)
         if position_ids is not None:
             if batch == 1 and mask is None:
                 packed = _restarts(position_ids)
-                if packed is None:
-                    return super().forward(*args, **kwargs)
-                out = self._fastbert_run(ids.reshape(-1), *packed, packed[1], position_ids.reshape(-1))
+                if packed is None or any(flash.get(k) is not None and not torch.equal(
+                        flash[k].to(packed[0].device, torch.int32), packed[0]) for k in _VARLEN[:2]):
+                    return super().forward(*args, **kwargs)  # boundaries other than the positions'
+                out = run(ids, *packed, packed[1], position_ids.reshape(-1))
                 return self._fastbert_output(out.unsqueeze(0), a)
             if position_ids.shape[-1] != seq or not torch.equal(
                     position_ids, torch.arange(seq, device=position_ids.device).expand_as(position_ids)):
                 return super().forward(*args, **kwargs)
         if mask is None:
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=ids.device)
-            out = self._fastbert_run(ids.reshape(-1), cu, seq, seq, None)
+            out = run(ids, cu, seq, seq, None)
             return self._fastbert_output(out.view(batch, seq, -1), a)
         mask = mask.bool()
         lengths = mask.sum(1, dtype=torch.int32)
@@ -204,18 +229,21 @@ class _ModelMixin:
         if not first_real or any(labels):
             return super().forward(*args, **kwargs)  # a head reads padding positions: keep them
         if total == batch * seq:
-            out = self._fastbert_run(ids.reshape(-1), cu, seq, seq, None)
+            out = run(ids, cu, seq, seq, None)
             return self._fastbert_output(out.view(batch, seq, -1), a)
         index = _real_positions(mask.reshape(-1), total)
-        out = self._fastbert_run(ids.reshape(-1).index_select(0, index), cu, max_len, seq, index % seq)
+        out = run(ids.index_select(0, index), cu, max_len, seq, index % seq)
         return self._fastbert_output(_scatter(out, index, batch, seq), a)
 
     def _fastbert_applies(self, a):
         cfg = self.config
-        ids, mask = a.get("input_ids"), a.get("attention_mask")
+        ids, embeds, mask = a.get("input_ids"), a.get("inputs_embeds"), a.get("attention_mask")
+        if (ids is None) == (embeds is None):
+            return False  # the stock forward raises its error
+        tokens = ids if embeds is None else embeds
         return (cfg._attn_implementation == NAME and a.keys() <= _MODEL_ARGS
-                and a.get("inputs_embeds") is None and isinstance(ids, torch.Tensor) and ids.dim() == 2
-                and (mask is None or (isinstance(mask, torch.Tensor) and mask.shape == ids.shape
+                and isinstance(tokens, torch.Tensor) and tokens.dim() == (2 if embeds is None else 3)
+                and (mask is None or (isinstance(mask, torch.Tensor) and mask.shape == tokens.shape[:2]
                                       and not mask.is_floating_point()))
                 and not a.get("output_hidden_states", cfg.output_hidden_states)
                 and not a.get("output_attentions", cfg.output_attentions)
@@ -242,10 +270,11 @@ class _ModelMixin:
             tables[layer_type] = (cos[0], sin[0])  # [P, D]: cat(freqs, freqs) -> the first half
         return tables
 
-    def _fastbert_run(self, ids, cu, max_len, positions, token_pos):
-        """ids [T] real tokens of sequences cu (int32 [B+1], the longest max_len; token t at position
-        token_pos[t], or t - cu[b] when None) -> final_norm(encoder(embeddings(ids))) [T, hidden]."""
-        h = self.embeddings(input_ids=ids[None])[0]  # [T, N]
+    def _fastbert_run(self, ids, cu, max_len, positions, token_pos, embeds=False):
+        """ids [T] real tokens (embeds: [T, N] input embeddings) of sequences cu (int32 [B+1], the
+        longest max_len; token t at position token_pos[t], or t - cu[b] when None) ->
+        final_norm(encoder(embeddings(ids))) [T, hidden]."""
+        h = self.embeddings(**{"inputs_embeds" if embeds else "input_ids": ids[None]})[0]  # [T, N]
         full = self._fastbert_tables(h, max(positions, max_len))
         if full is None:  # cannot happen for stock ModernBERT: a loud error beats a wrong number
             raise RuntimeError("fastbert: ModernBERT rotary tables do not cover the head dim")
@@ -259,8 +288,8 @@ class _ModelMixin:
                 pos = token_pos
                 if pos is None:
                     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device),
-                                                  (cu[1:] - cu[:-1]).long(), output_size=ids.numel())
-                    pos = torch.arange(ids.numel(), device=cu.device) - cu[:-1].long()[seg]
+                                                  (cu[1:] - cu[:-1]).long(), output_size=ids.shape[0])
+                    pos = torch.arange(ids.shape[0], device=cu.device) - cu[:-1].long()[seg]
                 c, s = full[layer_type]
                 per_token[layer_type] = (c[pos][None], s[pos][None])
             return per_token[layer_type]
@@ -336,6 +365,24 @@ def _structure_known(modeling):
             and "sliding_window" in inspect.getsource(attn.__init__))
 
 
+def _model_attrs(stock):
+    """What the fused model class takes from the stock one so that transformers treats it as the stock
+    class: the forward's signature (models are inspected for inputs_embeds, output_attentions, ...) and
+    the class-level checks that read the class's module (is_custom_code: a class outside transformers.*
+    counts as remote code and gets another weight initialisation; the attention-interface heuristics)."""
+
+    def forward(self, *args, **kwargs):
+        return _ModelMixin.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(stock.forward)
+    forward.__doc__ = stock.forward.__doc__
+    attrs = {"forward": forward}
+    for name in ("is_custom_code", "_can_set_attn_implementation", "_can_set_experts_implementation"):
+        if callable(getattr(stock, name, None)):
+            attrs[name] = classmethod(lambda cls, _name=name: getattr(cls._fastbert_stock, _name)())
+    return attrs
+
+
 def _share_capture_registry(stock, cls):
     """transformers' output capture (output_hidden_states / output_attentions on the stock forward) reads
     what a model records from a registry keyed on str(model.__class__), filled at construction: give the
@@ -363,6 +410,8 @@ def _register():
         stock = getattr(modeling, stock_name)
         name = "Fast" + stock_name
         attrs = {"__module__": __name__, "__qualname__": name, "_fastbert_stock": stock}
+        if stock_name == "ModernBertModel":
+            attrs.update(_model_attrs(stock))
         # the model keeps the stock __name__: save_pretrained writes it as the checkpoint's architecture
         cls = type(stock_name if stock_name == "ModernBertModel" else name, (mixin, stock), attrs)
         globals()[name] = cls
