@@ -104,8 +104,8 @@ def reads_padding(model) -> bool:
 
 
 def patch_hf(model, *, attention=True, layer_norm=True, bias_gelu=True, embeddings=True, unpad=True):
-    """Run fastbert's fused ops inside a transformers BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA or
-    DistilBERT model (any head class); returns model.
+    """Run fastbert's fused ops inside a transformers BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA,
+    DistilBERT or ModernBERT model (any head class; ModernBERT: fastbert.hf.modernbert); returns model.
 
     attention   sets the model's attention implementation to "fastbert" (model.set_attn_implementation):
                 fastbert.ops.attention on padded or packed batches; causal/decoder use, 4D masks,
