@@ -145,6 +145,17 @@ def test_left_padding_matches_stock(name, calls):
     assert_close(ours, ref, "every position")
 
 
+VARIANTS = {"biases": dict(norm_bias=True, attention_bias=True, mlp_bias=True),
+            "tanh_gelu": dict(hidden_activation="gelu_pytorch_tanh"), "silu": dict(hidden_activation="silu"),
+            "every_3": dict(global_attn_every_n_layers=3, num_hidden_layers=4, local_attention=6)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_config_variants(variant, calls):
+    run("ModernBertForMaskedLM", cfg=mb_config(**variant))
+    assert calls.runs  # silu: the MLP keeps its stock module, the rest is fused
+
+
 def test_mean_pooling_classifier():
     run("ModernBertForSequenceClassification", cfg=mb_config(classifier_pooling="mean"))
 
