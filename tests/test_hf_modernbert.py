@@ -355,3 +355,15 @@ def test_base_model_save_pretrained_names_the_stock_architecture(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path).architectures == ["ModernBertModel"]
     reloaded = transformers.AutoModel.from_pretrained(tmp_path)
     assert type(reloaded) is type(stock)
+    inputs = batch(stock.config)
+    buf = io.BytesIO()
+    torch.save(patched, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(patched) and is_patched(loaded)
+    with torch.no_grad():
+        want = patched(**inputs).last_hidden_state
+        assert torch.equal(loaded(**inputs).last_hidden_state, want)
+        unpatch_hf(patched)
+        assert type(patched) is type(stock) and not is_patched(patched)
+        assert torch.equal(patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state)
