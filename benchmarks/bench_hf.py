@@ -365,3 +365,60 @@ def test_hf_st(benchmark, workload, provider):
     assert torch.isfinite(out).all()
     del out
     _free()
+
+
+# ModernBERT in place (issue 21): a ModernBertForMaskedLM training step (labels on 15% of the real
+# tokens, sparse prediction) at batch 32 and padded inference at batch 64, seq 128, lengths uniform in
+# [2, 128] (about 50% padding, the issue's acceptance: patched training >= 1.5x stock sdpa on a GPU),
+# global attention every third layer, a 64-token window in the others (local_attention=128 would
+# cover every row of 128).
+def modernbert_mlm(provider):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=max(LAYERS, 3), num_attention_heads=HEADS,
+        intermediate_size=FFN, max_position_embeddings=512, global_attn_every_n_layers=3, local_attention=64,
+        pad_token_id=0, mlp_dropout=DROPOUT, attention_dropout=DROPOUT, embedding_dropout=DROPOUT,
+        sparse_prediction=True)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.ModernBertForMaskedLM._from_config(cfg, attn_implementation="sdpa").to(DTYPE)
+    if provider != "hf-sdpa":
+        import fastbert
+
+        fastbert.patch_hf(model)
+    return model
+
+
+@pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
+@pytest.mark.parametrize("workload,batch_size", FAMILY_CASES, ids=[f"{w}-{b}" for w, b in FAMILY_CASES])
+def test_hf_modernbert(benchmark, workload, batch_size, provider):
+    _free()
+    benchmark.group = f"hf-modernbert-{workload}-{batch_size}"
+    batch = make_batch("half", batch_size, pad_to=MAX_LEN)
+    g = torch.Generator().manual_seed(3)
+    masked = (torch.rand(batch["input_ids"].shape, generator=g) < 0.15).to(DEVICE)
+    masked &= batch["attention_mask"] > 0
+    labels = batch["input_ids"].masked_fill(~masked, -100)
+    model = modernbert_mlm(provider)
+    if workload == "infer":
+        model.eval()
+
+        def step(b):
+            with torch.inference_mode():
+                return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if CUDA else None)
+        step = training_step(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                             labels=labels).loss, opt)
+    info = benchmark.extra_info
+    info.update(provider=provider, workload=workload, batch=batch_size, seq=MAX_LEN,
+                pad_frac=round(batch["pad_frac"], 4), real_tokens=batch["tokens"],
+                dtype=str(DTYPE).replace("torch.", ""),
+                model=f"ModernBertForMaskedLM L{max(LAYERS, 3)} H{HIDDEN} A{HEADS} FFN{FFN} V{VOCAB}")
+    if provider != "hf-sdpa":
+        info.update(compare_with=["hf-sdpa"], target_speedup=1.5 if workload == "finetune" else None)
+    out = run(benchmark, functools.partial(step, batch), DEVICE, tokens=batch["tokens"])
+    assert torch.isfinite(out).all()
+    del out
+    _free()
