@@ -104,10 +104,15 @@ def build(provider, workload):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = cls._from_config(cfg, attn_implementation="sdpa").to(DTYPE)
+    return patched(model, provider, unpad=provider == "fastbert-patch")
+
+
+def patched(model, provider, **flags):
+    """model with fastbert.patch_hf applied, except for the stock provider."""
     if provider != "hf-sdpa":
         import fastbert
 
-        fastbert.patch_hf(model, unpad=provider == "fastbert-patch")
+        fastbert.patch_hf(model, **flags)
     return model
 
 
@@ -175,11 +180,7 @@ def build_classifier(provider):
     with torch.device(DEVICE):
         model = transformers.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa")
     model = model.to(DTYPE)
-    if provider != "hf-sdpa":
-        import fastbert
-
-        fastbert.patch_hf(model)
-    return model
+    return patched(model, provider)
 
 
 def inplace_step(model, workload):
@@ -241,11 +242,7 @@ def family_classifier(family, provider):
     with torch.device(DEVICE):
         model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
     model = model.to(DTYPE)
-    if provider != "hf-sdpa":
-        import fastbert
-
-        fastbert.patch_hf(model)
-    return model
+    return patched(model, provider)
 
 
 @pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
@@ -317,11 +314,7 @@ def st_model(provider):
     transformer = modules.Transformer(path, model_kwargs={"attn_implementation": "sdpa"})
     pool = modules.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     model = st.SentenceTransformer(modules=[transformer, pool], device=DEVICE).to(DTYPE)
-    if provider != "hf-sdpa":
-        import fastbert
-
-        fastbert.patch_hf(model)
-    return model
+    return patched(model, provider)
 
 
 def _features(model, texts):
@@ -382,11 +375,7 @@ def modernbert_mlm(provider):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = transformers.ModernBertForMaskedLM._from_config(cfg, attn_implementation="sdpa").to(DTYPE)
-    if provider != "hf-sdpa":
-        import fastbert
-
-        fastbert.patch_hf(model)
-    return model
+    return patched(model, provider)
 
 
 @pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
@@ -398,19 +387,9 @@ def test_hf_modernbert(benchmark, workload, batch_size, provider):
     g = torch.Generator().manual_seed(3)
     masked = (torch.rand(batch["input_ids"].shape, generator=g) < 0.15).to(DEVICE)
     masked &= batch["attention_mask"] > 0
-    labels = batch["input_ids"].masked_fill(~masked, -100)
+    batch["labels"] = batch["input_ids"].masked_fill(~masked, -100)  # the MLM labels, per token
     model = modernbert_mlm(provider)
-    if workload == "infer":
-        model.eval()
-
-        def step(b):
-            with torch.inference_mode():
-                return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    else:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if CUDA else None)
-        step = training_step(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                             labels=labels).loss, opt)
+    step = inplace_step(model, "infer" if workload == "infer" else "train")
     info = benchmark.extra_info
     info.update(provider=provider, workload=workload, batch=batch_size, seq=MAX_LEN,
                 pad_frac=round(batch["pad_frac"], 4), real_tokens=batch["tokens"],

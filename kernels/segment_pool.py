@@ -60,6 +60,14 @@ def check_inputs(x, cu_seqlens, mode="mean"):
 
 
 @triton.jit
+def _program_segment(CU, N, BLOCK_N: tl.constexpr):
+    """(sequence b, its BLOCK_N columns, their in-range mask, first row, end row) of this program."""
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, cols, cols < N, tl.load(CU + b), tl.load(CU + b + 1)
+
+
+@triton.jit
 def _segment_pool_fwd_kernel(
     X,  # [T, N] (row stride sxt, unit over N)
     Y,  # [B, N] contiguous: the pooled vectors
@@ -70,11 +78,7 @@ def _segment_pool_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    start = tl.load(CU + b)
-    end = tl.load(CU + b + 1)
+    b, cols, col_ok, start, end = _program_segment(CU, N, BLOCK_N)
     if MODE == 0:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
@@ -112,11 +116,7 @@ def _segment_pool_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    start = tl.load(CU + b)
-    end = tl.load(CU + b + 1)
+    b, cols, col_ok, start, end = _program_segment(CU, N, BLOCK_N)
     dy = tl.load(DY + b * N + cols, mask=col_ok, other=0.0).to(tl.float32)
     if MODE == 0:
         g = dy / tl.maximum(end - start, 1).to(tl.float32)

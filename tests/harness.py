@@ -45,6 +45,17 @@ def assert_within_tolerance(got, truth, torch_lp=None, dtype=torch.float32, fp32
     return err
 
 
+def assert_compiles_as_eager(fn, x, dy, device, forward_backward):
+    """torch.compile(fn, fullgraph=True) (inductor on CUDA, aot_eager elsewhere) gives eager's
+    forward_backward(fn, x, dy, fp32) results (a dict of tensors) within 1e-6."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    eager = forward_backward(fn, x, dy, torch.float32)
+    got = forward_backward(compiled, x, dy, torch.float32)
+    for k in eager:
+        torch.testing.assert_close(got[k], eager[k], rtol=1e-6, atol=1e-6)
+
+
 def saved_activations(module, run):
     """{storage pointer: (shape, storage bytes)} of what autograd saves for the backward while run()
     runs, module's parameters left out: the activations a training step keeps."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastbert.kernels import rotary as K
-from harness import CUDA, DEVICES, INTERP, assert_within_tolerance, run_interpreted
+from harness import CUDA, DEVICES, INTERP, assert_compiles_as_eager, assert_within_tolerance, run_interpreted
 
 import fastbert.ops as ops
 from fastbert.reference import ops as ref
@@ -126,13 +126,8 @@ if DEVICES:
             y = ops.rotary(x, cos, sin, cu, 7)
             return y * 2.0
 
-        backend = "inductor" if device == "cuda" else "aot_eager"
-        compiled = torch.compile(layer, fullgraph=True, backend=backend)
         dy = torch.randn(qkv.shape, generator=g).to(device)
-        eager = _forward_backward(layer, qkv, dy, torch.float32)
-        got = _forward_backward(compiled, qkv, dy, torch.float32)
-        for k in eager:
-            torch.testing.assert_close(got[k], eager[k], rtol=1e-6, atol=1e-6)
+        assert_compiles_as_eager(layer, qkv, dy, device, _forward_backward)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_bad_inputs(device):

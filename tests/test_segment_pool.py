@@ -13,7 +13,7 @@ NaN-poisoned (FASTBERT_POISON=1); an empty sequence pools to 0 (mean, cls) or -i
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICES, assert_within_tolerance
+from harness import DEVICES, assert_compiles_as_eager, assert_within_tolerance
 
 import fastbert.ops as ops
 from fastbert.reference import ops as ref
@@ -123,13 +123,8 @@ if DEVICES:
             def pool(t, mode=mode):
                 return ops.segment_pool(t, cu, mode) * 2.0
 
-            backend = "inductor" if device == "cuda" else "aot_eager"
-            compiled = torch.compile(pool, fullgraph=True, backend=backend)
-            dy = torch.randn(2, 32, generator=g).to(device)
-            eager = _forward_backward(pool, x, dy, torch.float32)
-            got = _forward_backward(compiled, x, dy, torch.float32)
-            for k in eager:
-                torch.testing.assert_close(got[k], eager[k], rtol=1e-6, atol=1e-6)
+            assert_compiles_as_eager(pool, x, torch.randn(2, 32, generator=g).to(device), device,
+                                     _forward_backward)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_bad_inputs(device):
