@@ -367,3 +367,24 @@ def test_base_model_save_pretrained_names_the_stock_architecture(tmp_path):
         unpatch_hf(patched)
         assert type(patched) is type(stock) and not is_patched(patched)
         assert torch.equal(patched(**inputs).last_hidden_state, stock(**inputs).last_hidden_state)
+
+
+def test_attn_implementation_fastbert_alone_matches_stock():
+    """attn_implementation="fastbert" without patch_hf: the global layers' padding mask and the local
+    layers' window (transformers' sliding_window keyword; their 4D band mask on padded batches) as stock."""
+    cfg = mb_config()
+    torch.manual_seed(1)
+    stock = transformers.ModernBertModel(cfg).eval()
+    ours = copy.deepcopy(stock)
+    ours.set_attn_implementation("fastbert")
+    assert ours.config._attn_implementation == "fastbert" and not isinstance(ours, mb._ModelMixin)
+    inputs = batch(cfg)
+    with torch.no_grad():
+        assert_close(ours(**inputs).last_hidden_state, stock(**inputs).last_hidden_state, "padded")
+        seqs = [torch.randint(3, VOCAB, (n,)) for n in (9, 5)]
+        flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+            [{"input_ids": s.tolist()} for s in seqs])
+        out = ours(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
+                   **{k: flat[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        for s, part in zip(seqs, out.last_hidden_state[0].split([9, 5]), strict=True):
+            assert_close(part, stock(input_ids=s[None]).last_hidden_state[0], "varlen, windowed")

@@ -15,8 +15,10 @@ arrive as 4D masks. The attention `fastbert_attention` then runs:
     restart (a packed batch from DataCollatorWithFlattening): fastbert.ops.attention(cu_seqlens=...);
   - padded: a 2D mask or None: fastbert.ops.attention(key_padding_mask=~mask);
   - a `sliding_window` keyword (ModernBERT's local layers; flash-attn's inclusive count) on a non-causal
-    call becomes fastbert.ops.attention's window = sliding_window - 1 in both forms above (a 4D mask,
-    which carries the band itself, still goes to SDPA);
+    call becomes fastbert.ops.attention's window = sliding_window - 1 in both forms above. The mask
+    builder leaves a ModernBERT band mask without padding to it (None); with padding the 4D band mask,
+    which carries the window itself, still goes to SDPA (its rows whose window holds only padding are
+    stock's, which heads reading a left-padded position 0 see);
   - stock: anything else runs transformers' SDPA attention (causal/decoder use, 4D masks, cross-attention
     whose key length differs, cache), and output_attentions=True runs the eager softmax so the weights
     are returned, as attn_implementation="eager" does.
@@ -85,9 +87,42 @@ def fastbert_mask(*args, **kwargs):
                 and kv_offset == 0 and q_length == kv_length
                 and (mask is None or (mask.dim() == 2 and mask.shape == (batch, kv_length)))):
             return None if mask is None else mask.to(torch.bool)
+        if (_window_in_attention(a.get("config")) and isinstance(a.get("local_size"), int)
+                and not a.get("use_vmap") and isinstance(q_offset, int) and isinstance(kv_offset, int)
+                and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+                and not torch.compiler.is_compiling()
+                and (mask is None or (mask.dim() == 2 and mask.shape == (batch, kv_length)
+                                      and bool(mask.all())))
+                and _is_band(a.get("mask_function"), a["local_size"])):
+            return None  # no padding: the attention call applies the window (its sliding_window keyword)
     kwargs.pop("dtype", None)
     kwargs.pop("config", None)
     return mu.sdpa_mask(*args, **kwargs)
+
+
+# models whose attention call passes transformers' `sliding_window` keyword wherever their mask builder
+# makes a bidirectional sliding-window mask (so a mask without padding may be left to the attention)
+_WINDOW_IN_ATTENTION = ("modernbert",)
+
+
+def _window_in_attention(config):
+    return getattr(config, "model_type", None) in _WINDOW_IN_ATTENTION
+
+
+def _is_band(mask_function, window):
+    """True when mask_function is exactly the symmetric band |q - kv| <= window (transformers'
+    sliding_window_bidirectional_mask_function), probed on a grid wider than the band."""
+    if not callable(mask_function) or window < 0:
+        return False
+    n = 2 * window + 3
+    q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, q, kv)
+    except Exception:  # a mask function that does not take index tensors
+        return False
+    want = (q - kv).abs() <= window
+    return isinstance(got, torch.Tensor) and got.dtype == torch.bool and torch.equal(got.expand(n, n), want)
 
 
 def _expand(mask, q_length):
