@@ -171,16 +171,7 @@ INPLACE_PROVIDERS = ("hf-sdpa", "fastbert-patch")
 
 
 def build_classifier(provider):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
-        max_position_embeddings=512, pad_token_id=0, num_labels=2)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = transformers.BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa")
-    model = model.to(DTYPE)
-    return patched(model, provider)
+    return family_classifier("bert", provider)
 
 
 def inplace_step(model, workload):
@@ -220,8 +211,8 @@ def test_hf_inplace(benchmark, workload, batch_size, provider):
 
 # Every family in place (issue 20): a fine-tuning step (*ForSequenceClassification, batch 32) and a padded
 # inference pass (batch 64), seq 128 padded to max_length with the skewed lengths above, patched against
-# the same model stock (sdpa). BERT is test_hf_inplace's. The issue's acceptance on a GPU: each family's
-# fine-tuning step >= 1.5x stock (extra_info target_speedup).
+# the same model stock (sdpa); ModernBERT's masked-LM model below. BERT is test_hf_inplace's. The
+# issue's acceptance on a GPU: each family's fine-tuning step >= 1.5x stock (extra_info target_speedup).
 FAMILY_CASES = (("finetune", 32), ("infer", 64))
 
 
@@ -233,8 +224,8 @@ def family_classifier(family, provider):
                                             dropout=DROPOUT, attention_dropout=DROPOUT, pad_token_id=0,
                                             **common)
     else:
-        cls = {"roberta": transformers.RobertaConfig, "xlm_roberta": transformers.XLMRobertaConfig,
-               "electra": transformers.ElectraConfig}[family]
+        cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "xlm_roberta": transformers.XLMRobertaConfig, "electra": transformers.ElectraConfig}[family]
         cfg = cls(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   intermediate_size=FFN, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
                   pad_token_id=0, **common)
@@ -245,14 +236,27 @@ def family_classifier(family, provider):
     return patched(model, provider)
 
 
+def family_batch(family, batch_size):
+    """The skewed classification batch; ModernBERT's: about 50% padding, MLM labels on 15% of the real
+    tokens."""
+    if family != "modernbert":
+        return make_batch("skewed", batch_size, pad_to=MAX_LEN)
+    batch = make_batch("half", batch_size, pad_to=MAX_LEN)
+    g = torch.Generator().manual_seed(3)
+    masked = (torch.rand(batch["input_ids"].shape, generator=g) < 0.15).to(DEVICE)
+    masked &= batch["attention_mask"] > 0
+    batch["labels"] = batch["input_ids"].masked_fill(~masked, -100)
+    return batch
+
+
 @pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
 @pytest.mark.parametrize("workload,batch_size", FAMILY_CASES, ids=[f"{w}-{b}" for w, b in FAMILY_CASES])
-@pytest.mark.parametrize("family", ["roberta", "xlm_roberta", "electra", "distilbert"])
+@pytest.mark.parametrize("family", ["roberta", "xlm_roberta", "electra", "distilbert", "modernbert"])
 def test_hf_family(benchmark, family, workload, batch_size, provider):
     _free()
     benchmark.group = f"hf-family-{family}-{workload}-{batch_size}"
-    batch = make_batch("skewed", batch_size, pad_to=MAX_LEN)
-    model = family_classifier(family, provider)
+    batch = family_batch(family, batch_size)
+    model = modernbert_mlm(provider) if family == "modernbert" else family_classifier(family, provider)
     step = inplace_step(model, "infer" if workload == "infer" else "train")
     info = benchmark.extra_info
     info.update(provider=provider, family=family, workload=workload, batch=batch_size, seq=MAX_LEN,
@@ -360,11 +364,10 @@ def test_hf_st(benchmark, workload, provider):
     _free()
 
 
-# ModernBERT in place (issue 21): a ModernBertForMaskedLM training step (labels on 15% of the real
-# tokens, sparse prediction) at batch 32 and padded inference at batch 64, seq 128, lengths uniform in
-# [2, 128] (about 50% padding, the issue's acceptance: patched training >= 1.5x stock sdpa on a GPU),
-# global attention every third layer, a 64-token window in the others (local_attention=128 would
-# cover every row of 128).
+# ModernBERT in place (issue 21; test_hf_family's "modernbert"): a ModernBertForMaskedLM (sparse
+# prediction; global attention every third layer, a 64-token window in the others: local_attention=128
+# would cover every row of 128), trained on MLM labels, about 50% padding (the issue's acceptance:
+# patched training >= 1.5x stock sdpa on a GPU).
 def modernbert_mlm(provider):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ModernBertConfig(
@@ -376,28 +379,3 @@ def modernbert_mlm(provider):
     with torch.device(DEVICE):
         model = transformers.ModernBertForMaskedLM._from_config(cfg, attn_implementation="sdpa").to(DTYPE)
     return patched(model, provider)
-
-
-@pytest.mark.parametrize("provider", INPLACE_PROVIDERS)
-@pytest.mark.parametrize("workload,batch_size", FAMILY_CASES, ids=[f"{w}-{b}" for w, b in FAMILY_CASES])
-def test_hf_modernbert(benchmark, workload, batch_size, provider):
-    _free()
-    benchmark.group = f"hf-modernbert-{workload}-{batch_size}"
-    batch = make_batch("half", batch_size, pad_to=MAX_LEN)
-    g = torch.Generator().manual_seed(3)
-    masked = (torch.rand(batch["input_ids"].shape, generator=g) < 0.15).to(DEVICE)
-    masked &= batch["attention_mask"] > 0
-    batch["labels"] = batch["input_ids"].masked_fill(~masked, -100)  # the MLM labels, per token
-    model = modernbert_mlm(provider)
-    step = inplace_step(model, "infer" if workload == "infer" else "train")
-    info = benchmark.extra_info
-    info.update(provider=provider, workload=workload, batch=batch_size, seq=MAX_LEN,
-                pad_frac=round(batch["pad_frac"], 4), real_tokens=batch["tokens"],
-                dtype=str(DTYPE).replace("torch.", ""),
-                model=f"ModernBertForMaskedLM L{max(LAYERS, 3)} H{HIDDEN} A{HEADS} FFN{FFN} V{VOCAB}")
-    if provider != "hf-sdpa":
-        info.update(compare_with=["hf-sdpa"], target_speedup=1.5 if workload == "finetune" else None)
-    out = run(benchmark, functools.partial(step, batch), DEVICE, tokens=batch["tokens"])
-    assert torch.isfinite(out).all()
-    del out
-    _free()
