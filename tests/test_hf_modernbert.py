@@ -253,13 +253,15 @@ def test_packed_batch_runs_varlen_per_sequence(calls):
         assert_close(stock_like, model(input_ids=ids, position_ids=odd).last_hidden_state, "odd positions")
 
 
-@pytest.mark.parametrize("flash_kwargs", [False, True])
-def test_flattening_collator_batches(flash_kwargs, calls):
-    cfg, _, model = build("ModernBertForMaskedLM")
+@pytest.mark.parametrize("flash_kwargs,fused", [(False, False), (True, False), (True, True)])
+def test_flattening_collator_batches(flash_kwargs, fused, calls, monkeypatch):
+    device = fused_device(monkeypatch) if fused else "cpu"
+    cfg, _, model = build("ModernBertForMaskedLM", device)
     model.eval()
     seqs = [torch.randint(3, VOCAB, (n,)) for n in (6, 10, 3)]
     collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
-    packed = collator([{"input_ids": s.tolist()} for s in seqs])
+    packed = to(collator([{"input_ids": s.tolist()} for s in seqs]), device)
+    seqs = [s.to(device) for s in seqs]
     assert ("cu_seq_lens_q" in packed) == flash_kwargs
     with torch.no_grad():
         out = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
@@ -285,11 +287,13 @@ def test_flags(flags, calls):
         assert len(calls.attends) == (0 if "layer_norm" in flags else 3)
 
 
-def test_hooked_layer_and_gradient_checkpointing(calls):
-    cfg, stock, patched = build("ModernBertForMaskedLM")
+@pytest.mark.parametrize("fused", [False, True])
+def test_hooked_layer_and_gradient_checkpointing(fused, calls, monkeypatch):
+    device = fused_device(monkeypatch) if fused else "cpu"
+    cfg, stock, patched = build("ModernBertForMaskedLM", device)
     seen = []
     patched.model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    inputs, labels = inputs_for("ModernBertForMaskedLM", cfg)
+    inputs, labels = (to(t, device) for t in inputs_for("ModernBertForMaskedLM", cfg))
     compare_models(stock, patched, inputs, labels)
     assert seen and len(calls.attends) == 2  # the hooked (local) layer ran as its module, varlen
     calls.attends.clear()
