@@ -16,7 +16,17 @@ import pytest
 import torch
 import transformers
 from test_hf_inputs import left_padded
-from test_hf_patch import assert_close, assert_grads_close, compare_models, fused_device, labels_for, to
+from test_hf_patch import (
+    assert_close,
+    assert_grads_close,
+    check_saved_copies,
+    check_undo,
+    compare_models,
+    eval_pair,
+    fused_device,
+    labels_for,
+    to,
+)
 
 import fastbert
 import fastbert.hf.modernbert as mb
@@ -321,36 +331,12 @@ def test_output_hidden_states_and_attentions_as_stock(calls):
 
 def test_persistence_and_undo(tmp_path):
     cfg = mb_config()
-    torch.manual_seed(5)
-    stock = transformers.ModernBertForSequenceClassification(cfg).eval()
     inputs = batch(cfg)
-    with torch.no_grad():
-        ref = stock(**inputs).logits
-    patched = patch_hf(copy.deepcopy(stock))
+    stock, patched, ref, want = eval_pair(transformers.ModernBertForSequenceClassification, cfg, inputs)
     assert type(patched) is type(stock)  # the head keeps its class; its .model is the fused subclass
     assert type(patched.model).__name__ == "ModernBertModel"
-    with torch.no_grad():
-        want = patched(**inputs).logits
-    assert_close(want, ref, "patched")
-    clone = copy.deepcopy(patched)
-    buf = io.BytesIO()
-    torch.save(patched, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    patched.save_pretrained(tmp_path)
-    reloaded = transformers.ModernBertForSequenceClassification.from_pretrained(tmp_path).eval()
-    assert not is_patched(reloaded)
-    with torch.no_grad():
-        for model, what in ((clone, "deepcopy"), (loaded, "torch.load")):
-            assert is_patched(model), what
-            assert torch.equal(model(**inputs).logits, want), what
-        assert torch.equal(reloaded(**inputs).logits, ref)
-    unpatch_hf(patched)
-    assert not is_patched(patched)
-    assert patched.config._attn_implementation == stock.config._attn_implementation
-    assert all(type(a) is type(b) for a, b in zip(stock.modules(), patched.modules(), strict=True))
-    with torch.no_grad():
-        assert torch.equal(patched(**inputs).logits, ref)  # bit-identical stock outputs
+    check_saved_copies(patched, inputs, ref, want, tmp_path)
+    check_undo(stock, patched, inputs, ref)
 
 
 def test_base_model_save_pretrained_names_the_stock_architecture(tmp_path):

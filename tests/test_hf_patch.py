@@ -456,40 +456,60 @@ def test_torch_compile_fullgraph(fused, monkeypatch):
             assert any(op in o for o in ops), (op, sorted(ops))
 
 
-def test_persistence_and_undo(tmp_path):
-    cfg = config()
-    torch.manual_seed(5)
-    stock = transformers.BertForSequenceClassification(cfg).eval()
-    inputs = padded_batch(cfg)
-    with torch.no_grad():
-        ref = stock(**inputs).logits
+def eval_pair(cls, cfg, inputs, seed=5):
+    """(stock, patched, stock logits, patched logits) of a cls(cfg) in eval mode, the logits within
+    1e-5."""
+    torch.manual_seed(seed)
+    stock = cls(cfg).eval()
     patched = patch_hf(copy.deepcopy(stock))
     with torch.no_grad():
-        want = patched(**inputs).logits
+        ref, want = stock(**inputs).logits, patched(**inputs).logits
     assert_close(want, ref, "patched")
+    return stock, patched, ref, want
 
-    clone = copy.deepcopy(patched)
-    buf = io.BytesIO()
-    torch.save(patched, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    patched.save_pretrained(tmp_path)
-    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
-    assert not is_patched(reloaded)  # a checkpoint is plain transformers; patch again after loading
-    assert set(reloaded.state_dict()) == set(stock.state_dict())
-    with torch.no_grad():
-        for model, what in ((clone, "deepcopy"), (loaded, "torch.load")):
-            assert is_patched(model), what
-            assert torch.equal(model(**inputs).logits, want), what
-        assert torch.equal(reloaded(**inputs).logits, ref)
-        assert torch.equal(patch_hf(reloaded)(**inputs).logits, want)
 
+def check_undo(stock, patched, inputs, ref):
+    """unpatch_hf(patched) gives back the stock classes, attention implementation and logits (ref),
+    bit-identical."""
     unpatch_hf(patched)
     assert not is_patched(patched)
     assert patched.config._attn_implementation == stock.config._attn_implementation
     assert all(type(a) is type(b) for a, b in zip(stock.modules(), patched.modules(), strict=True))
     with torch.no_grad():
         assert torch.equal(patched(**inputs).logits, ref)  # bit-identical stock outputs
+
+
+def check_saved_copies(patched, inputs, ref, want, tmp_path):
+    """A deepcopy and a torch.save/torch.load of a patched model stay patched and give its logits
+    (want) exactly; its save_pretrained checkpoint reloads (from_pretrained, eval) as a plain
+    transformers model with the stock logits (ref). Returns the reloaded model."""
+    clone = copy.deepcopy(patched)
+    buf = io.BytesIO()
+    torch.save(patched, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    patched.save_pretrained(tmp_path)
+    reloaded = type(patched).from_pretrained(tmp_path).eval()
+    assert not is_patched(reloaded)  # a checkpoint is plain transformers; patch again after loading
+    with torch.no_grad():
+        for model, what in ((clone, "deepcopy"), (loaded, "torch.load")):
+            assert is_patched(model), what
+            assert torch.equal(model(**inputs).logits, want), what
+        assert torch.equal(reloaded(**inputs).logits, ref)
+    return reloaded
+
+
+def test_persistence_and_undo(tmp_path):
+    cfg = config()
+    inputs = padded_batch(cfg)
+    stock, patched, ref, want = eval_pair(transformers.BertForSequenceClassification, cfg, inputs)
+
+    reloaded = check_saved_copies(patched, inputs, ref, want, tmp_path)
+    assert set(reloaded.state_dict()) == set(stock.state_dict())
+    with torch.no_grad():
+        assert torch.equal(patch_hf(reloaded)(**inputs).logits, want)
+
+    check_undo(stock, patched, inputs, ref)
 
 
 class LoraLinear(nn.Linear):

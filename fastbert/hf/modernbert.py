@@ -63,6 +63,7 @@ from .modules import (
     _real_positions,
     _scatter,
     gelu_form,
+    padding_plan,
 )
 
 MODULE = "transformers.models.modernbert.modeling_modernbert"
@@ -220,13 +221,8 @@ class _ModelMixin:
             out = run(ids, cu, seq, seq, None)
             return self._fastbert_output(out.view(batch, seq, -1), a)
         mask = mask.bool()
-        lengths = mask.sum(1, dtype=torch.int32)
-        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        checks = [cu[-1], lengths.max(), mask[:, 0].all().to(torch.int32)]
-        if labels_at_padding is not None:
-            checks.append(labels_at_padding.to(torch.int32))
-        total, max_len, first_real, *labels = torch.stack(checks).tolist()  # the one host sync
-        if not first_real or any(labels):
+        cu, total, max_len, keep_padded = padding_plan(mask, labels_at_padding)
+        if keep_padded:
             return super().forward(*args, **kwargs)  # a head reads padding positions: keep them
         if total == batch * seq:
             out = run(ids, cu, seq, seq, None)

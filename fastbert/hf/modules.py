@@ -215,6 +215,19 @@ def _real_positions(valid, total):
     return valid.nonzero().squeeze(1)
 
 
+def padding_plan(mask, labels_at_padding=None):
+    """(cu_seqlens int32 [B+1], real tokens, longest row, keep_padded) of a right-padded bool mask
+    [B, S] in one host sync; keep_padded: some row starts with padding (left padding: heads read
+    position 0) or labels_at_padding (a device flag) is set, so the padded layout must be kept."""
+    lengths = mask.sum(1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    checks = [cu[-1], lengths.max(), mask[:, 0].all().to(torch.int32)]
+    if labels_at_padding is not None:
+        checks.append(labels_at_padding.to(torch.int32))
+    total, max_len, first_real, *labels = torch.stack(checks).tolist()  # the one host sync
+    return cu, total, max_len, not first_real or any(labels)
+
+
 def _scatter(h, index, batch, seq):
     """[1, T, N] or [T, N] real tokens -> [B, S, N] with zeros at padding."""
     h = h.reshape(-1, h.shape[-1])
@@ -274,13 +287,8 @@ class _UnpadEncoderMixin:
             return self._fastbert_output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
             return super().forward(*args, **kwargs)
-        lengths = attention_mask.sum(1, dtype=torch.int32)
-        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        checks = [cu[-1], lengths.max(), attention_mask[:, 0].all().to(torch.int32)]
-        if labels_at_padding is not None:
-            checks.append(labels_at_padding.to(torch.int32))
-        total, max_len, first_real, *labels = torch.stack(checks).tolist()  # the one host sync
-        if not first_real or any(labels):
+        cu, total, max_len, keep_padded = padding_plan(attention_mask, labels_at_padding)
+        if keep_padded:
             return super().forward(*args, **kwargs)  # a head reads padding positions: keep them
         if total == batch * seq:  # no padding: the dense layout as it is
             return self._fastbert_output(self._fastbert_layers(hidden_states, layer_kwargs, None, None))
