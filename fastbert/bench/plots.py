@@ -168,17 +168,12 @@ def plot_throughput(rows, path):
     return _save(plt, fig, path)
 
 
-def plot_speedups(rows, path):
-    """fastbert's speedup over each baseline, one bar per (comparison, baseline)."""
-    from .report import comparisons, speedups
-
+def plot_speedups(pairs, path):
+    """fastbert's speedup over each baseline, one bar per (label, speedup) of pairs (the report's
+    comparisons, fastbert.bench.report.speedup_pairs)."""
     plt = _pyplot()
-    labels, values = [], []
-    for (group, _name, _shape), cmp_rows in comparisons(rows).items():
-        for ours, pairs in speedups(cmp_rows):
-            for base, speedup in pairs:
-                labels.append(f"{group} [{ours.params_text}] {ours.provider} vs {base.provider}")
-                values.append(speedup)
+    labels = [label for label, _ in pairs]
+    values = [value for _, value in pairs]
     if not labels:
         return _save(plt, _empty(plt, "no fastbert result with a baseline in this run"), path)
     colors = [OURS_COLOR if v >= 1 else BASE_COLOR for v in values]
@@ -212,9 +207,10 @@ def plot_roofline(rows, path):
     return _save(plt, fig, path)
 
 
-def make_plots(rows, out_dir, prefix="", roofline=True):
+def make_plots(rows, out_dir, prefix="", roofline=True, speedup_pairs=()):
     """Write the PNGs into out_dir, file names prefixed by `prefix`: the throughput plot, and the
-    roofline plot (roofline=True: a GPU run) or the speedup plot (a CPU run). Returns [(title, path)]."""
+    roofline plot (roofline=True: a GPU run) or the speedup plot of speedup_pairs (a CPU run).
+    Returns [(title, path)]."""
     os.makedirs(out_dir, exist_ok=True)
     throughput = plot_throughput(rows, os.path.join(out_dir, f"{prefix}throughput_vs_seq.png"))
     if roofline:
@@ -222,5 +218,5 @@ def make_plots(rows, out_dir, prefix="", roofline=True):
                   plot_roofline(rows, os.path.join(out_dir, f"{prefix}roofline.png")))
     else:
         second = ("speedup over each baseline",
-                  plot_speedups(rows, os.path.join(out_dir, f"{prefix}speedup.png")))
+                  plot_speedups(speedup_pairs, os.path.join(out_dir, f"{prefix}speedup.png")))
     return [("throughput vs sequence length", throughput), second]

@@ -111,6 +111,16 @@ def speedups(cmp_rows):
     return out
 
 
+def speedup_pairs(all_rows):
+    """[(label, speedup)]: each fastbert result over each of its baselines (the speedup plot's bars)."""
+    out = []
+    for (group, _name, _shape), cmp_rows in comparisons(all_rows).items():
+        for ours, pairs in speedups(cmp_rows):
+            for base, speedup in pairs:
+                out.append((f"{group} [{ours.params_text}] {ours.provider} vs {base.provider}", speedup))
+    return out
+
+
 def fmt_time(seconds):
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -328,8 +338,8 @@ def write_report(json_path, out_path=None, plots_dir=None, ours_pattern=OURS_PAT
         try:
             from . import plots as plotting
 
-            written = plotting.make_plots(all_rows, plots_dir, prefix=prefix,
-                                          roofline=not is_cpu_run(data))
+            written = plotting.make_plots(all_rows, plots_dir, prefix=prefix, roofline=not is_cpu_run(data),
+                                          speedup_pairs=speedup_pairs(all_rows))
         except ImportError as exc:
             note = f"plots skipped: {exc}"
         links = [(title, os.path.relpath(path, out_dir)) for title, path in written]

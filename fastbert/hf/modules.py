@@ -428,5 +428,3 @@ def _register(family):
 for _family in FAMILIES:
     _register(_family)
 
-
-from . import modernbert  # noqa: E402,F401  (registers ModernBERT's parts in FUSED / ROLE / FAMILY_NAMES)

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import compat, st
+from . import compat, modernbert, st  # noqa: F401  (modernbert registers its parts in FUSED / ROLE)
 from .attention import NAME, register
 from .modules import FAMILY_NAMES, FUSED, ROLE
 
