@@ -216,3 +216,20 @@ def test_distilbert_relu_and_chunked_ffn_keep_stock_modules(blocks):
         inputs = batch_for("distilbert", cfg)
         compare(stock, patched, inputs, labels_of("DistilBertForMaskedLM", cfg, inputs))
     assert not blocks
+
+
+@pytest.mark.parametrize("family", sorted(HEADS_OF))
+def test_attn_implementation_fastbert_without_patching(family):
+    """attn_implementation="fastbert" alone (no patch_hf): the family's attention on fastbert.ops,
+    the stock (sdpa) outputs at real tokens."""
+    cls = getattr(transformers, HEADS_OF[family][0])  # the base model
+    torch.manual_seed(4)
+    ours = cls._from_config(family_config(family), attn_implementation="fastbert").eval()
+    stock = cls._from_config(family_config(family), attn_implementation="sdpa").eval()
+    stock.load_state_dict(ours.state_dict())
+    assert ours.config._attn_implementation == "fastbert" and not is_patched(stock)
+    inputs = batch_for(family, ours.config)
+    with torch.no_grad():
+        got, ref = (m(**inputs).last_hidden_state for m in (ours, stock))
+    keep = inputs["attention_mask"].bool()
+    assert_close(got[keep], ref[keep], f"{family} last_hidden_state")
