@@ -4,17 +4,18 @@
     bert = fastbert.BERT(vocab_size)            # drop-in for bert_pytorch.model.BERT
     lm = fastbert.BERTLM(bert, vocab_size)      # drop-in for bert_pytorch.model.BERTLM
     enc = fastbert.from_hf(transformers_bert)   # same outputs as BertModel(...).last_hidden_state
+    enc = fastbert.ModernEncoder(fastbert.BertConfig.modernbert(vocab_size))   # ModernBERT's encoder
     model = fastbert.patch_hf(transformers_model)   # fused ops inside a transformers BERT-family model
 """
 
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402
-from .models import BERT, BERTLM, Encoder, from_hf, to_hf  # noqa: E402
+from .models import BERT, BERTLM, Encoder, ModernEncoder, build_encoder, from_hf, to_hf  # noqa: E402
 from .reference.model import BertConfig  # noqa: E402
 
-__all__ = ["BERT", "BERTLM", "BertConfig", "Encoder", "from_hf", "is_patched", "ops", "patch_hf", "reference",
-           "to_hf", "unpatch_hf"]
+__all__ = ["BERT", "BERTLM", "BertConfig", "Encoder", "ModernEncoder", "build_encoder", "from_hf",
+           "is_patched", "ops", "patch_hf", "reference", "to_hf", "unpatch_hf"]
 
 _LAZY = {"patch_hf", "unpatch_hf", "is_patched", "hf"}  # these import transformers: only when first used
 

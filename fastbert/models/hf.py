@@ -95,25 +95,35 @@ def fastbert_to_hf_state_dict(sd):
 
 
 def from_hf(hf_model, unpad="auto") -> Encoder:
-    """A fastbert Encoder (preset "hf") with the weights of a transformers BertModel.
+    """A fastbert Encoder (preset "hf") with the weights of a transformers BertModel, or a ModernEncoder
+    (preset "modernbert") of a ModernBertModel (fastbert.models.hf_modernbert).
 
     Its forward takes transformers' keyword names, input_ids, token_type_ids=, attention_mask= (1 for
     real tokens, 0 for padding) and position_ids=, or the same four positionally in that order, and
     matches BertModel(...).last_hidden_state at real tokens (zeros at padding when it unpads). To
     keep the transformers model itself (its class, heads and outputs), use fastbert.patch_hf instead.
     """
+    if getattr(hf_model.config, "model_type", None) == "modernbert":
+        from . import hf_modernbert
+
+        return hf_modernbert.from_hf(hf_model, unpad)
     model = Encoder(config_from_hf(hf_model.config), unpad=unpad)
     model.load_state_dict(hf_to_fastbert_state_dict(hf_model.state_dict()), strict=True)
     return model.to(next(hf_model.parameters()).device)
 
 
 def to_hf(model: Encoder):
-    """A transformers.BertModel (no pooler) with the weights of a fastbert Encoder of preset "hf"."""
+    """A transformers.BertModel (no pooler) with the weights of a fastbert Encoder of preset "hf", or a
+    ModernBertModel with those of a ModernEncoder."""
     import transformers
 
     cfg = model.config
+    if cfg.preset == "modernbert":
+        from . import hf_modernbert
+
+        return hf_modernbert.to_hf(model)
     if cfg.preset != "hf":
-        raise ValueError(f"to_hf needs an encoder of preset 'hf', this one is {cfg.preset!r}")
+        raise ValueError(f"to_hf needs an encoder of preset 'hf' or 'modernbert', this one is {cfg.preset!r}")
     hf_cfg = transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,

@@ -34,14 +34,7 @@ else:  # pragma: no cover - triton is a dependency; the reference keeps working 
 _CHECK = _k.check_inputs if _k is not None else None  # the kernel's input check (choose() calls it)
 
 
-def rotary_tables(rotary_dim, max_positions, theta=10000.0, device=None):
-    """(cos, sin) fp32 [max_positions, rotary_dim // 2]: cos(p f_j), sin(p f_j), f_j = theta^(-2j/R)."""
-    if rotary_dim % 2 or rotary_dim <= 0:
-        raise ValueError(f"rotary_tables: rotary_dim {rotary_dim} must be even and > 0")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
-                                / rotary_dim))
-    freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
-    return freqs.cos(), freqs.sin()
+rotary_tables = ref.rotary_tables  # the tables are plain PyTorch: the reference's function
 
 
 def _fwd(qkv, cos, sin, seqinfo, max_seqlen):

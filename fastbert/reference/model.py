@@ -1,12 +1,15 @@
 """Reference BERT encoder in eager PyTorch, covering both families of BERT people use.
 
-One config, two presets:
+One config, three presets:
   "bert_pytorch"  the PyPI package bert-pytorch==0.0.1a4: sinusoidal fixed positions (buffer `pe`),
                   3-entry segment table with padding_idx 0, key mask from pad id 0, pre-LN sublayers
                   x + dropout(sublayer(norm(x))), LayerNorm a*(x-mean)/(std_unbiased+eps)+b with
                   eps 1e-6, tanh GELU, dropout after the FFN activation and after each block.
   "hf"            transformers.BertModel: learned positions, token types, embedding LayerNorm,
                   post-LN sublayers norm(x + dropout(sublayer(x))), erf GELU, eps from config.
+  "modernbert"    transformers.ModernBertModel (Warner et al. 2024): rotary positions, GeGLU, pre-LN
+                  with bias-free norms, sliding-window attention in all but every global_every-th
+                  layer; its modules live in fastbert.reference.modernbert (ModernEncoder).
 Parameter names follow bert_pytorch (so its state dicts load with strict=True); fastbert.models.hf
 maps HF names onto them.
 
@@ -24,7 +27,8 @@ from torch import nn
 
 from . import ops as reference_ops
 
-PRESETS = ("bert_pytorch", "hf")
+PRESETS = ("bert_pytorch", "hf", "modernbert")
+FFNS = ("gelu", "geglu")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,14 @@ class BertConfig:
     layer_norm_eps: float = 1e-6
     pad_id: int = 0
     gelu: str = "tanh"  # "tanh" (bert_pytorch, Google BERT) or "none" (exact erf, HF "gelu")
+    # ModernBERT's fields (preset "modernbert"; the BERT presets keep the defaults)
+    ffn: str = ""  # "gelu" (w_2(gelu(w_1 x))) or "geglu" (w_2(gelu(a) * g), [a, g] = w_1 x); "": by preset
+    local_window: int = 128  # local layers: query i sees key j iff |i - j| <= local_window // 2
+    global_every: int = 3  # layer i is global (full attention) iff i % global_every == 0
+    rope_theta: float = 160000.0  # rotary base of the global layers
+    local_rope_theta: float = 10000.0  # and of the local ones
+    norm_bias: bool = True  # LayerNorms with a shift (ModernBERT: none)
+    bias: bool = True  # linears with a bias (ModernBERT: attention_bias = mlp_bias = False)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -51,6 +63,24 @@ class BertConfig:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.intermediate == 0:
             object.__setattr__(self, "intermediate", 4 * self.hidden)
+        modern = self.preset == "modernbert"
+        if not self.ffn:
+            object.__setattr__(self, "ffn", "geglu" if modern else "gelu")
+        if self.ffn != ("geglu" if modern else "gelu"):
+            raise ValueError(f"ffn={self.ffn!r} with preset {self.preset!r}: ModernBERT's FFN is 'geglu', "
+                             f"the BERT presets' 'gelu'")
+        if not modern and not (self.norm_bias and self.bias):
+            raise ValueError(f"preset {self.preset!r} has biases in every LayerNorm and linear; "
+                             f"norm_bias / bias False is for preset 'modernbert'")
+        if modern:
+            if self.head_dim % 2:
+                raise ValueError(f"rotary embeddings need an even head dim, got {self.head_dim}")
+            if self.local_window < 0 or self.global_every < 1:
+                raise ValueError(f"local_window={self.local_window} must be >= 0 and global_every="
+                                 f"{self.global_every} >= 1")
+            if not (self.rope_theta > 0 and self.local_rope_theta > 0):
+                raise ValueError(f"rope thetas must be positive, got {self.rope_theta}, "
+                                 f"{self.local_rope_theta}")
 
     @classmethod
     def bert_pytorch(cls, vocab_size, hidden=768, n_layers=12, attn_heads=12, dropout=0.1, **kw):
@@ -63,6 +93,21 @@ class BertConfig:
                     preset="hf")
         base.update(kw)
         return cls(vocab_size, hidden, n_layers, heads, intermediate, **base)
+
+    @classmethod
+    def modernbert(cls, vocab_size=50368, hidden=768, n_layers=22, heads=12, intermediate=1152, **kw):
+        """transformers' ModernBertConfig defaults (ModernBERT-base): GeGLU of width `intermediate`
+        (Wi is [2 * intermediate, hidden]), erf GELU, eps 1e-5, no biases, no dropout, 8192 positions,
+        window 128 with a global layer every 3, rotary thetas 160000 / 10000."""
+        base = dict(max_position=8192, type_vocab_size=0, layer_norm_eps=1e-5, gelu="none",
+                    preset="modernbert", dropout=0.0, attn_dropout=0.0, emb_dropout=0.0, norm_bias=False,
+                    bias=False)
+        base.update(kw)
+        return cls(vocab_size, hidden, n_layers, heads, intermediate, **base)
+
+    def is_local(self, layer):
+        """Whether layer `layer` attends in a sliding window (preset "modernbert")."""
+        return self.preset == "modernbert" and bool(layer % self.global_every)
 
     def with_(self, **kw):
         return replace(self, **kw)
@@ -99,12 +144,12 @@ class LearnedPosition(nn.Embedding):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with bert_pytorch's parameter names a_2 (scale) and b_2 (shift)."""
+    """LayerNorm with bert_pytorch's parameter names a_2 (scale) and b_2 (shift; None when bias=False)."""
 
-    def __init__(self, features, eps, variant, ops):
+    def __init__(self, features, eps, variant, ops, bias=True):
         super().__init__()
         self.a_2 = nn.Parameter(torch.ones(features))
-        self.b_2 = nn.Parameter(torch.zeros(features))
+        self.b_2 = nn.Parameter(torch.zeros(features)) if bias else None
         self.eps = eps
         self.variant = variant
         self.ops = ops
@@ -233,6 +278,9 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
+        if cfg.preset == "modernbert":
+            raise ValueError("preset 'modernbert' is built by ModernEncoder (fastbert.ModernEncoder, "
+                             "fastbert.reference.modernbert.ModernEncoder) or fastbert.build_encoder(cfg)")
         self.config = cfg
         self.embedding = Embedding(cfg, self.ops)
         self.transformer_blocks = nn.ModuleList([Block(cfg, self.ops) for _ in range(cfg.n_layers)])
@@ -331,10 +379,22 @@ class Encoder(nn.Module):
         same shape on every step, and nothing here reads a value back to the host: the ids are
         checked where the batch is built (fastbert.train.packing checks them on the CPU).
         """
+        self.check_packed(input_ids, segment_ids, position_ids, cu_seqlens, max_seqlen)
+        x = self.embedding(input_ids[None], segment_ids[None], position_ids[None])  # [1, T, N]
+        h = x[0]  # [T, N]
+        for block in self.transformer_blocks:
+            h = block(h, None, cu_seqlens, max_seqlen)
+        return h
+
+    def check_packed(self, input_ids, segment_ids, position_ids, cu_seqlens, max_seqlen, optional=()):
+        """forward_packed's checks (of types and shapes only: nothing is read back from the device);
+        `optional` names the id tensors that may be None."""
         cfg = self.config
         tokens = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else None
-        for name, t in (("input_ids", input_ids), ("segment_ids", segment_ids),
-                        ("position_ids", position_ids)):
+        named = [("input_ids", input_ids), ("segment_ids", segment_ids), ("position_ids", position_ids)]
+        for name, t in named:
+            if t is None and name in optional:
+                continue
             if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"packed {name} must be an int64/int32 tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
@@ -351,8 +411,3 @@ class Encoder(nn.Module):
                 or not 0 < max_seqlen <= cfg.max_position):
             raise ValueError(f"max_seqlen must be an int in [1, {cfg.max_position}] (the position "
                              f"table), got {max_seqlen!r}")
-        x = self.embedding(input_ids[None], segment_ids[None], position_ids[None])  # [1, T, N]
-        h = x[0]  # [T, N]
-        for block in self.transformer_blocks:
-            h = block(h, None, cu_seqlens, max_seqlen)
-        return h

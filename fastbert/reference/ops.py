@@ -70,12 +70,23 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotary(qkv, cos, sin, cu_seqlens=None):
+def rotary_tables(rotary_dim, max_positions, theta=10000.0, device=None):
+    """(cos, sin) fp32 [max_positions, rotary_dim // 2]: cos(p f_j), sin(p f_j), f_j = theta^(-2j/R)."""
+    if rotary_dim % 2 or rotary_dim <= 0:
+        raise ValueError(f"rotary_tables: rotary_dim {rotary_dim} must be even and > 0")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
+                                / rotary_dim))
+    freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def rotary(qkv, cos, sin, cu_seqlens=None, max_seqlen=None):
     """Rotary embeddings on q and k of a packed projection, half-split layout (transformers'
     apply_rotary_pos_emb with rotate_half): x * cat(c, c) + rotate_half(x) * cat(s, s) on the first
     R = 2 * cos.shape[1] dims of every head of q and k, the rest and v unchanged.
     qkv [T, 3, H, D] with cu_seqlens [B+1] (positions restart at 0 in each sequence) or
-    [B, S, 3, H, D] (position s); cos, sin [P, R/2] tables. Returns a new tensor of qkv's shape."""
+    [B, S, 3, H, D] (position s); cos, sin [P, R/2] tables; max_seqlen is fastbert.ops.rotary's
+    (unused here). Returns a new tensor of qkv's shape."""
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         pos = torch.cat([torch.arange(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
