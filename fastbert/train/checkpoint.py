@@ -93,8 +93,17 @@ def load_checkpoint(path):
 
 
 def check_compatible(state, config: dict, vocab_fingerprint: str, path=""):
-    """Raise CheckpointError when the checkpoint's model config or vocabulary differs from the run's."""
-    diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    """Raise CheckpointError when the checkpoint's model config or vocabulary differs from the run's
+    (a field the checkpoint's config predates counts as its default)."""
+    import dataclasses
+
+    from fastbert.reference.model import BertConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(BertConfig)}
+    old = {**{k: defaults.get(k) for k in config}, **state["config"]}
+    if not state["config"].get("ffn"):  # before the field: every model had BERT's GELU FFN
+        old["ffn"] = "gelu"
+    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} does not match this run's model ({pretty}); resume with "
@@ -136,10 +145,18 @@ def _transformers_progress(enabled):
             hf_logging.enable_progress_bar()
 
 
-def _hf_config(encoder, architecture, **extra):
-    """The transformers BertConfig of a fastbert encoder of preset "hf" (to_hf's)."""
+def _hf_config(encoder, architecture, vocab=None, **extra):
+    """The transformers BertConfig of a fastbert encoder of preset "hf" (to_hf's), or the ModernBertConfig
+    of a ModernEncoder (with the vocabulary's special token ids)."""
     from fastbert.models.hf import to_hf
 
+    if encoder.config.preset == "modernbert":
+        from fastbert.models.hf_modernbert import hf_config
+
+        cfg = encoder.config
+        ids = {} if vocab is None else dict(bos_token_id=vocab.cls_id, cls_token_id=vocab.cls_id,
+                                            eos_token_id=vocab.sep_id, sep_token_id=vocab.sep_id)
+        return hf_config(cfg, architectures=[architecture], classifier_bias=cfg.bias, **ids, **extra)
     if encoder.config.preset != "hf":
         raise CheckpointError("HF export needs a model of preset 'hf' (bert_pytorch's pre-LN, sinusoidal "
                               "model has no BertModel equivalent); use --export-bert-pytorch instead")
@@ -152,18 +169,26 @@ def _hf_config(encoder, architecture, **extra):
 
 
 def _encoder_state(encoder, prefix="bert."):
-    from fastbert.models.hf import fastbert_to_hf_state_dict
+    if encoder.config.preset == "modernbert":
+        from fastbert.models.hf_modernbert import fastbert_to_hf_state_dict
+    else:
+        from fastbert.models.hf import fastbert_to_hf_state_dict
 
     sd = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     return {prefix + k: v for k, v in fastbert_to_hf_state_dict(sd).items()}
 
 
 def _linear(prefix, module):
-    return {f"{prefix}.weight": module.weight.detach().cpu(), f"{prefix}.bias": module.bias.detach().cpu()}
+    """The weight and bias (where the module has one) of a Linear or LayerNorm under `prefix`."""
+    out = {f"{prefix}.weight": module.weight.detach().cpu()}
+    if module.bias is not None:
+        out[f"{prefix}.bias"] = module.bias.detach().cpu()
+    return out
 
 
-def _write_tokenizer(vocab, folder):
-    """vocab.txt and the tokenizer files AutoTokenizer reads as a BertTokenizer."""
+def _write_tokenizer(vocab, folder, serialized=False):
+    """vocab.txt and the tokenizer files AutoTokenizer reads as a BertTokenizer; serialized: also
+    tokenizer.json (AutoTokenizer of a model type other than BERT's, ModernBERT's, reads only that)."""
     if vocab.kind != "wordpiece":
         return
     vocab.save(os.path.join(folder, "vocab.txt"))
@@ -174,6 +199,10 @@ def _write_tokenizer(vocab, folder):
                   indent=1)
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
         json.dump(specials, f, indent=1)
+    if serialized:
+        import transformers
+
+        transformers.BertTokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
 def _save_hf(model_class, config, state, vocab, out_dir, progress):
@@ -190,7 +219,7 @@ def _save_hf(model_class, config, state, vocab, out_dir, progress):
     tmp = _atomic_dir(out_dir)
     with _transformers_progress(progress):
         model.save_pretrained(tmp)
-    _write_tokenizer(vocab, tmp)
+    _write_tokenizer(vocab, tmp, serialized=config.model_type != "bert")
     _publish_dir(tmp, out_dir)
     return out_dir
 
@@ -204,6 +233,8 @@ def export_hf(model, vocab, out_dir, progress=True):
     next_sentence_label 0 does, so the NSP rows are swapped."""
     import transformers
 
+    if model.config.preset == "modernbert":
+        return _export_modernbert_mlm(model, vocab, out_dir, progress)
     cfg = _hf_config(model.bert, "BertForPreTraining")
     state = _encoder_state(model.bert)
     state.update(_linear("bert.pooler.dense", model.pooler))
@@ -217,6 +248,19 @@ def export_hf(model, vocab, out_dir, progress=True):
     return _save_hf(transformers.BertForPreTraining, cfg, state, vocab, out_dir, progress)
 
 
+def _export_modernbert_mlm(model, vocab, out_dir, progress):
+    """A ModernBERT pretraining model as transformers' ModernBertForMaskedLM: encoder, head (dense, norm),
+    decoder (tied to the token embedding) and its bias."""
+    import transformers
+
+    cfg = _hf_config(model.bert, "ModernBertForMaskedLM", vocab, decoder_bias=True)
+    state = _encoder_state(model.bert, "model.")
+    state.update(_linear("head.dense", model.transform))
+    state.update(_linear("head.norm", model.transform_norm))
+    state["decoder.bias"] = model.mask_lm.linear.bias.detach().cpu()
+    return _save_hf(transformers.ModernBertForMaskedLM, cfg, state, vocab, out_dir, progress)
+
+
 def export_hf_classifier(classifier, vocab, labels, out_dir, progress=True):
     """Save a fine-tuned fastbert.train.finetune.Classifier as transformers'
     BertForSequenceClassification (its pooler is the classifier's) or BertForTokenClassification,
@@ -226,11 +270,19 @@ def export_hf_classifier(classifier, vocab, labels, out_dir, progress=True):
     token = classifier.token
     names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
              "num_labels": len(labels), "classifier_dropout": classifier.dropout.p}
-    arch = "BertForTokenClassification" if token else "BertForSequenceClassification"
-    cfg = _hf_config(classifier.bert, arch, **names)
-    state = _encoder_state(classifier.bert)
+    modern = classifier.bert.config.preset == "modernbert"
+    family = "ModernBert" if modern else "Bert"
+    arch = f"{family}ForTokenClassification" if token else f"{family}ForSequenceClassification"
+    if modern:
+        cfg = _hf_config(classifier.bert, arch, vocab, classifier_pooling="cls", **names)
+        state = _encoder_state(classifier.bert, "model.")
+        state.update(_linear("head.dense", classifier.head.dense))
+        state.update(_linear("head.norm", classifier.head.norm))
+    else:
+        cfg = _hf_config(classifier.bert, arch, **names)
+        state = _encoder_state(classifier.bert)
     state.update(_linear("classifier", classifier.classifier))
-    if not token:
+    if not token and not modern:
         state.update(_linear("bert.pooler.dense", classifier.pooler))
     model_class = getattr(transformers, arch)
     return _save_hf(model_class, cfg, state, vocab, out_dir, progress)

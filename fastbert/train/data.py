@@ -303,10 +303,13 @@ class PretrainData:
     sentences from another document filling the remaining length), as Google's BERT builds its
     examples, so sequences are long and few tokens are padding.
     A and B are spans of tokens (sentences of a document are contiguous in the shard).
+    nsp=False (MLM only, as ModernBERT): pairs="packed" examples are whole chunks, `[CLS] chunk [SEP]`
+    (B empty, every chunk kept, one-sentence chunks too); pairs="sentence" keeps each line's A and B.
+    is_next is 1 for every example then, and no negative pairs are drawn.
     """
 
     def __init__(self, shard, seq_len, batch_size, micro_batches=1, seed=0, cls_id=2, sep_id=3,
-                 segments=(1, 2), group_window=64, pairs="sentence", documents=None):
+                 segments=(1, 2), group_window=64, pairs="sentence", documents=None, nsp=True):
         """documents: bool [n_documents], the documents this set draws from, both its examples and
         the random B sentences of its negative pairs (None: all)."""
         if seq_len < 8:
@@ -314,7 +317,8 @@ class PretrainData:
         if pairs not in ("sentence", "packed"):
             raise ValueError(f"pairs={pairs!r}; expected 'sentence' or 'packed'")
         self.shard, self.seq_len, self.batch_size = shard, seq_len, batch_size
-        self.micro_batches, self.seed, self.pairs = micro_batches, seed, pairs
+        self.micro_batches, self.seed, self.pairs, self.nsp = micro_batches, seed, pairs, nsp
+        self.chunks = pairs == "packed" and not nsp  # whole chunks, no B
         self.cls_id, self.sep_id, self.segments, self.group_window = cls_id, sep_id, segments, group_window
         self.offs = np.asarray(shard.sent_offsets)  # [n_sent + 1] token offsets
         self.lens = np.diff(self.offs)
@@ -337,7 +341,7 @@ class PretrainData:
         else:
             # fixed chunks: a new chunk starts where the in-document token offset crosses a multiple
             # of the pair budget, or where a document starts
-            budget = seq_len - 3
+            budget = seq_len - (2 if self.chunks else 3)
             local = self.offs[:-1] - self.offs[docs[:-1]][self.doc_of]
             key = local // budget
             new = np.ones(shard.n_sentences, dtype=bool)
@@ -345,11 +349,14 @@ class PretrainData:
             first = np.nonzero(new)[0]
             count = np.diff(np.append(first, shard.n_sentences))
             keep = (count >= 2) | has_next[first]  # a one-sentence chunk borrows the next sentence
+            if self.chunks:
+                keep[:] = True  # no B to find: every chunk is an example
             self.first, self.count = first[keep], count[keep]
         inside = allowed[self.first]
         self.first, self.count = self.first[inside], self.count[inside]
         if len(self.first) == 0:
-            raise CorpusError(f"the corpus has no document with two sentences ({shard.meta['source']})")
+            what = "sentence" if self.chunks else "document with two sentences"
+            raise CorpusError(f"the corpus has no {what} ({shard.meta['source']})")
         self.n_examples = len(self.first)
         self.global_batch = batch_size * micro_batches
         self.steps_per_epoch = self.n_examples // self.global_batch
@@ -383,6 +390,13 @@ class PretrainData:
         first, count = self.first[order], self.count[order]
         n = len(first)
         is_next = rng.random(n) < 0.5
+        if not self.nsp:
+            is_next[:] = True
+        if self.chunks:  # [CLS] chunk [SEP]: A the whole chunk, no B
+            a_start = self.offs[first]
+            la = np.minimum(self.offs[first + count] - a_start, self.seq_len - 2)
+            lb = np.zeros_like(la)
+            return a_start, la, a_start.copy(), lb, is_next, self._order(rng, la + 2)
         # A: sentences [first, first + k); k = 1 for sentence pairs and one-sentence chunks
         k = np.ones(n, dtype=np.int64)
         multi = count >= 2
@@ -402,7 +416,11 @@ class PretrainData:
         b_start[neg] = offs[rand]
         b_len[neg] = np.minimum(room, offs[self.doc_end[rand]] - offs[rand])
         la, lb = truncate_pair(a_len, b_len, self.seq_len - 3)
-        length = la + lb + 3
+        return a_start, la, b_start, lb, is_next, self._order(rng, la + lb + 3)
+
+    def _order(self, rng, length):
+        """The epoch's global batches [steps, global_batch]: examples sorted by length inside windows of
+        group_window batches, the batches shuffled."""
         g = self.global_batch
         usable = self.steps_per_epoch * g
         idx = np.arange(usable)
@@ -411,8 +429,7 @@ class PretrainData:
             seg = idx[s:s + w]
             idx[s:s + w] = seg[np.argsort(length[seg], kind="stable")]
         batches = idx.reshape(self.steps_per_epoch, g)
-        batches = batches[rng.permutation(self.steps_per_epoch)]
-        return a_start, la, b_start, lb, is_next, batches
+        return batches[rng.permutation(self.steps_per_epoch)]
 
     _plan_cache = (None, None)
 
@@ -443,9 +460,15 @@ class PretrainData:
         return [self.collate(a_start[i], la[i], b_start[i], lb[i], is_next[i])
                 for i in np.array_split(order, -(-len(order) // rows))]
 
+    @staticmethod
+    def lengths(la, lb):
+        """Tokens of each example: [CLS] A [SEP] B [SEP], or [CLS] A [SEP] where B is empty."""
+        return la + lb + 2 + (lb > 0)
+
     def collate(self, a_start, la, b_start, lb, is_next):
-        """[CLS] A [SEP] B [SEP] rows padded to the longest (rounded up to 8, at most seq_len)."""
-        length = la + lb + 3
+        """[CLS] A [SEP] B [SEP] rows ([CLS] A [SEP] where B is empty) padded to the longest (rounded up
+        to 8, at most seq_len)."""
+        length = self.lengths(la, lb)
         width = int(min(self.seq_len, -(-int(length.max()) // 8) * 8))
         pos = np.arange(width)[None, :]
         la_, lb_ = la[:, None], lb[:, None]
@@ -458,7 +481,8 @@ class PretrainData:
         ids[:, 0] = self.cls_id
         rows = np.arange(len(la))
         ids[rows, la + 1] = self.sep_id
-        ids[rows, la + lb + 2] = self.sep_id
+        two = lb > 0
+        ids[rows[two], (la + lb + 2)[two]] = self.sep_id
         seg = np.where(pos <= la_ + 1, self.segments[0], self.segments[1])
         seg = np.where(pos < length[:, None], seg, 0)
         return {"input_ids": ids, "segment_ids": seg.astype(np.int64), "is_next": is_next.astype(np.int64)}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastbert.models.bert import Encoder
+from fastbert.models import build_encoder
 from fastbert.reference.model import BertConfig
 
 from .checkpoint import CheckpointError, export_hf_classifier, find_checkpoint, load_checkpoint, run_folder_of
@@ -167,17 +167,39 @@ def collate(items, device, pad_id=0):
     return ids.to(device), seg.to(device), y.to(device)
 
 
+class ModernHead(nn.Module):
+    """ModernBERT's prediction head before a classifier: norm(gelu(dense(x))), bias-free by default
+    (transformers' ModernBertPredictionHead; fresh weights, as its classification models start)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gelu = cfg.gelu
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
+        std = cfg.hidden ** -0.5  # transformers' "final_out" std for ModernBERT's classifier-side layers
+        nn.init.trunc_normal_(self.dense.weight, std=std, a=-2 * std, b=2 * std)
+        if self.dense.bias is not None:
+            nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x), approximate=self.gelu))
+
+
 class Classifier(nn.Module):
     """Encoder + dropout + linear classifier: on every token (token), or on [CLS] (sequence), through
     BERT's pooler (dense + tanh, the pretraining's) for preset "hf", as
-    transformers' BertForSequenceClassification computes."""
+    transformers' BertForSequenceClassification computes; for preset "modernbert" through
+    ModernBERT's head (dense, GELU, LayerNorm) on [CLS] or every token, as
+    ModernBertForSequenceClassification / ModernBertForTokenClassification compute (cls pooling)."""
 
     def __init__(self, cfg, n_labels, token=False, dropout=0.1):
         super().__init__()
-        self.bert = Encoder(cfg)
+        self.bert = build_encoder(cfg)
         self.pad_id = cfg.pad_id
         self.token = token
+        self.modern = cfg.preset == "modernbert"
         self.pooler = None
+        self.head = ModernHead(cfg) if self.modern else None
         if not token and cfg.preset == "hf":
             self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
             nn.init.normal_(self.pooler.weight, std=0.02)
@@ -189,9 +211,11 @@ class Classifier(nn.Module):
 
     def forward(self, ids, seg):
         mask = (ids != self.pad_id).long()
-        h = self.bert(ids, seg, attention_mask=mask)
+        h = self.bert(ids, None if self.modern else seg, attention_mask=mask)  # ModernBERT: no segments
         if not self.token:
             h = h[:, 0] if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))
+        if self.head is not None:
+            h = self.head(h)
         return self.classifier(self.dropout(h))
 
 
@@ -534,9 +558,9 @@ def _save(model, task, args, out):
 def _export(model, task, args, sub):
     if not args.export_hf:
         return None
-    if task.cfg.preset != "hf":
-        raise FinetuneError("--export-hf needs a checkpoint of preset 'hf' (bert_pytorch's model has no "
-                            "transformers equivalent)")
+    if task.cfg.preset == "bert_pytorch":
+        raise FinetuneError("--export-hf needs a checkpoint of preset 'hf' or 'modernbert' (bert_pytorch's "
+                            "model has no transformers equivalent)")
     folder = os.path.join(args.export_hf, sub) if sub else args.export_hf
     return export_hf_classifier(model, task.vocab, task.names, folder, progress=not args.no_progress)
 

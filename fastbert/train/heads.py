@@ -15,14 +15,23 @@ Backward multiplies these saved gradients by the incoming scalar gradient.
 PretrainModel(cfg) holds `bert` (fastbert.Encoder), `next_sentence` and `mask_lm` with bert_pytorch's
 BERTLM names (its state dict loads into bert_pytorch.model.BERTLM for preset "bert_pytorch"); preset
 "hf" adds HF's pooler (dense + tanh on [CLS]) and prediction transform (dense, erf GELU, LayerNorm)
-and ties the decoder weight to the token embedding, as BertForPreTraining does.
+and ties the decoder weight to the token embedding, as BertForPreTraining does. Preset "modernbert" is
+MLM only, as ModernBERT trains: `bert` is a fastbert.ModernEncoder, there is no NSP head (forward's nsp
+is None), and the MLM head is ModernBertForMaskedLM's (dense without bias, GELU, bias-free LayerNorm,
+decoder tied to the token embedding with its own bias), applied to the masked rows only.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastbert.models.bert import Encoder, MaskedLanguageModel, NextSentencePrediction
+from fastbert.models import build_encoder
+from fastbert.models.bert import MaskedLanguageModel, NextSentencePrediction
+
+
+def has_nsp(cfg):
+    """Whether a model of this config trains next sentence prediction (not ModernBERT: MLM only)."""
+    return cfg.preset != "modernbert"
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -100,41 +109,52 @@ class PretrainModel(nn.Module):
     def __init__(self, cfg, sparse=True, chunk=4096):
         super().__init__()
         self.config, self.sparse, self.chunk = cfg, sparse, chunk
-        self.bert = Encoder(cfg)
+        self.bert = build_encoder(cfg)
         n = cfg.hidden
         self.hf = cfg.preset == "hf"
+        self.modern = cfg.preset == "modernbert"
+        self.nsp = has_nsp(cfg)
         if self.hf:
             self.pooler = nn.Linear(n, n)
-            self.transform = nn.Linear(n, n)
-            self.transform_norm = nn.LayerNorm(n, eps=cfg.layer_norm_eps)
-        self.next_sentence = NextSentencePrediction(n)
+        if self.hf or self.modern:  # the MLM prediction transform: dense, GELU, LayerNorm
+            self.transform = nn.Linear(n, n, bias=cfg.bias)
+            self.transform_norm = nn.LayerNorm(n, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
+        if self.nsp:
+            self.next_sentence = NextSentencePrediction(n)
         self.mask_lm = MaskedLanguageModel(n, cfg.vocab_size)
         if self.hf:
             for m in (self.pooler, self.transform, self.next_sentence.linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        if self.modern:  # ModernBERT's init of the head's dense layer (std 0.02 / sqrt(2 n_layers))
+            std = 0.02 / (2.0 * cfg.n_layers) ** 0.5
+            nn.init.trunc_normal_(self.transform.weight, std=std, a=-2 * std, b=2 * std)
+        if self.hf or self.modern:
             nn.init.zeros_(self.mask_lm.linear.bias)
             self.mask_lm.linear.weight = self.bert.embedding.token.weight  # tied, as in HF
 
     def nsp_log_probs(self, h):
+        if not self.nsp:
+            return None
         cls = h[:, 0]
         if self.hf:
             cls = torch.tanh(self.pooler(cls))
         return F.log_softmax(self.next_sentence.linear(cls).float(), dim=-1)
 
     def mlm_rows(self, rows):
-        if self.hf:
-            rows = self.transform_norm(F.gelu(self.transform(rows)))
+        if self.hf or self.modern:
+            rows = self.transform_norm(F.gelu(self.transform(rows), approximate=self.config.gelu))
         return rows
 
     def forward(self, input_ids, segment_ids, positions, labels):
         """input_ids, segment_ids [B, S]; positions [M] flat indices of masked tokens; labels [M].
 
-        Returns (mlm_loss_sum, mlm_correct, nsp_log_probs [B, 2]).
+        Returns (mlm_loss_sum, mlm_correct, nsp_log_probs [B, 2], or None without an NSP head).
+        segment_ids are not read by a ModernBERT model (it has no token types).
         """
-        # padding (id pad_id) is masked out of attention in both presets (HF's needs the explicit mask)
-        mask = (input_ids != self.config.pad_id).long() if self.hf else None
-        h = self.bert(input_ids, segment_ids, attention_mask=mask)  # [B, S, N]
+        # padding (id pad_id) is masked out of attention in every preset (bert_pytorch's finds it itself)
+        mask = None if self.config.preset == "bert_pytorch" else (input_ids != self.config.pad_id).long()
+        h = self.bert(input_ids, None if self.modern else segment_ids, attention_mask=mask)  # [B, S, N]
         nsp = self.nsp_log_probs(h)
         flat = h.reshape(-1, h.shape[-1])
         lin = self.mask_lm.linear
@@ -151,10 +171,15 @@ class PretrainModel(nn.Module):
 
 def flops_per_step(cfg, tokens, sum_len2, masked, sparse=True):
     """Model FLOPs (forward + backward = 3 x forward) of one step: matmuls of the encoder on the
-    non-padding tokens, attention scores and values (4 L^2 N per layer and sequence), MLM head."""
+    non-padding tokens, attention scores and values (4 L^2 N per layer and sequence), MLM head.
+    ModernBERT: the GeGLU's input projection is twice as wide, and a local layer counts at most
+    local_window + 1 keys per token (min(sum L^2, tokens * (local_window + 1)), an upper bound)."""
     n, i = cfg.hidden, cfg.intermediate
-    per_token = 2 * cfg.n_layers * (4 * n * n + 2 * n * i)
-    attn = 4 * cfg.n_layers * n * sum_len2
+    glu = cfg.ffn == "geglu"
+    per_token = 2 * cfg.n_layers * (4 * n * n + (3 if glu else 2) * n * i)
+    local = sum(cfg.is_local(j) for j in range(cfg.n_layers))
+    pairs = (cfg.n_layers - local) * sum_len2 + local * min(sum_len2, tokens * (cfg.local_window + 1))
+    attn = 4 * n * pairs
     head_rows = masked if sparse else tokens
-    head = 2 * head_rows * (n * cfg.vocab_size + (n * n if cfg.preset == "hf" else 0))
+    head = 2 * head_rows * (n * cfg.vocab_size + (n * n if cfg.preset != "bert_pytorch" else 0))
     return 3 * (per_token * tokens + attn + head)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .heads import flops_per_step
+from .heads import flops_per_step, has_nsp
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -64,7 +64,8 @@ class Metrics:
         a["mlm"] += mlm_sum.detach()
         a["nsp"] += nsp_sum.detach()
         a["mlm_hit"] += mlm_hit
-        a["nsp_hit"] += (nsp.argmax(1) == nxt).sum()
+        if nsp is not None:
+            a["nsp_hit"] += (nsp.argmax(1) == nxt).sum()
         a["masked"] += pos.numel()
         a["examples"] += ids.shape[0]
         lens = (ids != cfg.pad_id).sum(1)
@@ -97,7 +98,7 @@ def train_step(s, t, masker, batches, metrics, comm):
         with t.forward.no_sync() if no_sync else contextlib.nullcontext():
             with torch.autocast(**amp):
                 mlm_sum, mlm_hit, nsp = t.forward(masked, seg, pos, lab)
-            nsp_sum = F.nll_loss(nsp.float(), nxt, reduction="sum")
+            nsp_sum = _nsp_sum(nsp, nxt, mlm_sum)
             loss = (mlm_sum / g_masked + nsp_sum / g_examples) * s.world
             t.scaler.scale(loss).backward()
         metrics.add(s.cfg, mlm_sum, mlm_hit, nsp_sum, nsp, nxt, pos, ids, not o.dense_mlm)
@@ -109,6 +110,13 @@ def train_step(s, t, masker, batches, metrics, comm):
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
+
+
+def _nsp_sum(nsp, nxt, like):
+    """The NSP loss sum of a batch; a zero where the model has no NSP head (nsp None)."""
+    if nsp is None:
+        return like.new_zeros((), dtype=torch.float32)
+    return F.nll_loss(nsp.float(), nxt, reduction="sum")
 
 
 def _autocast(s):
@@ -131,13 +139,16 @@ def evaluate(s, model, masker, data=None):
             m["mlm"] += float(mlm_sum)
             m["mlm_hit"] += float(mlm_hit)
             m["masked"] += pos.numel()
-            m["nsp"] += float(F.nll_loss(nsp.float(), nxt, reduction="sum"))
-            m["nsp_hit"] += float((nsp.argmax(1) == nxt).sum())
+            if nsp is not None:
+                m["nsp"] += float(F.nll_loss(nsp.float(), nxt, reduction="sum"))
+                m["nsp_hit"] += float((nsp.argmax(1) == nxt).sum())
             m["examples"] += ids.shape[0]
     model.train(was_training)
-    return {"mlm_loss": m["mlm"] / max(1, m["masked"]), "mlm_acc": m["mlm_hit"] / max(1, m["masked"]),
-            "nsp_loss": m["nsp"] / max(1, m["examples"]), "nsp_acc": m["nsp_hit"] / max(1, m["examples"]),
-            "masked": int(m["masked"]), "examples": int(m["examples"])}
+    out = {"mlm_loss": m["mlm"] / max(1, m["masked"]), "mlm_acc": m["mlm_hit"] / max(1, m["masked"]),
+           "masked": int(m["masked"]), "examples": int(m["examples"])}
+    if has_nsp(s.cfg):
+        out.update(nsp_loss=m["nsp"] / max(1, m["examples"]), nsp_acc=m["nsp_hit"] / max(1, m["examples"]))
+    return out
 
 
 class Logger:
@@ -174,13 +185,16 @@ class Logger:
             torch.cuda.synchronize(s.device)
         dt = time.perf_counter() - self.t_log
         mlm = v["mlm"] / max(1, v["masked"])
-        nsp = v["nsp"] / max(1, v["examples"])
-        rec = {"step": step, "loss": mlm + nsp, "mlm_loss": mlm, "nsp_loss": nsp,
-               "mlm_acc": v["mlm_hit"] / max(1, v["masked"]), "nsp_acc": v["nsp_hit"] / max(1, v["examples"]),
-               "tokens_per_s": v["tokens"] / dt, "lr": lr}
-        msg = (f"step {step:6d} | loss {rec['loss']:.4f} (mlm {mlm:.4f} nsp {nsp:.4f}) | mlm acc "
-               f"{rec['mlm_acc']:.3f} | nsp acc {rec['nsp_acc']:.3f} | lr {rec['lr']:.2e} | "
-               f"{rec['tokens_per_s']:,.0f} tok/s")
+        rec = {"step": step, "loss": mlm, "mlm_loss": mlm, "mlm_acc": v["mlm_hit"] / max(1, v["masked"])}
+        if has_nsp(s.cfg):
+            nsp = v["nsp"] / max(1, v["examples"])
+            rec.update(loss=mlm + nsp, nsp_loss=nsp, nsp_acc=v["nsp_hit"] / max(1, v["examples"]))
+            msg = (f"step {step:6d} | loss {rec['loss']:.4f} (mlm {mlm:.4f} nsp {nsp:.4f}) | mlm acc "
+                   f"{rec['mlm_acc']:.3f} | nsp acc {rec['nsp_acc']:.3f}")
+        else:  # MLM only (ModernBERT)
+            msg = f"step {step:6d} | mlm loss {mlm:.4f} | mlm acc {rec['mlm_acc']:.3f}"
+        rec.update(tokens_per_s=v["tokens"] / dt, lr=lr)
+        msg += f" | lr {rec['lr']:.2e} | {rec['tokens_per_s']:,.0f} tok/s"
         if s.device.type == "cuda":
             tf = v["flops"] / dt / 1e12
             rec["tflops"] = tf

@@ -44,7 +44,8 @@ class PackedLoop:
             s.data, tokens=tokens, max_seqs=o.pack_seqs or max(1, tokens // 16),
             max_predictions=-(-int(1.25 * o.mask_prob * tokens) // 8) * 8, vocab_size=len(v),
             mask_id=v.mask_id, special_ids=(v.unk_id, v.cls_id, v.sep_id, v.mask_id), pad_id=cfg.pad_id,
-            mask_prob=o.mask_prob, micro_batches=o.accum, type_vocab_size=cfg.type_vocab_size)
+            mask_prob=o.mask_prob, micro_batches=o.accum,
+            type_vocab_size=cfg.type_vocab_size if cfg.type_vocab_size else None)  # ModernBERT: no segments
         if o.epochs is not None:  # a pack holds more examples than a row batch: fewer steps per epoch
             by_epochs = max(1, int(o.epochs * self.data.steps_per_epoch))
             s.max_steps = by_epochs if o.max_steps is None else min(o.max_steps, by_epochs)

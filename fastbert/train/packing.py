@@ -288,7 +288,7 @@ class PackedPretrainData:
         if self._cache[0] == epoch:
             return self._cache[1][0]
         a_start, la, b_start, lb, is_next, _ = self.data.plan(epoch)
-        lengths = la + lb + 3
+        lengths = self.data.lengths(la, lb)
         order = np.random.default_rng([self.data.seed, epoch, 12]).permutation(len(lengths))
         packs = []
         for s in range(0, len(order), self.window):
@@ -312,7 +312,8 @@ class PackedPretrainData:
             rows = self.data.collate(a_start[idx], la[idx], b_start[idx], lb[idx], is_next[idx])
             pack = pack_rows(rows["input_ids"], rows["segment_ids"], rows["is_next"], tokens=self.tokens,
                              max_seqs=self.max_seqs, max_seqlen=self.max_seqlen,
-                             max_predictions=self.max_predictions, lengths=la[idx] + lb[idx] + 3,
+                             max_predictions=self.max_predictions,
+                             lengths=self.data.lengths(la[idx], lb[idx]),
                              pad_id=self.pad_id, vocab_size=self.vocab_size,
                              type_vocab_size=self.type_vocab_size)
             gen = torch.Generator().manual_seed(((self.data.seed * 1_000_003 + epoch) * 1_000_003 + step)
@@ -326,8 +327,9 @@ class PackedPretrain(nn.Module):
     """A fastbert.train.heads.PretrainModel on packed batches (wrap it in DDP like the model itself).
 
     forward(*batch.inputs()) -> (mlm_loss_sum fp32, mlm_hits int64, nsp_loss_sum fp32, nsp_hits int64),
-    all device scalars: sums over the pack's used slots (unused slots carry IGNORE_INDEX), so the
-    step divides by the host-side counts (n_masked, n_examples) without reading anything back.
+    all device scalars (the NSP pair zeros for a model without NSP, ModernBERT): sums over the pack's
+    used slots (unused slots carry IGNORE_INDEX), so the step divides by the host-side counts
+    (n_masked, n_examples) without reading anything back.
     The MLM head projects the P prediction slots (the sparse head's work, with padded slots).
     """
 
@@ -338,13 +340,18 @@ class PackedPretrain(nn.Module):
     def forward(self, input_ids, segment_ids, position_ids, cu_seqlens, cls_index, nsp_labels,
                 mlm_positions, mlm_labels, max_seqlen):
         m = self.model
-        h = m.bert.forward_packed(input_ids, segment_ids, position_ids, cu_seqlens, max_seqlen)  # [T, N]
-        cls = h.index_select(0, cls_index)  # [R, N]
-        if m.hf:
-            cls = torch.tanh(m.pooler(cls))
-        nsp = F.log_softmax(m.next_sentence.linear(cls).float(), dim=-1)  # [R, 2]
-        nsp_sum = F.nll_loss(nsp, nsp_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        nsp_hits = ((nsp.argmax(1) == nsp_labels) & (nsp_labels != IGNORE_INDEX)).sum()
+        seg = segment_ids if m.nsp else None  # MLM only (ModernBERT): no token types
+        h = m.bert.forward_packed(input_ids, seg, position_ids, cu_seqlens, max_seqlen)  # [T, N]
+        if m.nsp:
+            cls = h.index_select(0, cls_index)  # [R, N]
+            if m.hf:
+                cls = torch.tanh(m.pooler(cls))
+            nsp = F.log_softmax(m.next_sentence.linear(cls).float(), dim=-1)  # [R, 2]
+            nsp_sum = F.nll_loss(nsp, nsp_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            nsp_hits = ((nsp.argmax(1) == nsp_labels) & (nsp_labels != IGNORE_INDEX)).sum()
+        else:  # zeros on the device: the step's loss and sums keep their form
+            nsp_sum = h.new_zeros((), dtype=torch.float32)
+            nsp_hits = torch.zeros((), dtype=torch.int64, device=h.device)
         rows = m.mlm_rows(h.index_select(0, mlm_positions))  # [P, N]
         logits = m.mask_lm.linear(rows).float()  # [P, V]
         mlm_sum = F.cross_entropy(logits, mlm_labels, ignore_index=IGNORE_INDEX, reduction="sum")

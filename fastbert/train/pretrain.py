@@ -1,5 +1,10 @@
 """`fastbert pretrain`: BERT pretraining (masked LM + next sentence prediction) on fastbert's encoder.
 
+--preset modernbert trains a ModernBERT-style encoder (fastbert.ModernEncoder: rotary positions, GeGLU,
+bias-free pre-LN, sliding-window attention in all but every --global-every-th layer) with MLM only, as
+ModernBERT: examples are whole chunks of a document ([CLS] text [SEP]), no NSP head, the MLM head on the
+masked tokens only; --packed packs them without padding. --export-hf writes a ModernBertForMaskedLM.
+
 With no arguments it trains a WordPiece vocabulary on the demo's embedded corpus
 (fastbert/data/world/corpus.txt.gz, see fastbert/data/README.md; cached under <out>/cache), tokenizes
 the corpus once into a memory-mapped shard, and pretrains a small model (on CPU: the demo's defaults,
@@ -49,7 +54,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import CorpusError, PretrainData, cached_shard, check_text_file, detect_format, heldout_documents
-from .heads import PretrainModel, flops_per_step  # noqa: F401 (flops_per_step: benchmarks import it here)
+from .heads import PretrainModel, flops_per_step, has_nsp  # noqa: F401 (flops_per_step: benchmarks import it)
 from .interrupt import StopSignals, exit_status
 from .loop import PEAK_BF16_TFLOPS, Logger, Masker, Metrics, evaluate, train_step  # noqa: F401
 from .loop import log_rank0 as _log
@@ -75,6 +80,7 @@ SIZES = {  # name: (layers, hidden, heads); Google's BERT miniatures, base and l
     "base": (12, 768, 12), "large": (24, 1024, 16),
 }
 OPS = ("embed", "layer_norm", "bias_gelu", "attention", "mlm_mask")  # logged with their implementation
+MODERN_OPS = ("layer_norm", "rotary", "attention", "geglu", "mlm_mask")  # preset modernbert's
 
 # the CPU demo's defaults (no --size/--batch/--lr/--seq-len/budget given), chosen by the sweep in
 # train/SWEEP.md: 3000 steps of 32 x 64 tokens (6M tokens), run to the end on any machine
@@ -112,13 +118,20 @@ def build_parser(p=None):
     m = p.add_argument_group("model")
     m.add_argument("--size", choices=sorted(SIZES), help="layers/hidden/heads preset (default: tiny on CPU, "
                    "base on CUDA)")
-    m.add_argument("--preset", default="hf", choices=["hf", "bert_pytorch"])
+    m.add_argument("--preset", default="hf", choices=["hf", "bert_pytorch", "modernbert"],
+                   help="hf: transformers' BertModel; bert_pytorch: the bert-pytorch package's BERT; "
+                   "modernbert: ModernBERT's encoder, MLM only (default: hf)")
     m.add_argument("--layers", type=positive_int)
     m.add_argument("--hidden", type=positive_int)
     m.add_argument("--heads", type=positive_int)
     m.add_argument("--intermediate", type=positive_int, help="FFN width (default 4 x hidden)")
     m.add_argument("--max-position", type=positive_int, default=512)
-    m.add_argument("--dropout", type=probability, default=0.1)
+    m.add_argument("--dropout", type=probability, help="hidden, attention and embedding dropout (default: "
+                   "0.1; modernbert: 0.0, as ModernBERT)")
+    m.add_argument("--local-window", type=positive_int, help="modernbert: the sliding window of the local "
+                   "layers, a token sees those within half of it on each side (default: 128)")
+    m.add_argument("--global-every", type=positive_int, help="modernbert: every n-th layer attends globally "
+                   "(default: 3)")
     m.add_argument("--dense-mlm", action="store_true", help="dense MLM head (logits at every position)")
     t = p.add_argument_group("training")
     t.add_argument("--batch", type=positive_int, help="micro-batch per process (default: 32 on CPU, 128 on "
@@ -183,14 +196,24 @@ def build_parser(p=None):
 def model_config(args, vocab_size):
     layers, hidden, heads = SIZES[args.size or "tiny"]
     layers, hidden, heads = args.layers or layers, args.hidden or hidden, args.heads or heads
-    kw = dict(intermediate=args.intermediate or 4 * hidden, max_position=args.max_position,
-              dropout=args.dropout, attn_dropout=args.dropout, emb_dropout=args.dropout)
+    modern = args.preset == "modernbert"
+    dropout = args.dropout if args.dropout is not None else (0.0 if modern else 0.1)
+    # the FFN width: BERT's 4 x hidden; ModernBERT's GeGLU 1.5 x hidden (base: 1152 for 768)
+    kw = dict(intermediate=args.intermediate or (3 * hidden // 2 if modern else 4 * hidden),
+              max_position=args.max_position, dropout=dropout, attn_dropout=dropout, emb_dropout=dropout)
     if args.seq_len > args.max_position:
         raise ConfigError(f"--seq-len {args.seq_len} is larger than the model's maximum position "
                           f"{args.max_position} (--max-position)")
+    if not modern and (args.local_window is not None or args.global_every is not None):
+        raise ConfigError("--local-window and --global-every are options of --preset modernbert")
     try:
         if args.preset == "hf":
             return BertConfig.hf(vocab_size, hidden, layers, heads, **kw)
+        if modern:
+            for name in ("local_window", "global_every"):
+                if getattr(args, name) is not None:
+                    kw[name] = getattr(args, name)
+            return BertConfig.modernbert(vocab_size, hidden, layers, heads, **kw)
         return BertConfig.bert_pytorch(vocab_size, hidden, layers, heads, **kw)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -352,6 +375,9 @@ def _resolve_options(args, cuda):
     if o.seq_len > o.max_position:
         raise ConfigError(f"--seq-len {o.seq_len} is larger than the model's maximum position "
                           f"{o.max_position} (--max-position)")
+    if o.export_bert_pytorch and o.preset != "bert_pytorch":
+        raise ConfigError(f"--export-bert-pytorch needs --preset bert_pytorch (this run's is {o.preset}); "
+                          f"use --export-hf")
     return o
 
 
@@ -425,16 +451,17 @@ def setup(args):
         shard = cached_shard(o.corpus, vocab, cache, fmt, progress=False)
     o.pairs = o.pairs if o.pairs != "auto" else ("sentence" if fmt == "tab" else "packed")
     segments = (1, 2) if cfg.preset == "bert_pytorch" else (0, 1)
+    nsp = has_nsp(cfg)
     held_docs = heldout_documents(shard.n_documents, o.heldout)
     heldout = None
     if held_docs.any():
         try:
             heldout = PretrainData(shard, o.seq_len, 1, 1, 0, vocab.cls_id, vocab.sep_id, segments=segments,
-                                   pairs=o.pairs, documents=held_docs)
+                                   pairs=o.pairs, documents=held_docs, nsp=nsp)
         except CorpusError:  # the held-out documents make no pair: train on everything
             held_docs[:] = False
     data = PretrainData(shard, o.seq_len, o.batch, o.accum * world, o.seed, vocab.cls_id, vocab.sep_id,
-                        segments=segments, pairs=o.pairs, documents=~held_docs)
+                        segments=segments, pairs=o.pairs, documents=~held_docs, nsp=nsp)
     max_steps = o.max_steps
     if o.epochs is not None:
         by_epochs = max(1, int(o.epochs * data.steps_per_epoch))
@@ -512,15 +539,18 @@ def build(s):
 
 def _banner(s, t):
     o, cfg, data = s.opts, s.cfg, s.data
-    held = (f"{s.heldout.n_examples} pairs of {s.heldout.n_docs_used} held-out documents"
+    kind = f"{data.pairs} pairs" if has_nsp(cfg) else ("chunks" if data.chunks else "sentence pairs")
+    held = (f"{s.heldout.n_examples} examples of {s.heldout.n_docs_used} held-out documents"
             if s.heldout is not None else "no held-out split")
+    arch = (f", window {cfg.local_window} with a global layer every {cfg.global_every}, MLM only"
+            if cfg.preset == "modernbert" else "")
     _log(s.rank, f"fastbert pretrain: {cfg.preset} {o.size} (layers {cfg.n_layers}, hidden {cfg.hidden}, "
-                 f"heads {cfg.heads}), {t.n_params / 1e6:.1f}M parameters, vocab {len(s.vocab)}, on "
+                 f"heads {cfg.heads}{arch}), {t.n_params / 1e6:.1f}M parameters, vocab {len(s.vocab)}, on "
                  f"{s.device} "
                  f"({s.dtype}{', compiled' if o.compile else ''}"
                  f"{f', {o.threads} thread(s)' if s.device.type == 'cpu' else ''}) x{s.world} | corpus "
                  f"{s.shard.meta['n_sentences']} sentences, {s.shard.meta['n_tokens']} tokens, "
-                 f"{data.n_examples} {data.pairs} pairs for training, {held}, {data.steps_per_epoch} "
+                 f"{data.n_examples} {kind} for training, {held}, {data.steps_per_epoch} "
                  f"steps/epoch of {data.global_batch} sequences (seq_len {o.seq_len}) | lr {o.lr:g}, mask "
                  f"{o.mask_prob:g}{' whole words' if o.whole_word else ''} | "
                  + (f"max steps {s.max_steps}" if s.max_steps else "")
@@ -623,7 +653,8 @@ def _run(args, signals):
     _banner(s, t)
     from fastbert.info import implementation
 
-    ops_used = {op: implementation(op, s.device.type) for op in OPS}
+    ops_used = {op: implementation(op, s.device.type)
+                for op in (MODERN_OPS if s.cfg.preset == "modernbert" else OPS)}
     _log(s.rank, "ops: " + ", ".join(f"{op} {impl}" for op, impl in ops_used.items()))
     packed = None
     if o.packed:
@@ -668,17 +699,18 @@ def _run(args, signals):
     if s.heldout is not None:
         heldout = evaluate(s, t.model, masker)
         logger.write_json({"step": t.step, "heldout": heldout})
-        _log(s.rank, f"held-out ({heldout['examples']} pairs, {heldout['masked']} masked tokens): mlm loss "
-                     f"{heldout['mlm_loss']:.4f} | mlm acc {heldout['mlm_acc']:.3f} | nsp acc "
-                     f"{heldout['nsp_acc']:.3f}")
+        nsp = f" | nsp acc {heldout['nsp_acc']:.3f}" if "nsp_acc" in heldout else ""
+        _log(s.rank, f"held-out ({heldout['examples']} examples, {heldout['masked']} masked tokens): mlm "
+                     f"loss {heldout['mlm_loss']:.4f} | mlm acc {heldout['mlm_acc']:.3f}{nsp}")
     logger.close()
     if s.rank == 0:
         _exports(s, t)
         h = logger.history
         if h:
+            nsp = f", nsp acc {h[-1]['nsp_acc']:.3f}" if "nsp_acc" in h[-1] else ""
             print(f"done: {t.step} steps ({t.step - start} in this session) in {train_s:.0f}s; loss "
-                  f"{h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}, mlm acc {h[-1]['mlm_acc']:.3f}, nsp acc "
-                  f"{h[-1]['nsp_acc']:.3f} (training batches); checkpoint {path}; metrics "
+                  f"{h[0]['loss']:.3f} -> {h[-1]['loss']:.3f}, mlm acc {h[-1]['mlm_acc']:.3f}{nsp} "
+                  f"(training batches); checkpoint {path}; metrics "
                   f"{os.path.join(o.out, 'metrics.jsonl')}")
     _barrier(s.world)
     return {**result, "heldout": heldout}
@@ -688,8 +720,9 @@ def _exports(s, t):
     o = s.opts
     if o.export_hf:
         export_hf(t.model, s.vocab, o.export_hf, progress=not o.no_progress)
-        print(f"exported transformers BertForPreTraining (encoder, pooler, MLM and NSP heads, tokenizer) to "
-              f"{o.export_hf}")
+        what = ("ModernBertForMaskedLM (encoder, MLM head, tokenizer)" if s.cfg.preset == "modernbert"
+                else "BertForPreTraining (encoder, pooler, MLM and NSP heads, tokenizer)")
+        print(f"exported transformers {what} to {o.export_hf}")
     if o.export_bert_pytorch:
         export_bert_pytorch(t.model, o.export_bert_pytorch)
         print(f"exported bert_pytorch BERTLM state dict to {o.export_bert_pytorch}")
