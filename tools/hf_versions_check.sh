@@ -20,6 +20,6 @@ sys.exit(transformers.__version__ != '$release')" 2>/dev/null; then
   fi
   echo "== transformers $release: venv ready ($(( $(date +%s) - t0 )) s)"
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf_patch.py tests/test_hf_train.py \
-    tests/test_hf_inputs.py tests/test_hf_families.py tests/test_hf_modernbert.py
+    tests/test_hf_inputs.py tests/test_hf_families.py tests/test_hf_modernbert.py tests/test_modernbert_model.py
   echo "== transformers $release: $(( $(date +%s) - t0 )) s"
 done

@@ -25,7 +25,9 @@ architecture and weights) running Encoder.forward_packed on the batch's real tok
 slots (fastbert.train.packing), what pretraining runs; `fastbert-hf` the same model on the padded
 batch (unpadded inside: one sync for the count of real tokens); `fastbert-padded` fastbert.BERT (the
 bert_pytorch preset: pre-LN, two more dropouts per layer) on the padded batch; `hf-sdpa`, `hf-eager`
-transformers BertModel; `bert_pytorch` its BERT.
+transformers BertModel; `bert_pytorch` its BERT. ModernBERT (not in the default list):
+`modernbert` (fastbert.ModernEncoder.forward_packed), `modernbert-hf` (its padded forward),
+`hf-modernbert` (transformers' ModernBertModel, sdpa), `hf-modernbert-patched` (patched in place).
 
 Timing: each provider is timed in --rounds rounds of --steps steps, providers interleaved, and the
 lowest of its round medians is reported, so a burst of load on a shared machine does not decide.
@@ -107,8 +109,39 @@ def hf_config(args, attn):
         attn_implementation=attn)
 
 
+def modernbert_config(args, attn):
+    import transformers
+
+    return transformers.ModernBertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=3 * args.hidden // 2, max_position_embeddings=512,
+        local_attention=max(2, args.seq // 2), pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        cls_token_id=None, sep_token_id=None, attn_implementation=attn)
+
+
+def build_modernbert(provider, args, batch):
+    """The ModernBERT rows: `modernbert` fastbert's ModernEncoder (converted from hf-modernbert's model)
+    on the packed batch, `modernbert-hf` the same on the padded batch, `hf-modernbert` transformers'
+    ModernBertModel (sdpa), `hf-modernbert-patched` that model patched in place."""
+    import transformers
+
+    hf = transformers.ModernBertModel(modernbert_config(args, "sdpa"))
+    if provider in ("modernbert", "modernbert-hf"):
+        model = fastbert.from_hf(hf)
+        if provider == "modernbert-hf":
+            return model, lambda: model(batch["ids"], attention_mask=batch["mask"])
+        pack = batch["hf_pack"]
+        return model, lambda: model.forward_packed(pack.input_ids, None, None, pack.cu_seqlens,
+                                                   pack.max_seqlen)
+    if provider == "hf-modernbert-patched":
+        fastbert.patch_hf(hf)
+    return hf, lambda: hf(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
+
+
 def build(provider, args, batch):
     torch.manual_seed(0)
+    if "modernbert" in provider:
+        return build_modernbert(provider, args, batch)
     if provider == "fastbert-hf":
         import transformers
 

@@ -109,7 +109,8 @@ def from_hf(hf_model, unpad="auto") -> Encoder:
         return hf_modernbert.from_hf(hf_model, unpad)
     model = Encoder(config_from_hf(hf_model.config), unpad=unpad)
     model.load_state_dict(hf_to_fastbert_state_dict(hf_model.state_dict()), strict=True)
-    return model.to(next(hf_model.parameters()).device)
+    p = next(hf_model.parameters())
+    return model.to(p.device, p.dtype)  # the source model's device and dtype
 
 
 def to_hf(model: Encoder):

@@ -127,7 +127,8 @@ def from_hf(hf_model, unpad="auto") -> ModernEncoder:
     a ModernBERT head model): forward(input_ids, attention_mask=) matches last_hidden_state at real tokens."""
     model = ModernEncoder(config_from_hf(hf_model.config), unpad=unpad)
     model.load_state_dict(hf_to_fastbert_state_dict(hf_model.state_dict()), strict=True)
-    return model.to(next(hf_model.parameters()).device)
+    p = next(hf_model.parameters())
+    return model.to(p.device, p.dtype)  # the source model's device and dtype
 
 
 def hf_config(cfg: BertConfig, **extra):
@@ -158,4 +159,5 @@ def to_hf(model: ModernEncoder, attn_implementation="sdpa"):
     missing, unexpected = hf.load_state_dict(fastbert_to_hf_state_dict(model.state_dict()), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"to_hf: missing {missing}, unexpected {unexpected}")
-    return hf.to(next(model.parameters()).device)
+    p = next(model.parameters())
+    return hf.to(p.device, p.dtype)
