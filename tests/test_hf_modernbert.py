@@ -93,11 +93,22 @@ class Calls:
     """Counts the fused encoder runs and the fused attentions (fastbert.hf.modernbert)."""
 
     def __init__(self, monkeypatch):
-        self.runs, self.attends = [], []
-        run_, attend = mb._ModelMixin._fastbert_run, mb._attend
+        self.runs, self.attends, self.fused = [], [], []
+        run_, attend, fused = mb._ModelMixin._fastbert_run, mb._attend, mb._fused_layer
         monkeypatch.setattr(mb._ModelMixin, "_fastbert_run",
                             lambda model, *a, **k: self.runs.append(1) or run_(model, *a, **k))
         monkeypatch.setattr(mb, "_attend", lambda *a, **k: self.attends.append(1) or attend(*a, **k))
+
+        def fused_layer(*a, **k):  # a layer as one autograd node (fastbert.ops.modern_block), or None
+            out = fused(*a, **k)
+            if out is not None:
+                self.fused.append(1)
+            return out
+        monkeypatch.setattr(mb, "_fused_layer", fused_layer)
+
+    def every_layer_fused(self):
+        """Every layer of every fused run took the fused path: as one node, or op by op."""
+        return self.runs and len(self.attends) + len(self.fused) == 3 * len(self.runs)
 
 
 @pytest.fixture
@@ -128,7 +139,7 @@ def test_every_head_matches_stock(name, calls):
     if name.endswith("ForQuestionAnswering"):  # its span softmax reads padding: the padded layout
         assert not calls.runs
     else:
-        assert calls.runs and len(calls.attends) == 3 * len(calls.runs)  # every layer on the fused path
+        assert calls.every_layer_fused() and not calls.fused  # CPU: op by op (no Triton)
 
 
 @pytest.mark.parametrize("name", ["ModernBertForSequenceClassification", "ModernBertForMaskedLM"])
@@ -136,7 +147,7 @@ def test_every_head_matches_stock_fused(name, monkeypatch, calls):
     device = fused_device(monkeypatch)
     fastbert.ops._dispatch._last.clear()
     run(name, device)
-    assert calls.runs and len(calls.attends) == 3 * len(calls.runs)
+    assert calls.every_layer_fused() and len(calls.fused) == 3 * len(calls.runs)  # each layer one node
     chosen = fastbert.ops.last_choices()
     for op in ("rotary", "attention", "geglu", "layer_norm"):
         assert chosen[op, torch.device(device).type] == fastbert.ops._dispatch.TRITON, (op, chosen)
@@ -305,8 +316,11 @@ def test_hooked_layer_and_gradient_checkpointing(fused, calls, monkeypatch):
     patched.model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     inputs, labels = (to(t, device) for t in inputs_for("ModernBertForMaskedLM", cfg))
     compare_models(stock, patched, inputs, labels)
-    assert seen and len(calls.attends) == 2  # the hooked (local) layer ran as its module, varlen
+    # the hooked (local) layer ran as its module, varlen; the other two on the fused path (CPU: op by op,
+    # the Triton path: each as one node)
+    assert seen and len(calls.attends) + len(calls.fused) == 2 and len(calls.fused) == (2 if fused else 0)
     calls.attends.clear()
+    calls.fused.clear()
     stock.gradient_checkpointing_enable()
     patched.gradient_checkpointing_enable()
     compare_models(stock, patched, inputs, labels)

@@ -33,6 +33,8 @@ The parts:
       position_ids other than arange or a packing, 4D or dict masks, output_hidden_states /
       output_attentions, torch.compile / jit tracing, unknown keyword arguments, rope tables that are not
       the full head dim. Its class keeps the stock __name__ (save_pretrained's "architectures").
+On the Triton path each plain layer runs as ONE autograd node (fastbert.ops.run_modern_block: the same
+kernels, one hand-written backward), which cuts the host time per layer; elsewhere op by op as above.
 A layer whose modules are not the plain ones (a hook, a wrapped Linear, gradient checkpointing) is
 called as a module on the unpadded [1, T, hidden] tokens, with per-token rotary tables and the
 variable-length keywords, so fastbert's attention function (fastbert.hf.attention, which takes
@@ -296,6 +298,10 @@ class _ModelMixin:
             layer_type = layer.attention_type
             if self._fastbert_fusable(layer):
                 cos, sin = halves[layer_type]
+                fused = _fused_layer(layer, res, delta, cos, sin, cu, max_len)
+                if fused is not None:  # the layer as one autograd node (fastbert.ops.modern_block)
+                    res, delta = fused
+                    continue
 
                 def attend(attn, x, cos=cos, sin=sin):
                     return _attend(attn, x, cos, sin, cu, max_len)
@@ -319,6 +325,31 @@ class _ModelMixin:
                 and _plain(attn.Wo, nn.Linear) and type(attn.out_drop) in (nn.Identity, nn.Dropout)
                 and not _hooked(attn.out_drop) and attn.Wqkv.out_features == 3 * attn.Wo.in_features
                 and attn.Wo.in_features % attn.head_dim == 0)
+
+
+def _fused_layer(layer, res, delta, cos, sin, cu, max_len):
+    """The layer through fastbert.ops.run_modern_block: (res', delta'), or None where it does not apply
+    (its modules not the plain ones it computes, or the inputs it does not take)."""
+    attn, mlp, norm_a, norm_m = layer.attn, layer.mlp, layer.attn_norm, layer.mlp_norm
+    if not (isinstance(mlp, _GegluMixin) and not _hooked(mlp) and _plain(mlp.Wi, nn.Linear)
+            and _plain(mlp.Wo, nn.Linear) and mlp.Wi.out_features == 2 * mlp.Wo.in_features):
+        return None
+    form, pf = gelu_form(mlp.act), _dropout_p(mlp, mlp.drop)
+    pa = float(attn.attention_dropout) if attn.training else 0.0
+    drop = attn.out_drop  # transformers: Dropout(attention_dropout), or Identity when that is 0
+    if form is None or pf is None or (type(drop) is nn.Dropout and (drop.p != attn.attention_dropout
+                                                                      or drop.training != attn.training)):
+        return None
+    if type(drop) is nn.Identity and pa > 0.0:
+        return None
+    plain_a = type(norm_a) is not nn.Identity  # layer 0: Identity
+    params = (norm_a.weight if plain_a else None, norm_a.bias if plain_a else None, attn.Wqkv.weight,
+              attn.Wqkv.bias, attn.Wo.weight, attn.Wo.bias, norm_m.weight, norm_m.bias, mlp.Wi.weight,
+              mlp.Wi.bias, mlp.Wo.weight, mlp.Wo.bias)
+    window = attn.sliding_window - 1 if attn.sliding_window is not None else None
+    heads = attn.Wo.in_features // attn.head_dim
+    return ops.run_modern_block(res, delta, params, heads, cos, sin, window, pa, pf,
+                                norm_a.eps if plain_a else norm_m.eps, norm_m.eps, form, cu, max_len)
 
 
 def _attend(attn, x, cos, sin, cu, max_len):

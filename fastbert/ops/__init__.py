@@ -12,6 +12,8 @@
     mlm_mask(input_ids, vocab_size, mask_id, pad_id=0, special_ids=(), ...)
     fused_block(block, x, key_padding_mask, cu_seqlens, max_seqlen)  a whole transformer block in one
         autograd node where every op would take its Triton kernel (eager); None elsewhere
+    modern_block(block, res, delta, tables, key_padding_mask, cu_seqlens, max_seqlen)  the same for a
+        ModernBERT layer on the residual stream (res, delta); run_modern_block from its parameters
 
 Each is documented in its own module. FASTBERT_BACKEND (see _dispatch) forces a path; `python -m
 fastbert.info` shows which implementation each op uses on each device, and last_choices() what the
@@ -26,8 +28,10 @@ from .embed import embed
 from .geglu import geglu
 from .layer_norm import layer_norm
 from .mlm_mask import mlm_mask
+from .modern_block import modern_block, run_modern_block
 from .rotary import rotary, rotary_tables
 from .segment_pool import segment_pool
 
 __all__ = ["attention", "backend", "bias_gelu", "choose", "embed", "fused_block", "geglu", "last_choices",
-           "layer_norm", "mlm_mask", "rotary", "rotary_tables", "segment_pool", "use_triton"]
+           "layer_norm", "mlm_mask", "modern_block", "rotary", "rotary_tables", "run_modern_block",
+           "segment_pool", "use_triton"]

@@ -99,6 +99,14 @@ class ModernBlock(nn.Module):
 
     def forward(self, res, delta, tables, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         """The layer on x = res + delta (delta None: x = res); tables {local: (cos, sin)}."""
+        # fastbert.ops runs the whole layer as one autograd node where every op takes its Triton kernel
+        # (eager: fastbert.ops.modern_block); it returns None otherwise, and the reference ops have no
+        # such hook: the code below is the layer's math
+        fused = getattr(self.attention.ops, "modern_block", None)
+        if fused is not None:
+            out = fused(self, res, delta, tables, key_padding_mask, cu_seqlens, max_seqlen)
+            if out is not None:
+                return out
         if self.attn_norm is None:
             x = res if delta is None else res + delta
             a_in = x
