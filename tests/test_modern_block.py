@@ -172,3 +172,35 @@ def test_steps_aside(triton_poisoned, monkeypatch, device):
     monkeypatch.setenv("FASTBERT_FUSED_BLOCK", "1")
     monkeypatch.setenv("FASTBERT_BACKEND", "reference")
     assert mb.modern_block(block, x, x.clone(), tables, None, cu, 7) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_matches_per_op(triton_poisoned, monkeypatch, device):
+    """Under autocast (fp16 in the interpreter, whose bf16 dot products are wrong; bf16 on CUDA) the layer
+    casts as autocast's linears do (fp32 parameters and residual stream, half-precision projections):
+    the per-op path's outputs and gradients within a few half-precision ulps."""
+    half = torch.float16 if device == "cpu" else torch.bfloat16
+    fast, _ = models(device, bias=True, norm_bias=True)
+    ids, mask = inputs()
+    real = mask.bool().to(device)
+    lengths = mask.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    flat = ids[mask.bool()].to(device)
+    weight = torch.randn(flat.shape[0], 32, device=device)
+    count = Count(monkeypatch)
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FASTBERT_FUSED_BLOCK", mode)
+        fast.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=half):
+            out = fast.forward_packed(flat, None, None, cu, 20)
+            (out.float() * weight).sum().backward()
+        results.append((out.detach().float(), {n: p.grad for n, p in fast.named_parameters()}))
+    assert count.n == 3 and real.any()
+    (out_f, grads_f), (out_p, grads_p) = results
+    eps = torch.finfo(half).eps
+    assert (out_f - out_p).abs().max() <= 4 * eps * max(1.0, float(out_p.abs().max()))
+    for name, g in grads_p.items():
+        assert grads_f[name].dtype == g.dtype == torch.float32, name
+        err = float((grads_f[name] - g).abs().max())
+        assert err <= 8 * eps * max(1.0, float(g.abs().max())), (name, err)
