@@ -21,6 +21,9 @@ training step), so a model that computes on padding shows it as a lower fraction
 Training step = forward, loss mean(out^2) in fp32, backward, AdamW step (fused on CUDA), zero_grad;
 dropout 0.1 as in pretraining. Inference = eval mode under torch.inference_mode().
 
+test_modernbert: fastbert's ModernEncoder against transformers' ModernBertModel (sdpa), same weights;
+see its comment.
+
 test_train_peak_memory: peak training memory (weights, grads, AdamW state, activations) of BERT-base
 at seq 512, batch 32, bf16 for fastbert-hf and hf-sdpa; extra_info records both peaks and their ratio
 (CUDA only).
@@ -258,4 +261,77 @@ def test_train_peak_memory(benchmark, padding):
     run(benchmark, functools.partial(step, batch), DEVICE, flops=useful_flops(batch["lengths"], True),
         tokens=batch["tokens"], rounds=5)
     del model, forward, step
+    _free()
+
+
+# ModernBERT (issue 21): fastbert's own ModernEncoder (fastbert.from_hf of the same ModernBertModel: the
+# same architecture and weights, each layer one fused node on CUDA) against transformers' ModernBertModel
+# (sdpa: every layer on the padded batch with a dense or sliding-window mask). 12 layers at BERT-base
+# width, GeGLU of width 1.5 x hidden (ModernBERT-base's 1152 for 768), a global layer every third, a
+# 128-token window (64 each side) in the others; seq 512 on CUDA (the window matters), 64 on CPU.
+MODERN_PROVIDERS = ("fastbert-modernbert", "hf-modernbert-sdpa")
+MODERN_FFN = 3 * HIDDEN // 2
+MODERN_WINDOW = 128 if CUDA else 16
+MODERN_SEQS = (512,) if CUDA else (64,)
+
+
+def modern_config():
+    import transformers
+
+    return transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=max(LAYERS, 3), num_attention_heads=HEADS,
+        intermediate_size=MODERN_FFN, max_position_embeddings=max(MODERN_SEQS), local_attention=MODERN_WINDOW,
+        global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=None, eos_token_id=None, cls_token_id=None,
+        sep_token_id=None, mlp_dropout=DROPOUT, attention_dropout=DROPOUT, embedding_dropout=DROPOUT)
+
+
+def modern_flops(lengths, train):
+    """Useful FLOPs of the ModernBERT model: 2 x (Wqkv, Wo, Wi, Wo2) per token and layer, attention
+    4 N x (pairs in the band: all of them in the global layers) per layer."""
+    layers = max(LAYERS, 3)
+    dense = layers * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MODERN_FFN)
+    w = MODERN_WINDOW // 2
+    total = 0
+    for n in lengths.tolist():
+        band = n * n if w >= n - 1 else n * (2 * w + 1) - w * (w + 1)
+        pairs = sum(n * n if i % 3 == 0 else band for i in range(layers))
+        total += 2 * dense * n + 4 * HIDDEN * pairs
+    return total * (3 if train else 1)
+
+
+def build_modern(transformers, provider):
+    """(model, forward(batch) -> [B, S, N]) of a ModernBERT provider, on DEVICE in DTYPE, same weights."""
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        hf = transformers.ModernBertModel._from_config(modern_config(), attn_implementation="sdpa").to(DTYPE)
+    if provider == "fastbert-modernbert":
+        model = fastbert.from_hf(hf)
+        return model, lambda b: model(b["ids"], attention_mask=b["mask"])
+    return hf, lambda b: hf(input_ids=b["ids"], attention_mask=b["mask"]).last_hidden_state
+
+
+@pytest.mark.parametrize("provider", MODERN_PROVIDERS)
+@pytest.mark.parametrize("padding", ["full", "varlen"])
+@pytest.mark.parametrize("seq", MODERN_SEQS)
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_modernbert(benchmark, mode, seq, padding, provider):
+    transformers = pytest.importorskip("transformers")
+    _free()
+    train = mode == "train"
+    benchmark.group = f"modernbert-{mode}-seq{seq}-{padding}"
+    batch = make_batch(batch_size(seq), seq, padding)
+    model, forward = build_modern(transformers, provider)
+    step = make_step(model, forward, train)
+    info = benchmark.extra_info
+    info.update(provider=provider, mode=mode, seq=seq, batch=batch_size(seq), padding=padding,
+                pad_frac=round(batch["pad_frac"], 4), dtype=str(DTYPE).replace("torch.", ""),
+                model=f"L{max(LAYERS, 3)} H{HIDDEN} A{HEADS} GeGLU{MODERN_FFN} W{MODERN_WINDOW} V{VOCAB}",
+                real_tokens=batch["tokens"])
+    if provider == "fastbert-modernbert":
+        info["compare_with"] = ["hf-modernbert-sdpa"]
+    out = run(benchmark, functools.partial(step, batch), DEVICE, flops=modern_flops(batch["lengths"], train),
+              tokens=batch["tokens"], rounds=10 if CUDA and train else None)
+    if not train:
+        assert torch.isfinite(out[batch["mask"].bool()]).all(), "non-finite outputs on real tokens"
+    del model, forward, step, out
     _free()

@@ -155,7 +155,7 @@ if [ "$WORKERS" -gt 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
 fi
 NEW_TESTS=(tests/test_fused_block.py tests/test_hf_patch.py tests/test_hf_inputs.py tests/test_graphs.py
            tests/test_dropout_stats.py tests/test_csrc_abi.py tests/test_embed.py tests/test_mlm_mask.py
-           tests/test_dispatch.py)
+           tests/test_dispatch.py tests/test_modern_block.py)  # the last: ModernBERT's fused layer (issue 21)
 KERNEL_TESTS=(tests/test_packing.py tests/test_model_fused.py tests/test_attention.py tests/test_layer_norm.py
               tests/test_bias_gelu.py tests/test_geglu.py tests/test_rotary.py
               tests/test_train_heads.py::test_linear_cross_entropy_bf16_autocast
