@@ -74,3 +74,27 @@ def test_two_gloo_processes_match_one(single, tmp_path, mode):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=6e-3, msg=k)  # 2 x lr (1e-3) x 3 steps
+
+
+def test_modernbert_two_gloo_processes_match_one(single, tmp_path):
+    """The same for --preset modernbert (MLM only, no NSP records): DDP over 2 processes gives the
+    one-process run's losses and weights."""
+    common = single[0] + ["--preset", "modernbert", "--layers", "3", "--local-window", "16"]
+    assert pretrain.main(common + ["--out", str(tmp_path / "one"), "--batch", "4", "--accum", "2",
+                                   "--log-json", str(tmp_path / "one.jsonl"), "--threads", "1"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastbert", "pretrain", *common, "--out", str(tmp_path / "multi"), "--batch", "4",
+           "--log-json", str(tmp_path / "multi.jsonl"), "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = _records(tmp_path / "one.jsonl")[:-1], _records(tmp_path / "multi.jsonl")[:-1]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert "nsp_loss" not in a and "nsp_loss" not in b
+        assert a["mlm_loss"] == pytest.approx(b["mlm_loss"], rel=1e-5 if a["step"] == 1 else 2e-3)
+    sa = load_checkpoint(list_checkpoints(tmp_path / "one" / "checkpoints")[-1][1])["model"]
+    sb = load_checkpoint(list_checkpoints(tmp_path / "multi" / "checkpoints")[-1][1])["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=6e-3, msg=k)
