@@ -20,16 +20,34 @@ from fastbert.reference.model import BertConfig
 from fastbert.reference.model import Encoder as ReferenceEncoder
 
 
+def check_unpad(unpad):
+    if unpad not in ("auto", True, False):
+        raise ValueError(f"unpad={unpad!r}; expected 'auto', True or False")
+    return unpad
+
+
+def unpad_plan(pad):
+    """(index [T] flat positions of the real tokens, cu_seqlens int32 [B+1]) of a key padding mask
+    [B, S] (True at padding); the index's size is read back to the host (the one sync)."""
+    valid = ~pad
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    lengths = valid.sum(1, dtype=torch.int32)
+    return index, F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def scatter_tokens(h, index, batch, seq):
+    """[T, N] real tokens -> [B, S, N] with zeros at padding positions."""
+    return h.new_zeros(batch * seq, h.shape[-1]).index_copy(0, index, h).view(batch, seq, -1)
+
+
 class Encoder(ReferenceEncoder):
     """BERT encoder on fastbert.ops. unpad: "auto" (when attention is fused), True or False."""
 
     ops = fast_ops
 
     def __init__(self, cfg: BertConfig, unpad="auto"):
-        if unpad not in ("auto", True, False):
-            raise ValueError(f"unpad={unpad!r}; expected 'auto', True or False")
         super().__init__(cfg)
-        self.unpad = unpad
+        self.unpad = check_unpad(unpad)
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
                 token_type_ids=None):
@@ -42,16 +60,12 @@ class Encoder(ReferenceEncoder):
                 x = block(x, pad)
             return x
         batch, seq, hidden = x.shape
-        valid = ~pad
-        index = valid.reshape(-1).nonzero().squeeze(1)  # [T] flat positions of real tokens
-        lengths = valid.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B+1]
+        index, cu_seqlens = unpad_plan(pad)
         max_seqlen = seq  # a bound, not the longest length: reading that back would sync the host
         h = x.reshape(batch * seq, hidden).index_select(0, index)  # [T, N]
         for block in self.transformer_blocks:
             h = block(h, None, cu_seqlens, max_seqlen)
-        out = h.new_zeros(batch * seq, hidden).index_copy(0, index, h)
-        return out.view(batch, seq, hidden)
+        return scatter_tokens(h, index, batch, seq)
 
 
 class BERT(Encoder):

@@ -10,13 +10,12 @@ keeps the padded layout, as the reference computes it). Unpadding reads the coun
 (one sync per forward); forward_packed has fixed shapes and none.
 """
 
-import torch
-import torch.nn.functional as F
-
 from fastbert import ops as fast_ops
 from fastbert.ops import use_triton
 from fastbert.reference.model import BertConfig
 from fastbert.reference.modernbert import ModernEncoder as ReferenceModernEncoder
+
+from .bert import check_unpad, scatter_tokens, unpad_plan
 
 
 class ModernEncoder(ReferenceModernEncoder):
@@ -25,10 +24,8 @@ class ModernEncoder(ReferenceModernEncoder):
     ops = fast_ops
 
     def __init__(self, cfg: BertConfig, unpad="auto"):
-        if unpad not in ("auto", True, False):
-            raise ValueError(f"unpad={unpad!r}; expected 'auto', True or False")
         super().__init__(cfg)
-        self.unpad = unpad
+        self.unpad = check_unpad(unpad)
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
                 token_type_ids=None):
@@ -41,11 +38,7 @@ class ModernEncoder(ReferenceModernEncoder):
         if pad is None or not unpad:
             return self.run_layers(self.embedding(input_ids), pad)
         batch, seq = input_ids.shape
-        valid = ~pad
-        index = valid.reshape(-1).nonzero().squeeze(1)  # [T] flat positions of real tokens (the sync)
-        lengths = valid.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [B+1]
+        index, cu_seqlens = unpad_plan(pad)
         real = input_ids.reshape(-1).index_select(0, index)  # [T]: only the real tokens are embedded
         h = self.run_layers(self.embedding(real), None, cu_seqlens, seq)
-        out = h.new_zeros(batch * seq, h.shape[-1]).index_copy(0, index, h)
-        return out.view(batch, seq, -1)
+        return scatter_tokens(h, index, batch, seq)
