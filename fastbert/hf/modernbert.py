@@ -318,38 +318,51 @@ class _ModelMixin:
         return ln(res if delta is None else res + delta)
 
     def _fastbert_fusable(self, layer):
+        # the modules through their _modules dicts: nn.Module.__getattr__ costs about a microsecond a lookup
+        if not isinstance(layer, _LayerMixin) or _hooked(layer) or not layer._fastbert_norms():
+            return False
+        if layer.__dict__.get("gradient_checkpointing", False) and layer.training:
+            return False
         attn = layer._modules.get("attn")
-        return (isinstance(layer, _LayerMixin) and not _hooked(layer) and layer._fastbert_norms()
-                and not (getattr(layer, "gradient_checkpointing", False) and layer.training)
-                and type(attn) is _ATTENTION and not _hooked(attn) and _plain(attn.Wqkv, nn.Linear)
-                and _plain(attn.Wo, nn.Linear) and type(attn.out_drop) in (nn.Identity, nn.Dropout)
-                and not _hooked(attn.out_drop) and attn.Wqkv.out_features == 3 * attn.Wo.in_features
-                and attn.Wo.in_features % attn.head_dim == 0)
+        if type(attn) is not _ATTENTION or _hooked(attn):
+            return False
+        am = attn._modules
+        wqkv, wo, drop = am["Wqkv"], am["Wo"], am["out_drop"]
+        return (_plain(wqkv, nn.Linear) and _plain(wo, nn.Linear) and type(drop) in (nn.Identity, nn.Dropout)
+                and not _hooked(drop) and wqkv.out_features == 3 * wo.in_features
+                and wo.in_features % attn.head_dim == 0)
 
 
 def _fused_layer(layer, res, delta, cos, sin, cu, max_len):
     """The layer through fastbert.ops.run_modern_block: (res', delta'), or None where it does not apply
-    (its modules not the plain ones it computes, or the inputs it does not take)."""
-    attn, mlp, norm_a, norm_m = layer.attn, layer.mlp, layer.attn_norm, layer.mlp_norm
-    if not (isinstance(mlp, _GegluMixin) and not _hooked(mlp) and _plain(mlp.Wi, nn.Linear)
-            and _plain(mlp.Wo, nn.Linear) and mlp.Wi.out_features == 2 * mlp.Wo.in_features):
+    (its modules not the plain ones it computes, or the inputs it does not take). The caller has checked
+    _fastbert_fusable (the attention's and the norms' modules)."""
+    lm = layer._modules
+    attn, mlp, norm_a, norm_m = lm["attn"], lm["mlp"], lm["attn_norm"], lm["mlp_norm"]
+    if not isinstance(mlp, _GegluMixin) or _hooked(mlp):
         return None
-    form, pf = gelu_form(mlp.act), _dropout_p(mlp, mlp.drop)
+    mm, am = mlp._modules, attn._modules
+    wi, wo2, drop = mm.get("Wi"), mm.get("Wo"), am["out_drop"]
+    if not (_plain(wi, nn.Linear) and _plain(wo2, nn.Linear) and wi.out_features == 2 * wo2.in_features):
+        return None
+    form, pf = gelu_form(mm.get("act")), _dropout_p(mlp, mm.get("drop"))
     pa = float(attn.attention_dropout) if attn.training else 0.0
-    drop = attn.out_drop  # transformers: Dropout(attention_dropout), or Identity when that is 0
+    # transformers' out_drop: Dropout(attention_dropout), or Identity when that is 0
     if form is None or pf is None or (type(drop) is nn.Dropout and (drop.p != attn.attention_dropout
                                                                       or drop.training != attn.training)):
         return None
     if type(drop) is nn.Identity and pa > 0.0:
         return None
-    plain_a = type(norm_a) is not nn.Identity  # layer 0: Identity
-    params = (norm_a.weight if plain_a else None, norm_a.bias if plain_a else None, attn.Wqkv.weight,
-              attn.Wqkv.bias, attn.Wo.weight, attn.Wo.bias, norm_m.weight, norm_m.bias, mlp.Wi.weight,
-              mlp.Wi.bias, mlp.Wo.weight, mlp.Wo.bias)
+    wqkv, wo = am["Wqkv"]._parameters, am["Wo"]._parameters
+    na = None if type(norm_a) is nn.Identity else norm_a._parameters  # layer 0: Identity
+    nm, wip, wop = norm_m._parameters, wi._parameters, wo2._parameters
+    params = (None if na is None else na["weight"], None if na is None else na["bias"], wqkv["weight"],
+              wqkv["bias"], wo["weight"], wo["bias"], nm["weight"], nm["bias"], wip["weight"], wip["bias"],
+              wop["weight"], wop["bias"])
     window = attn.sliding_window - 1 if attn.sliding_window is not None else None
-    heads = attn.Wo.in_features // attn.head_dim
+    heads = am["Wo"].in_features // attn.head_dim
     return ops.run_modern_block(res, delta, params, heads, cos, sin, window, pa, pf,
-                                norm_a.eps if plain_a else norm_m.eps, norm_m.eps, form, cu, max_len)
+                                norm_m.eps if na is None else norm_a.eps, norm_m.eps, form, cu, max_len)
 
 
 def _attend(attn, x, cos, sin, cu, max_len):
