@@ -16,7 +16,8 @@
 #
 # Order (issue 19): first the CUDA tests of what has never run on a GPU (stage tests-new: the fused
 # block, FusedOp and dispatch, device-side dropout seeds, the graphed step, the stable-ABI CUDA module,
-# the patched transformers model), then the in-place and pretraining benchmarks (bench-pre:
+# the patched transformers model, ModernBERT's fused layer: added after the dry runs below, about 15 s
+# in the interpreter), then the in-place and pretraining benchmarks (bench-pre:
 # bench_hf.py::test_hf_inplace, then bench_pretrain.py), then the kernel test files (tests-kernels), the
 # other benchmarks (bench), the report, and the CPU-only test files (tests-cpu) with what is left.
 #
