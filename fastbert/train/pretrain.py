@@ -124,7 +124,8 @@ def build_parser(p=None):
     m.add_argument("--layers", type=positive_int)
     m.add_argument("--hidden", type=positive_int)
     m.add_argument("--heads", type=positive_int)
-    m.add_argument("--intermediate", type=positive_int, help="FFN width (default 4 x hidden)")
+    m.add_argument("--intermediate", type=positive_int, help="FFN width (default 4 x hidden; modernbert: "
+                   "the GeGLU's 1.5 x hidden)")
     m.add_argument("--max-position", type=positive_int, default=512)
     m.add_argument("--dropout", type=probability, help="hidden, attention and embedding dropout (default: "
                    "0.1; modernbert: 0.0, as ModernBERT)")
