@@ -465,3 +465,31 @@ def test_state_dict_holds_no_rotary_tables_and_double_keeps_them_fp32():
     out = model(*batch(rows=2)[:1])
     assert out.dtype == torch.float64
     assert model.rope_tables("cpu")[False][0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_ids_out_of_range_off_the_cpu_raise(monkeypatch, unpad):
+    """Off the CPU (where check_inputs does not read the ids back) the fast encoder checks them itself
+    before nn.Embedding would fault: a ValueError naming the table, in the unpadding's one read back;
+    unpadded, a bad id at a padding position (never embedded) is let through. Simulated here on the
+    CPU with the device check forced on and check_inputs' own CPU check off."""
+    cfg = BertConfig.modernbert(50, 32, 2, 2, 48, max_position=64, local_window=4)
+    model = fastbert.ModernEncoder(cfg, unpad=unpad).eval()
+    monkeypatch.setattr(type(model), "_device_check", lambda self, ids: True)
+    monkeypatch.setattr(type(model), "check_inputs", lambda self, ids, seg: None)
+    ids = torch.randint(1, 50, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        bad = ids.clone()
+        bad[0, 3] = 50
+        with pytest.raises(ValueError, match=r"token id out of range.*\[0, 50\)"):
+            model(bad, attention_mask=mask)
+        at_padding = ids.clone()
+        at_padding[1, 8] = 99
+        if unpad:
+            model(at_padding, attention_mask=mask)
+        else:  # the padded layout embeds every position
+            with pytest.raises(ValueError, match="token id out of range"):
+                model(at_padding, attention_mask=mask)

@@ -26,13 +26,22 @@ def check_unpad(unpad):
     return unpad
 
 
-def unpad_plan(pad):
+def unpad_plan(pad, total=None):
     """(index [T] flat positions of the real tokens, cu_seqlens int32 [B+1]) of a key padding mask
-    [B, S] (True at padding); the index's size is read back to the host (the one sync)."""
+    [B, S] (True at padding); the index's size is read back to the host (the one sync) unless the
+    caller read it already (total: the count of real tokens)."""
     valid = ~pad
-    index = valid.reshape(-1).nonzero().squeeze(1)
+    flat = valid.reshape(-1)
+    index = flat.nonzero().squeeze(1) if total is None else _nonzero_static(flat, total)
     lengths = valid.sum(1, dtype=torch.int32)
     return index, F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _nonzero_static(flat, total):
+    try:
+        return torch.nonzero_static(flat, size=total).squeeze(1)
+    except (AttributeError, NotImplementedError, RuntimeError):  # a torch or device without it
+        return flat.nonzero().squeeze(1)
 
 
 def scatter_tokens(h, index, batch, seq):
