@@ -113,24 +113,19 @@ def fused_block(block, x, key_padding_mask=None, cu_seqlens=None, max_seqlen=Non
                      cu_seqlens, max_seqlen)
 
 
-def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbiased2, gelu,
-              cu_seqlens=None, max_seqlen=None):
-    """One block from its 16 parameters (in _PostLN's order: Wq, Wk, Wv, bq, bk, bv, Wo, bo, LN1 weight,
-    LN1 bias, W1, b1, W2, b2, LN2 weight, LN2 bias), or None where the per-op path must run.
-
-    pre         pre-LN (bert_pytorch) or post-LN (transformers' BERT family)
-    p1, p2      hidden dropout in LN1 / LN2 (post-LN; 0.0 where the model has none); pre-LN uses p2
-    pa, pf      attention-probability dropout, dropout after the FFN activation
-    eps*, unbiased*   the LayerNorms' eps and variant (bert_pytorch's unbiased std)
-    gelu        "none" (erf) or "tanh"
-    The callers pass the dropout rates of their modules' training state (0.0 in eval)."""
+def block_plan(x, heads, cu_seqlens=None, max_seqlen=None):
+    """What every fused block (this one and fastbert.ops.modern_block) checks first, or None where the
+    per-op path must run: the Triton backend for x's device, not compiling, x contiguous fp32/fp16/bf16
+    (fp32 under fp16/bf16 autocast), FASTBERT_ATTN_CHECK unset, a hidden size the LayerNorm takes and a
+    head dim the attention takes, varlen [T, N] input with int32 cu_seqlens and an int max_seqlen or
+    dense [B, S, N]. Returns (autocast dtype or None, attention mode, seqinfo, max_seqlen, head shape,
+    head dim)."""
     if _kl is None or torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return None
     name = getenv("FASTBERT_BACKEND", "auto")
     if name not in _dispatch.BACKENDS:
         name = _dispatch.backend()
-    cuda = x.is_cuda
-    if name == "reference" or not (_dispatch._TRITON if cuda else _dispatch._triton_device(x, name)):
+    if name == "reference" or not (_dispatch._TRITON if x.is_cuda else _dispatch._triton_device(x, name)):
         return None
     dtype = x.dtype
     if dtype not in _FLOAT or not x.is_contiguous():
@@ -144,7 +139,7 @@ def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbi
     if getenv("FASTBERT_ATTN_CHECK") == "1":
         return None  # the per-op attention checks cu_seqlens' values
     n = x.shape[-1]
-    if n > _kl.MAX_HIDDEN or n % heads or params[0].shape[-1] != n:
+    if n > _kl.MAX_HIDDEN or n % heads:
         return None
     head_dim = n // heads
     if head_dim % 8 or head_dim > _ka.MAX_HEAD_DIM:
@@ -155,13 +150,31 @@ def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbi
                 or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
                 or cu_seqlens.device != device):
             return None  # the per-op path names the problem
-        mode, seqinfo = _ka.MODE_VARLEN, cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
-        hshape = (x.shape[0], heads, head_dim)
-    else:
-        if x.dim() != 3 or (max_seqlen is not None and max_seqlen != x.shape[1]):
-            return None
-        mode, seqinfo, max_seqlen = _ka.MODE_DENSE, None, x.shape[1]
-        hshape = (x.shape[0], x.shape[1], heads, head_dim)
+        seqinfo = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
+        return cast, _ka.MODE_VARLEN, seqinfo, max_seqlen, (x.shape[0], heads, head_dim), head_dim
+    if x.dim() != 3 or (max_seqlen is not None and max_seqlen != x.shape[1]):
+        return None
+    return cast, _ka.MODE_DENSE, None, x.shape[1], (x.shape[0], x.shape[1], heads, head_dim), head_dim
+
+
+def run_block(pre, x, params, heads, p1, p2, pa, pf, eps1, eps2, unbiased1, unbiased2, gelu,
+              cu_seqlens=None, max_seqlen=None):
+    """One block from its 16 parameters (in _PostLN's order: Wq, Wk, Wv, bq, bk, bv, Wo, bo, LN1 weight,
+    LN1 bias, W1, b1, W2, b2, LN2 weight, LN2 bias), or None where the per-op path must run.
+
+    pre         pre-LN (bert_pytorch) or post-LN (transformers' BERT family)
+    p1, p2      hidden dropout in LN1 / LN2 (post-LN; 0.0 where the model has none); pre-LN uses p2
+    pa, pf      attention-probability dropout, dropout after the FFN activation
+    eps*, unbiased*   the LayerNorms' eps and variant (bert_pytorch's unbiased std)
+    gelu        "none" (erf) or "tanh"
+    The callers pass the dropout rates of their modules' training state (0.0 in eval)."""
+    if params[0].shape[-1] != (x.shape[-1] if isinstance(x, torch.Tensor) else -1):
+        return None
+    plan = block_plan(x, heads, cu_seqlens, max_seqlen)
+    if plan is None:
+        return None
+    cast, mode, seqinfo, max_seqlen, hshape, head_dim = plan
+    cuda, dtype, device = x.is_cuda, x.dtype, x.device
     if cuda:  # every parameter of x's dtype on x's device (is_cpu/is_cuda: no device objects)
         index = x.get_device()
         for t in params:

@@ -24,7 +24,7 @@ m_in, the GeGLU's input and output. Without autograd nothing is saved and the st
 one scratch buffer. Dropout seeds (LN_m's, attention's (seed, offset) pair, GeGLU's) come from one
 torch.randint on the device, as in fastbert.ops.block.
 
-Where it applies (otherwise the caller runs the per-op path): what fastbert.ops.block.run_block asks
+Where it applies (otherwise the caller runs the per-op path): what fastbert.ops.block.block_plan asks
 (the Triton backend for x's device, not compiling, x contiguous fp32/fp16/bf16 with every parameter of
 its dtype and device, or fp32 under fp16/bf16 autocast; hidden <= the LayerNorm limit, head dim a
 multiple of 8 up to 128; varlen [T, N] with an int max_seqlen or dense [B, S, N] without a key padding
@@ -36,12 +36,10 @@ never make).
 import torch
 import torch.nn.functional as F
 
-from fastbert._env import getenv
-
 from . import _dispatch
 from ._dispatch import TRITON, triton_available
 from ._fused import fast_apply
-from .block import _draw_seeds, _no_autocast, enabled
+from .block import _draw_seeds, _no_autocast, block_plan, enabled
 
 if triton_available():
     from fastbert.kernels import _common as _kc
@@ -74,27 +72,12 @@ def modern_block(block, res, delta, tables, key_padding_mask=None, cu_seqlens=No
     pa = cfg.attn_dropout if att.training else 0.0
     pf = cfg.dropout if ff.training else 0.0
     eps_a = cfg.layer_norm_eps if norm_a is None else norm_a.eps
-    return run_modern_block(
-        res,
-        delta,
-        params,
-        cfg.heads,
-        cos,
-        sin,
-        att.window,
-        pa,
-        pf,
-        eps_a,
-        norm_m.eps,
-        cfg.gelu,
-        cu_seqlens,
-        max_seqlen,
-    )
+    return run_modern_block(res, delta, params, cfg.heads, cos, sin, att.window, pa, pf, eps_a, norm_m.eps,
+                            cfg.gelu, cu_seqlens, max_seqlen)
 
 
-def run_modern_block(
-    res, delta, params, heads, cos, sin, window, pa, pf, eps_a, eps_m, gelu, cu_seqlens=None, max_seqlen=None
-):
+def run_modern_block(res, delta, params, heads, cos, sin, window, pa, pf, eps_a, eps_m, gelu,
+                     cu_seqlens=None, max_seqlen=None):
     """One layer from its 12 parameters (LN_a weight, LN_a bias, Wqkv, bqkv, Wo, bo, LN_m weight, LN_m
     bias, Wi, bi, Wo2, bo2; LN_a's None for layer 0, any bias or shift None), or None where the
     per-op path must run.
@@ -103,81 +86,25 @@ def run_modern_block(
     cos, sin    fp32 rotary tables [P, D / 2] of the layer's theta; window None (global) or w
     pa, pf      the attention dropout (probabilities and, as transformers' out_drop, after Wo) and
                 the GeGLU's; eps_a, eps_m the LayerNorms'; gelu "none" (erf) or "tanh"."""
-    if _kl is None or torch.compiler.is_compiling() or not isinstance(res, torch.Tensor):
+    plan = block_plan(res, heads, cu_seqlens, max_seqlen)
+    if plan is None:
         return None
-    name = getenv("FASTBERT_BACKEND", "auto")
-    if name not in _dispatch.BACKENDS:
-        name = _dispatch.backend()
-    if name == "reference" or not (_dispatch._TRITON if res.is_cuda else _dispatch._triton_device(res, name)):
-        return None
-    dtype, device = res.dtype, res.device
+    cast, mode, seqinfo, max_seqlen, hshape, head_dim = plan
+    dtype, device, n = res.dtype, res.device, res.shape[-1]
     has_norm = params[0] is not None
-    if (
-        dtype not in _FLOAT
-        or not res.is_contiguous()
-        or (
-            delta is not None
-            and (
-                not has_norm
-                or not isinstance(delta, torch.Tensor)
-                or delta.shape != res.shape
-                or not delta.is_contiguous()
-                or delta.device != device
-                or delta.dtype not in _FLOAT
-            )
-        )
-    ):
-        return None
-    cast = None  # under autocast: its dtype (fp32 parameters, the linears in the cast dtype)
-    if torch.is_autocast_enabled(device.type):
-        cast = torch.get_autocast_dtype(device.type)
-        if dtype != torch.float32 or cast not in (torch.float16, torch.bfloat16):
-            return None
-    if getenv("FASTBERT_ATTN_CHECK") == "1":
-        return None
-    n = res.shape[-1]
-    wqkv = params[2]
+    if delta is not None and not (has_norm and isinstance(delta, torch.Tensor) and delta.shape == res.shape
+                                  and delta.is_contiguous() and delta.device == device
+                                  and delta.dtype in _FLOAT):
+        return None  # (res + delta without LN_a: the encoders never make it)
     if any(not isinstance(params[i], torch.Tensor) for i in (2, 4, 6, 8, 10)):
         return None  # the weights (LN_m's, the four linears') are not optional
-    if n > _kl.MAX_HIDDEN or n % heads or wqkv.shape != (3 * n, n):
+    if params[2].shape != (3 * n, n):
         return None
-    head_dim = n // heads
-    if head_dim % 8 or head_dim > _ka.MAX_HEAD_DIM:
-        return None
-    if cu_seqlens is not None:
-        if (
-            res.dim() != 2
-            or max_seqlen is None
-            or isinstance(max_seqlen, bool)
-            or not isinstance(max_seqlen, int)
-            or not isinstance(cu_seqlens, torch.Tensor)
-            or cu_seqlens.dtype != torch.int32
-            or cu_seqlens.dim() != 1
-            or cu_seqlens.numel() < 2
-            or cu_seqlens.device != device
-        ):
-            return None
-        mode, seqinfo = _ka.MODE_VARLEN, cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
-        hshape = (res.shape[0], heads, head_dim)
-    else:
-        if res.dim() != 3 or (max_seqlen is not None and max_seqlen != res.shape[1]):
-            return None
-        mode, seqinfo, max_seqlen = _ka.MODE_DENSE, None, res.shape[1]
-        hshape = (res.shape[0], res.shape[1], heads, head_dim)
-    if not (
-        isinstance(cos, torch.Tensor)
-        and isinstance(sin, torch.Tensor)
-        and cos.dtype == sin.dtype == torch.float32
-        and cos.shape == sin.shape
-        and cos.dim() == 2
-        and cos.shape[1] * 2 == head_dim
-        and cos.shape[0] >= max_seqlen
-        and cos.is_contiguous()
-        and sin.is_contiguous()
-        and cos.device == device
-        and sin.device == device
-    ):
-        return None
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dtype == sin.dtype
+            == torch.float32 and cos.shape == sin.shape and cos.dim() == 2 and cos.shape[1] * 2 == head_dim
+            and cos.shape[0] >= max_seqlen and cos.is_contiguous() and sin.is_contiguous()
+            and cos.device == device and sin.device == device):
+        return None  # the rotary kernel takes fp32 tables of the whole head dim and every position
     pdtype = torch.float32 if cast is not None else dtype
     for t in params:
         if t is not None and (t.dtype is not pdtype or t.device != device):
@@ -189,20 +116,8 @@ def run_modern_block(
     last["attention", dev] = last["layer_norm", dev] = last["rotary", dev] = last["geglu", dev] = TRITON
     seeds = _draw_seeds(device, 0.0, pa, pa, pf)[1:] if (pa or pf) else _NO_SEEDS
     window = None if window is None else _ka.check_window(window)
-    meta = (
-        hshape,
-        mode,
-        max_seqlen,
-        head_dim**-0.5,
-        float(pa),
-        float(pf),
-        float(eps_a),
-        float(eps_m),
-        gelu,
-        window,
-        has_norm,
-        cast,
-    )
+    meta = (hshape, mode, max_seqlen, head_dim ** -0.5, float(pa), float(pf), float(eps_a), float(eps_m),
+            gelu, window, has_norm, cast)
     if torch.is_grad_enabled():
         return _apply(_UNWRAP, meta, res, delta, seqinfo, cos, sin, *seeds, *params)
     lse_shape = (heads, hshape[0]) if mode == _ka.MODE_VARLEN else (hshape[0], heads, hshape[1])
@@ -214,11 +129,6 @@ def run_modern_block(
 
 def _to(t, dtype):
     return t if dtype is None or t is None else t.to(dtype)
-
-
-def _sum0(t, like):
-    """The bias gradient (column sums) where the layer has that bias, else None."""
-    return None if like is None else t.sum(0)
 
 
 def _forward(meta, res, delta, seqinfo, cos, sin, seeds, params, scratch=None):
@@ -234,41 +144,28 @@ def _forward(meta, res, delta, seqinfo, cos, sin, seeds, params, scratch=None):
     if not has_norm:  # layer 0 (delta is None there)
         x = a_in = res2
     elif delta is None:
-        a_in, _, mean_a, rstd_a = _kl.layer_norm_fwd(
-            res2,
-            ga,
-            ba,
-            eps_a,
-            None,
-            False,
-            0.0,
-            None,
-            validate=False,
-            store_sum=None if scratch is None else False,
-            stats=stats,
-        )
+        keep = None if scratch is None else False  # no sum to write: no residual, no dropout
+        a_in, _, mean_a, rstd_a = _kl.layer_norm_fwd(res2, ga, ba, eps_a, None, False, 0.0, None,
+                                                     validate=False, store_sum=keep, stats=stats)
         x = res2
     else:  # x = delta + res, the residual stream: always written
-        a_in, x, mean_a, rstd_a = _kl.layer_norm_fwd(
-            delta.view(-1, n), ga, ba, eps_a, res2, False, 0.0, None, validate=False, stats=stats
-        )
+        a_in, x, mean_a, rstd_a = _kl.layer_norm_fwd(delta.view(-1, n), ga, ba, eps_a, res2, False, 0.0, None,
+                                                     validate=False, stats=stats)
+    # under autocast (c: its dtype) the linears run in c on cast inputs and weights, as autocast's
+    # F.linear; the LayerNorms take c and fp32 and give fp32 (the residual stream), as the per-op path
     ac = _to(a_in, c)
     qkv = F.linear(ac, _to(wqkv, c), _to(bqkv, c)).view(*hshape[:-2], 3, *hshape[-2:])
     r = _kr.rotary_fwd(qkv, cos, sin, seqinfo, max_seqlen)  # new, contiguous
     q, k, v = r.unbind(-3)
-    o, lse = _ka.attention_fwd(
-        q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen, window, lse=scratch
-    )
+    o, lse = _ka.attention_fwd(q, k, v, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen, window,
+                               lse=scratch)
     o2 = o.view(-1, n)
     a = F.linear(o2, _to(wo, c), _to(bo, c))
-    m_in, h, mean_m, rstd_m = _kl.layer_norm_fwd(
-        a, gm, bm, eps_m, x, False, pa, sm_seed, validate=False, stats=stats
-    )
+    m_in, h, mean_m, rstd_m = _kl.layer_norm_fwd(a, gm, bm, eps_m, x, False, pa, sm_seed, validate=False,
+                                                 stats=stats)
     mc = _to(m_in, c)
     f = F.linear(mc, _to(wi, c))
-    g = _kgl.geglu_fwd(
-        f, bi, approx, validate=False, dropout_p=pf, seed=sf_seed
-    )  # bias uncast: the per-op path's
+    g = _kgl.geglu_fwd(f, bi, approx, validate=False, dropout_p=pf, seed=sf_seed)  # bias uncast, as per op
     u = F.linear(g, _to(wo2, c), _to(bo2, c))
     saved = (x, ac, mean_a, rstd_a, r, o, o2, lse, h, mean_m, rstd_m, mc, f, g)
     return h.view(shape), u.view(shape), saved
@@ -283,9 +180,8 @@ class _ModernLayer(torch.autograd.Function):
         with _no_autocast(res, meta[-1]):
             h, u, saved = _forward(meta, res, delta, seqinfo, cos, sin, (sm_seed, sa_seed, sf_seed), params)
         ga, ba, wqkv, bqkv, wo, bo, gm, bm, wi, bi, wo2, bo2 = params
-        ctx.save_for_backward(
-            *saved, seqinfo, cos, sin, sm_seed, sa_seed, sf_seed, ga, wqkv, wo, gm, wi, bi, wo2
-        )
+        ctx.save_for_backward(*saved, seqinfo, cos, sin, sm_seed, sa_seed, sf_seed, ga, wqkv, wo, gm, wi, bi,
+                              wo2)
         ctx.meta = meta
         ctx.shapes = (res.shape, None if delta is None else delta.dtype)
         ctx.has_bias = tuple(t is not None for t in (ba, bqkv, bo, bm, bi, bo2))
@@ -293,35 +189,8 @@ class _ModernLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, du):
-        (
-            x,
-            ac,
-            mean_a,
-            rstd_a,
-            r,
-            o,
-            o2,
-            lse,
-            h,
-            mean_m,
-            rstd_m,
-            mc,
-            f,
-            g,
-            seqinfo,
-            cos,
-            sin,
-            sm_seed,
-            sa_seed,
-            sf_seed,
-            ga,
-            wqkv,
-            wo,
-            gm,
-            wi,
-            bi,
-            wo2,
-        ) = ctx.saved_tensors
+        (x, ac, mean_a, rstd_a, r, o, o2, lse, h, mean_m, rstd_m, mc, f, g, seqinfo, cos, sin, sm_seed,
+         sa_seed, sf_seed, ga, wqkv, wo, gm, wi, bi, wo2) = ctx.saved_tensors
         hshape, mode, max_seqlen, scale, pa, pf, eps_a, eps_m, approx, window, has_norm, c = ctx.meta
         has_ba, has_bqkv, has_bo, has_bm, has_bi, has_bo2 = ctx.has_bias
         shape, delta_dtype = ctx.shapes
@@ -337,33 +206,17 @@ class _ModernLayer(torch.autograd.Function):
         dbi = _to(dbi, pd) if has_bi else None
         dm = _to(df.mm(_to(wi, c)), pd)
         # m_in, h = LN_m(dropout(a) + x): dh is the gradient of the sum h (the next layer's residual)
-        dsum_m, dx_m, dgm, dbm = _kl.layer_norm_bwd(
-            dm, dh, h, gm, mean_m, rstd_m, False, pa, sm_seed, has_bias=has_bm
-        )
+        dsum_m, dx_m, dgm, dbm = _kl.layer_norm_bwd(dm, dh, h, gm, mean_m, rstd_m, False, pa, sm_seed,
+                                                    has_bias=has_bm)
         da = _to(dx_m if pa > 0.0 else dsum_m, c)
         dwo = _to(da.t().mm(o2), pd)
         dbo = _to(da.sum(0), pd) if has_bo else None
         do = da.mm(_to(wo, c)).view(hshape)
-        dr = _kc.allocator()(r.shape, r.dtype, r.device)
+        dr = _kc.allocator()(r.shape, r.dtype, r.device)  # dq, dk, dv as views of one buffer
         q, k, v = r.unbind(-3)
-        _ka.attention_bwd(
-            do,
-            q,
-            k,
-            v,
-            o,
-            lse,
-            seqinfo,
-            None,
-            sa_seed,
-            mode,
-            pa,
-            scale,
-            max_seqlen,
-            grads=dr.unbind(-3),
-            window=window,
-        )
-        dqkv = _kr.rotary_bwd(dr, cos, sin, seqinfo, max_seqlen).view(-1, 3 * n)
+        _ka.attention_bwd(do, q, k, v, o, lse, seqinfo, None, sa_seed, mode, pa, scale, max_seqlen,
+                          grads=dr.unbind(-3), window=window)
+        dqkv = _kr.rotary_bwd(dr, cos, sin, seqinfo, max_seqlen).view(-1, 3 * n)  # rotated back
         dwqkv = _to(dqkv.t().mm(ac), pd)
         dbqkv = _to(dqkv.sum(0), pd) if has_bqkv else None
         dac = dqkv.mm(_to(wqkv, c))
@@ -371,34 +224,12 @@ class _ModernLayer(torch.autograd.Function):
         if not has_norm:  # x = a_in = res
             dres = dsum_m + dac.to(dsum_m.dtype)
         else:  # a_in = LN_a(x): x's gradient dsum_m comes in as the sum's
-            dres, _, dga, dba = _kl.layer_norm_bwd(
-                _to(dac, pd), dsum_m, x, ga, mean_a, rstd_a, False, 0.0, None, has_bias=has_ba
-            )
+            dres, _, dga, dba = _kl.layer_norm_bwd(_to(dac, pd), dsum_m, x, ga, mean_a, rstd_a, False, 0.0,
+                                                   None, has_bias=has_ba)
             if delta_dtype is not None:
                 ddelta = dres.to(delta_dtype).view(shape)
-        return (
-            None,
-            dres.view(shape),
-            ddelta,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            dga,
-            dba,
-            dwqkv,
-            dbqkv,
-            dwo,
-            dbo,
-            dgm,
-            dbm,
-            dwi,
-            dbi,
-            dwo2,
-            dbo2,
-        )
+        return (None, dres.view(shape), ddelta, None, None, None, None, None, None, dga, dba, dwqkv, dbqkv,
+                dwo, dbo, dgm, dbm, dwi, dbi, dwo2, dbo2)
 
 
 _apply = fast_apply(_ModernLayer)
