@@ -49,14 +49,19 @@ def scatter_tokens(h, index, batch, seq):
     return h.new_zeros(batch * seq, h.shape[-1]).index_copy(0, index, h).view(batch, seq, -1)
 
 
-class Encoder(ReferenceEncoder):
-    """BERT encoder on fastbert.ops. unpad: "auto" (when attention is fused), True or False."""
+class FastModules:
+    """What makes a reference encoder the fast one: its modules take fastbert.ops, and it may unpad
+    ("auto": when attention runs fused, True or False)."""
 
     ops = fast_ops
 
     def __init__(self, cfg: BertConfig, unpad="auto"):
         super().__init__(cfg)
         self.unpad = check_unpad(unpad)
+
+
+class Encoder(FastModules, ReferenceEncoder):
+    """BERT encoder on fastbert.ops. unpad: "auto" (when attention is fused), True or False."""
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
                 token_type_ids=None):

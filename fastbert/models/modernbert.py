@@ -12,22 +12,14 @@ keeps the padded layout, as the reference computes it). Unpadding reads the coun
 
 import torch
 
-from fastbert import ops as fast_ops
 from fastbert.ops import use_triton
-from fastbert.reference.model import BertConfig
 from fastbert.reference.modernbert import ModernEncoder as ReferenceModernEncoder
 
-from .bert import check_unpad, scatter_tokens, unpad_plan
+from .bert import FastModules, scatter_tokens, unpad_plan
 
 
-class ModernEncoder(ReferenceModernEncoder):
+class ModernEncoder(FastModules, ReferenceModernEncoder):
     """ModernBERT encoder on fastbert.ops. unpad: "auto" (when attention is fused), True or False."""
-
-    ops = fast_ops
-
-    def __init__(self, cfg: BertConfig, unpad="auto"):
-        super().__init__(cfg)
-        self.unpad = check_unpad(unpad)
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, position_ids=None, *,
                 token_type_ids=None):
