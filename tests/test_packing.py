@@ -50,6 +50,8 @@ def config(preset, dropout=0.0):
     kw = dict(dropout=dropout, attn_dropout=dropout, emb_dropout=0.0, max_position=64)
     if preset == "hf":
         return BertConfig.hf(VOCAB, HIDDEN, LAYERS, HEADS, 2 * HIDDEN, **kw)
+    if preset == "modernbert":  # a window narrower than the packs' sequences: the local layer's band is live
+        return BertConfig.modernbert(VOCAB, HIDDEN, LAYERS, HEADS, 2 * HIDDEN, local_window=6, **kw)
     return BertConfig.bert_pytorch(VOCAB, HIDDEN, LAYERS, HEADS, **kw)
 
 
@@ -313,17 +315,22 @@ def train_step(step, pack, optimizer):
 
 
 @fused_only
-def test_packed_step_makes_no_host_sync(no_host_sync, monkeypatch):
+@pytest.mark.parametrize("preset", ["hf", "modernbert"])
+def test_packed_step_makes_no_host_sync(no_host_sync, monkeypatch, preset):
     """A whole training step (forward, loss, backward, clipping, fused AdamW) on the fused path, with
-    dropout in attention, LayerNorm and bias+GELU (seeds drawn on the device), while every value
-    read-back raises: it runs, and gives the loss and parameters of the same step unguarded."""
+    dropout in attention, LayerNorm and bias+GELU or GeGLU (seeds drawn on the device), while every value
+    read-back raises: it runs, and gives the loss and parameters of the same step unguarded. ModernBERT:
+    MLM only, each layer one fused node with rotary embeddings and a sliding window."""
     if not CUDA:
         monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    layers = sys.modules["fastbert.ops.modern_block"]
+    forward, fused = layers._forward, []
+    monkeypatch.setattr(layers, "_forward", lambda *a, **k: fused.append(1) or forward(*a, **k))
     seed = int(torch.randint(0, 2**31, ()))
     pack = packed_step_inputs("hf", seed)
     results = []
     for armed in (False, True):
-        step = PackedPretrain(model("hf", dropout=0.1)).to(DEVICE).train()
+        step = PackedPretrain(model(preset, dropout=0.1)).to(DEVICE).train()
         opt = torch.optim.AdamW(step.parameters(), lr=1e-3, fused=True)  # capturable on CUDA
         torch.manual_seed(seed)
         no_host_sync["armed"] = armed
@@ -333,6 +340,7 @@ def test_packed_step_makes_no_host_sync(no_host_sync, monkeypatch):
             no_host_sync["armed"] = False
         results.append((loss, [p.detach().clone() for p in step.parameters()]))
     (loss0, params0), (loss1, params1) = results
+    assert len(fused) == (2 * LAYERS if preset == "modernbert" else 0)  # every ModernBERT layer one node
     assert torch.equal(loss0, loss1)
     assert all(torch.equal(a, b) for a, b in zip(params0, params1))
     with pytest.raises(HostSyncError):  # the guard does catch a read-back
