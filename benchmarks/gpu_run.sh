@@ -18,7 +18,8 @@
 # block, FusedOp and dispatch, device-side dropout seeds, the graphed step, the stable-ABI CUDA module,
 # the patched transformers model, ModernBERT's fused layer: added after the dry runs below, about 15 s
 # in the interpreter), then the in-place and pretraining benchmarks (bench-pre:
-# bench_hf.py::test_hf_inplace, then bench_pretrain.py), then the kernel test files (tests-kernels), the
+# bench_hf.py::test_hf_inplace, issue 21's patched ModernBERT step, bench_pretrain.py, issue 21's window
+# cases at S = 8192, the compile baselines; the issue 21 cases were added after the dry runs below), then the kernel test files (tests-kernels), the
 # other benchmarks (bench), the report, and the CPU-only test files (tests-cpu) with what is left.
 #
 # Every stage has a timeout and the whole run a budget (GPU_RUN_BUDGET_S, default 480 s: inside the
@@ -180,8 +181,17 @@ BENCH_OPTS=(-q -rfEs -p no:cacheprovider --benchmark-only --benchmark-columns=me
             --benchmark-group-by=group)
 PRE_LIMIT=$(stage_limit 100 190)
 export FASTBERT_BENCH_BUDGET_S=$(( PRE_LIMIT > 60 ? PRE_LIMIT - 20 : PRE_LIMIT / 2 + 1 ))
+# issue 21's acceptance cases ride along (after the in-place BERT ones, the window after the pretraining): the
+# patched ModernBertForMaskedLM fine-tuning step against stock, and the windowed against the global
+# attention kernel, forward + backward; the bench stage deselects them.
+ISSUE21=(benchmarks/bench_hf.py::test_hf_family[modernbert-finetune-32-hf-sdpa]
+         benchmarks/bench_hf.py::test_hf_family[modernbert-finetune-32-fastbert-patch]
+         benchmarks/bench_attention.py::test_attention_window[fastbert_window-S8192-fwd_bwd]
+         benchmarks/bench_attention.py::test_attention_window[fastbert_global-S8192-fwd_bwd])
 run_stage bench-pre 100 190 "$OUT/bench.log" -- \
-  "$PY" -m pytest benchmarks/bench_hf.py::test_hf_inplace benchmarks/bench_pretrain.py \
+  "$PY" -m pytest benchmarks/bench_hf.py benchmarks/bench_pretrain.py benchmarks/bench_attention.py \
+  -k "test_hf_inplace or test_pretrain or (test_hf_family and modernbert and finetune) or \
+(test_attention_window and S8192 and fwd_bwd and fastbert)" \
   --benchmark-json "$OUT/bench-pretrain.json" "${BENCH_OPTS[@]}"
 
 # --- the kernel test files --------------------------------------------------------------------------
@@ -194,7 +204,8 @@ BENCH_LIMIT=$(stage_limit 80 35)
 export FASTBERT_BENCH_BUDGET_S=$(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 20 : BENCH_LIMIT / 2 + 1 ))
 run_stage bench 80 35 "$OUT/bench.log" -- \
   "$PY" -m pytest benchmarks/ --ignore=benchmarks/bench_pretrain.py \
-  --deselect benchmarks/bench_hf.py::test_hf_inplace --benchmark-json "$OUT/bench.json" "${BENCH_OPTS[@]}"
+  --deselect benchmarks/bench_hf.py::test_hf_inplace "${ISSUE21[@]/#/--deselect=}" \
+  --benchmark-json "$OUT/bench.json" "${BENCH_OPTS[@]}"
 "$PY" - "$OUT" <<'PYEOF' >>"$OUT/bench.log" 2>&1
 import json, os, sys
 import xml.etree.ElementTree as ET
