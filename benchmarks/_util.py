@@ -254,3 +254,24 @@ def skip_interpreted(provider, op):
 
         pytest.skip(f"fastbert's {op} is a Triton kernel; without CUDA it would run in the "
                     "interpreter, which is never timed")
+
+
+def band_pairs(seq, window):
+    """(i, j) pairs with |i - j| <= window in a sequence of seq positions (all of them once the band
+    holds the whole sequence)."""
+    if window >= seq - 1:
+        return seq * seq
+    return seq * (2 * window + 1) - window * (window + 1)
+
+
+def modernbert_flops(lengths, layers, hidden, ffn, local_attention, global_every, train):
+    """Useful FLOPs of a ModernBERT encoder on sequences of these lengths: 2 x (Wqkv, Wo, Wi of 2 x ffn,
+    Wo2) per token and layer, attention 4 x hidden per attended pair (every pair in the global layers,
+    the band |i - j| <= local_attention // 2 in the others); times 3 for a training step."""
+    dense = layers * (4 * hidden * hidden + 3 * hidden * ffn)
+    total = 0
+    for n in lengths.tolist():
+        band = band_pairs(n, local_attention // 2)
+        pairs = sum(n * n if i % global_every == 0 else band for i in range(layers))
+        total += 2 * dense * n + 4 * hidden * pairs
+    return total * (3 if train else 1)

@@ -33,7 +33,7 @@ fastbert rows skip: the interpreter is never timed).
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import devices, run
+from _util import band_pairs, devices, run
 
 DEVICE = devices()[0]
 CUDA = DEVICE == "cuda"
@@ -140,13 +140,6 @@ else:
 WINDOW_PROVIDERS = ["fastbert_window", "fastbert_global", "sdpa_band"]
 
 
-def _band_pairs(seq, window):
-    """Number of (i, j) with |i - j| <= window in a sequence of seq positions."""
-    if window >= seq - 1:
-        return seq * seq
-    return seq * (2 * window + 1) - window * (window + 1)
-
-
 def _window_fn(provider, seq, backward):
     batch = max(1, TOKENS // seq)
     g = torch.Generator().manual_seed(0)
@@ -165,7 +158,7 @@ def _window_fn(provider, seq, backward):
         def forward():
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, S, D] views
             return F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(1, 2)
-    pairs = batch * (seq * seq if window is None else _band_pairs(seq, window))
+    pairs = batch * (seq * seq if window is None else band_pairs(seq, window))
     if not backward:
         def step():
             with torch.no_grad():

@@ -35,7 +35,7 @@ import math
 
 import pytest
 import torch
-from _util import devices, run
+from _util import devices, modernbert_flops, run
 
 import fastbert
 
@@ -286,17 +286,7 @@ def modern_config():
 
 
 def modern_flops(lengths, train):
-    """Useful FLOPs of the ModernBERT model: 2 x (Wqkv, Wo, Wi, Wo2) per token and layer, attention
-    4 N x (pairs in the band: all of them in the global layers) per layer."""
-    layers = max(LAYERS, 3)
-    dense = layers * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MODERN_FFN)
-    w = MODERN_WINDOW // 2
-    total = 0
-    for n in lengths.tolist():
-        band = n * n if w >= n - 1 else n * (2 * w + 1) - w * (w + 1)
-        pairs = sum(n * n if i % 3 == 0 else band for i in range(layers))
-        total += 2 * dense * n + 4 * HIDDEN * pairs
-    return total * (3 if train else 1)
+    return modernbert_flops(lengths, max(LAYERS, 3), HIDDEN, MODERN_FFN, MODERN_WINDOW, 3, train)
 
 
 def build_modern(transformers, provider):
