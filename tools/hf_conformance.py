@@ -6,7 +6,8 @@
 The suite is copied to --work (its tests import transformers from src/, linked to the installed
 package there), each family's tests/models/<family>/test_modeling_<family>.py runs twice (stock, then
 with tools/hf_conformance_plugin.py), and the script prints, per family, the counts of each run and
-every test whose outcome differs. Exit status 1 when a test that passes stock fails patched.
+every test whose outcome differs. Exit status 1 when a test that passes stock fails patched, 2 when
+a run reports no test at all (the suite could not be collected: a missing test dependency, a wrong path).
 """
 
 import argparse
@@ -58,7 +59,7 @@ def main(argv=None):
     if os.path.lexists(link):
         os.remove(link)
     os.symlink(os.path.dirname(transformers.__file__), link)
-    lost = 0
+    lost, empty = 0, []
     for family in args.families:
         stock, stock_tail = run(args.work, family, True, extra)
         patched, patched_tail = run(args.work, family, False, extra)
@@ -69,6 +70,12 @@ def main(argv=None):
             if a != b:
                 print(f"  {a:>7} -> {b:<7} {test}")
                 lost += a == "PASSED" and b in ("FAILED", "ERROR")
+        # a collection error reports the file, not a test: count only test ids
+        runs = (("stock", stock), ("patched", patched))
+        empty += [f"{family} ({name})" for name, got in runs if not any("::" in t for t in got)]
+    if empty:
+        print(f"no test outcome reported for {', '.join(empty)}: nothing was compared", file=sys.stderr)
+        return 2
     return 1 if lost else 0
 
 
